@@ -1,0 +1,30 @@
+"""Python clients for stepserve: :class:`ImageClient` (sync) and :class:`AsyncImageClient`.
+
+>>> from stepserve.client import ImageClient
+>>> with ImageClient("localhost:50051") as c:
+...     result = c.generate("a small red circle on the left", seed=1)
+...     result.images[0].save("circle.png")
+"""
+
+from .client import (
+    AsyncImageClient,
+    GeneratedImage,
+    GenerationResult,
+    ImageClient,
+    TlsOptions,
+    Usage,
+    build_request,
+)
+from .errors import FieldViolation, StepserveError
+
+__all__ = [
+    "AsyncImageClient",
+    "FieldViolation",
+    "GeneratedImage",
+    "GenerationResult",
+    "ImageClient",
+    "StepserveError",
+    "TlsOptions",
+    "Usage",
+    "build_request",
+]

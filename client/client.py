@@ -1,0 +1,305 @@
+"""Typed sync and asyncio clients over the generated ``stepserve.v1`` stubs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from stepserve.v1 import image_generation_pb2 as pb
+from stepserve.v1 import image_generation_pb2_grpc as pb_grpc
+
+from .errors import StepserveError
+
+SERVICE = "stepserve.v1.ImageGenerationService"
+
+# Retries: gRPC retries Generate only before the server has sent a response, so a retried
+# request never duplicates an image stream. UNAVAILABLE (a draining or restarting replica)
+# and RESOURCE_EXHAUSTED (a full queue) are worth another try, on another replica when the
+# channel balances over several.
+DEFAULT_SERVICE_CONFIG: dict[str, Any] = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [
+        {
+            "name": [{"service": SERVICE}],
+            "retryPolicy": {
+                "maxAttempts": 4,
+                "initialBackoff": "0.2s",
+                "maxBackoff": "2s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+            },
+        }
+    ],
+}
+
+_SAMPLERS = {
+    "euler": pb.SAMPLER_EULER,
+    "euler_ancestral": pb.SAMPLER_EULER_ANCESTRAL,
+    "ddim": pb.SAMPLER_DDIM,
+    "dpm_solver_multistep": pb.SAMPLER_DPM_SOLVER_MULTISTEP,
+    "dpmpp_2m": pb.SAMPLER_DPM_SOLVER_MULTISTEP,
+}
+_FORMATS = {"png": pb.IMAGE_FORMAT_PNG, "jpeg": pb.IMAGE_FORMAT_JPEG, "jpg": pb.IMAGE_FORMAT_JPEG, "webp": pb.IMAGE_FORMAT_WEBP}
+_EXT = {pb.IMAGE_FORMAT_PNG: "png", pb.IMAGE_FORMAT_JPEG: "jpg", pb.IMAGE_FORMAT_WEBP: "webp"}
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    """TLS for the channel: the CA to trust (None = system roots), and a client certificate
+    chain and key for mutual TLS."""
+
+    root_certificates: bytes | None = None
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(self.root_certificates, self.private_key, self.certificate_chain)
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """One encoded image with the seed that reproduces it."""
+
+    data: bytes
+    format: str
+    width_px: int
+    height_px: int
+    seed: int
+
+    def save(self, path: str | Path) -> Path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(self.data)
+        return p
+
+    @classmethod
+    def from_proto(cls, img: pb.Image) -> GeneratedImage:
+        return cls(img.data, _EXT.get(img.format, "bin"), img.width_px, img.height_px, img.seed)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What a generation consumed (see the server README's cost model)."""
+
+    steps: int
+    queue_ms: int
+    total_ms: int
+    accelerator_seconds: float
+    mean_batch_size: float
+    cost_usd: float
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The final images of one Generate call."""
+
+    request_id: str
+    model: str
+    images: list[GeneratedImage]
+    usage: Usage
+
+    @classmethod
+    def from_response(cls, resp: pb.GenerateResponse) -> GenerationResult:
+        r, u = resp.result, resp.result.usage
+        return cls(
+            request_id=resp.request_id,
+            model=r.model,
+            images=[GeneratedImage.from_proto(i) for i in r.images],
+            usage=Usage(u.steps, u.queue_ms, u.total_ms, u.accelerator_seconds, u.mean_batch_size, u.cost_usd),
+        )
+
+
+def build_request(
+    prompt: str,
+    *,
+    model: str = "",
+    negative_prompt: str = "",
+    width: int = 0,
+    height: int = 0,
+    steps: int = 0,
+    guidance_scale: float | None = None,
+    seed: int | None = None,
+    sampler: str | int = 0,
+    num_images: int = 0,
+    preview_every: int = 0,
+    preview_max_size: int = 0,
+    output_format: str | int = 0,
+    output_quality: int = 0,
+    request_id: str = "",
+) -> pb.GenerateRequest:
+    """A ``GenerateRequest``; 0 / None / "" leave a field to the server's defaults.
+
+    ``sampler`` and ``output_format`` take names ("euler", "ddim", "webp", ...) or enum values.
+    """
+    req = pb.GenerateRequest(
+        model=model,
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        width_px=width,
+        height_px=height,
+        steps=steps,
+        sampler=_SAMPLERS[sampler.lower()] if isinstance(sampler, str) else sampler,
+        num_images=num_images,
+        preview_every_n_steps=preview_every,
+        preview_max_size_px=preview_max_size,
+        output_format=_FORMATS[output_format.lower()] if isinstance(output_format, str) else output_format,
+        output_quality=output_quality,
+        request_id=request_id,
+    )
+    if guidance_scale is not None:
+        req.guidance_scale = guidance_scale
+    if seed is not None:
+        req.seed = seed
+    return req
+
+
+def _target(endpoints: str | Sequence[str]) -> str:
+    """One target string; a list of host:port endpoints becomes an ``ipv4:``/``ipv6:`` list
+    that the round_robin policy balances over."""
+    if isinstance(endpoints, str):
+        return endpoints
+    hosts = list(endpoints)
+    if len(hosts) == 1:
+        return hosts[0]
+    scheme = "ipv6" if any(h.startswith("[") for h in hosts) else "ipv4"
+    return f"{scheme}:{','.join(hosts)}"
+
+
+def _channel_args(service_config: dict[str, Any] | None, options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    cfg = DEFAULT_SERVICE_CONFIG if service_config is None else service_config
+    return [
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", json.dumps(cfg)),
+        ("grpc.max_receive_message_length", 64 << 20),
+        ("grpc.keepalive_time_ms", 60_000),
+        *options,
+    ]
+
+
+class ImageClient:
+    """Blocking client. ``target`` is ``host:port``, ``dns:///name:port`` or a list of
+    ``host:port`` endpoints (balanced round-robin). ``timeout_s`` is the default deadline
+    of each call."""
+
+    def __init__(
+        self,
+        target: str | Sequence[str] = "localhost:50051",
+        *,
+        tls: TlsOptions | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        timeout_s: float | None = None,
+        service_config: dict[str, Any] | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        args = _channel_args(service_config, options)
+        t = _target(target)
+        self.channel = grpc.secure_channel(t, tls.credentials(), args) if tls else grpc.insecure_channel(t, args)
+        self.stub = pb_grpc.ImageGenerationServiceStub(self.channel)
+        self.metadata = list(metadata)
+        self.timeout_s = timeout_s
+
+    def __enter__(self) -> ImageClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def stream(self, request: pb.GenerateRequest, *, timeout_s: float | None = None) -> Iterator[pb.GenerateResponse]:
+        """Every event of one generation; raises :class:`StepserveError` on failure.
+        Closing the iterator early cancels the generation."""
+        call = self.stub.Generate(request, timeout=timeout_s or self.timeout_s, metadata=self.metadata)
+        try:
+            yield from call
+        except grpc.RpcError as e:
+            raise StepserveError.from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
+    def generate_stream(self, prompt: str, **kwargs: Any) -> Iterator[pb.GenerateResponse]:
+        timeout = kwargs.pop("timeout_s", None)
+        return self.stream(build_request(prompt, **kwargs), timeout_s=timeout)
+
+    def generate(self, prompt: str, **kwargs: Any) -> GenerationResult:
+        """Run a generation and return its result (events in between are dropped)."""
+        for resp in self.generate_stream(prompt, **kwargs):
+            if resp.WhichOneof("event") == "result":
+                return GenerationResult.from_response(resp)
+        raise StepserveError(grpc.StatusCode.INTERNAL, "the stream ended without a result")
+
+    def list_models(self, *, timeout_s: float | None = None) -> list[pb.ModelInfo]:
+        try:
+            resp = self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout_s or self.timeout_s, metadata=self.metadata)
+        except grpc.RpcError as e:
+            raise StepserveError.from_rpc_error(e) from None
+        return list(resp.models)
+
+
+class AsyncImageClient:
+    """asyncio client with the same surface as :class:`ImageClient`."""
+
+    def __init__(
+        self,
+        target: str | Sequence[str] = "localhost:50051",
+        *,
+        tls: TlsOptions | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+        timeout_s: float | None = None,
+        service_config: dict[str, Any] | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        args = _channel_args(service_config, options)
+        t = _target(target)
+        self.channel = (
+            grpc.aio.secure_channel(t, tls.credentials(), args) if tls else grpc.aio.insecure_channel(t, args)
+        )
+        self.stub = pb_grpc.ImageGenerationServiceStub(self.channel)
+        self.metadata = list(metadata)
+        self.timeout_s = timeout_s
+
+    async def __aenter__(self) -> AsyncImageClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def stream(
+        self, request: pb.GenerateRequest, *, timeout_s: float | None = None
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        call = self.stub.Generate(request, timeout=timeout_s or self.timeout_s, metadata=self.metadata)
+        try:
+            async for resp in call:
+                yield resp
+        except grpc.RpcError as e:
+            raise StepserveError.from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
+    def generate_stream(self, prompt: str, **kwargs: Any) -> AsyncIterator[pb.GenerateResponse]:
+        timeout = kwargs.pop("timeout_s", None)
+        return self.stream(build_request(prompt, **kwargs), timeout_s=timeout)
+
+    async def generate(self, prompt: str, **kwargs: Any) -> GenerationResult:
+        async for resp in self.generate_stream(prompt, **kwargs):
+            if resp.WhichOneof("event") == "result":
+                return GenerationResult.from_response(resp)
+        raise StepserveError(grpc.StatusCode.INTERNAL, "the stream ended without a result")
+
+    async def list_models(self, *, timeout_s: float | None = None) -> list[pb.ModelInfo]:
+        try:
+            resp = await self.stub.ListModels(
+                pb.ListModelsRequest(), timeout=timeout_s or self.timeout_s, metadata=self.metadata
+            )
+        except grpc.RpcError as e:
+            raise StepserveError.from_rpc_error(e) from None
+        return list(resp.models)

@@ -1,0 +1,149 @@
+"""Procedural data set for the embedded ``tiny-shapes`` model.
+
+Every sample is one flat-colored shape (circle, square or triangle) on a plain light
+background, drawn with PIL from a seeded RNG, together with a natural-language caption.
+Captions sometimes leave out the size, color or position; the image then still has some
+value for that attribute, drawn at random, so the model learns the attribute's prior
+("a circle" may be any color, any size, anywhere).
+
+The same attribute tables drive the judge (``judge.py``), so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE_PX = 64
+BACKGROUND_RGB = (235, 235, 235)
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 70, 220),
+    "yellow": (235, 200, 30),
+}
+SHAPES = ("circle", "square", "triangle")
+# Half the side of the shape's bounding box, in pixels of the 64x64 image.
+SIZES: dict[str, int] = {"small": 7, "large": 14}
+# Centre of the shape, in pixels.
+POSITIONS: dict[str, tuple[int, int]] = {
+    "left": (16, 32),
+    "right": (48, 32),
+    "top": (32, 16),
+    "bottom": (32, 48),
+    "center": (32, 32),
+}
+POSITION_PHRASES: dict[str, tuple[str, ...]] = {
+    "left": ("on the left", "at the left", "on the left side"),
+    "right": ("on the right", "at the right", "on the right side"),
+    "top": ("at the top", "on the top"),
+    "bottom": ("at the bottom", "on the bottom"),
+    "center": ("in the center", "in the middle"),
+}
+# How far (px) a shape's centre may wander from its nominal position.
+JITTER_PX = 3
+# Probability that a caption leaves an attribute out.
+P_OMIT = {"size": 0.25, "color": 0.1, "position": 0.25}
+SUPERSAMPLE = 4
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One shape's attributes; the caption is derived from them."""
+
+    color: str
+    shape: str
+    size: str
+    position: str
+    dx: int = 0
+    dy: int = 0
+
+
+def caption(s: Sample, rng: random.Random | None = None, omit: frozenset[str] = frozenset()) -> str:
+    """A natural caption for ``s``, leaving out the attributes named in ``omit``."""
+    words = ["a"]
+    if "size" not in omit:
+        words.append(s.size)
+    if "color" not in omit:
+        words.append(s.color)
+    words.append(s.shape)
+    if "position" not in omit:
+        phrases = POSITION_PHRASES[s.position]
+        words.append(phrases[0] if rng is None else rng.choice(phrases))
+    return " ".join(words)
+
+
+def render(s: Sample) -> Image.Image:
+    """Draw ``s`` anti-aliased (supersampled) at IMAGE_SIZE_PX."""
+    k = SUPERSAMPLE
+    img = Image.new("RGB", (IMAGE_SIZE_PX * k, IMAGE_SIZE_PX * k), BACKGROUND_RGB)
+    draw = ImageDraw.Draw(img)
+    cx, cy = POSITIONS[s.position]
+    cx, cy = (cx + s.dx) * k, (cy + s.dy) * k
+    r = SIZES[s.size] * k
+    fill = COLORS[s.color]
+    if s.shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif s.shape == "square":
+        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    else:
+        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+    return img.resize((IMAGE_SIZE_PX, IMAGE_SIZE_PX), Image.Resampling.LANCZOS)
+
+
+def random_sample(rng: random.Random) -> Sample:
+    """Attributes drawn uniformly, with a small positional jitter."""
+    return Sample(
+        color=rng.choice(list(COLORS)),
+        shape=rng.choice(SHAPES),
+        size=rng.choice(list(SIZES)),
+        position=rng.choice(list(POSITIONS)),
+        dx=rng.randint(-JITTER_PX, JITTER_PX),
+        dy=rng.randint(-JITTER_PX, JITTER_PX),
+    )
+
+
+def make_dataset(n: int, seed: int) -> tuple[np.ndarray, list[str], list[Sample]]:
+    """``n`` images (uint8, N x 64 x 64 x 3), their captions and attributes."""
+    rng = random.Random(seed)
+    images = np.empty((n, IMAGE_SIZE_PX, IMAGE_SIZE_PX, 3), dtype=np.uint8)
+    captions: list[str] = []
+    samples: list[Sample] = []
+    for i in range(n):
+        s = random_sample(rng)
+        omit = frozenset(a for a, p in P_OMIT.items() if rng.random() < p)
+        images[i] = np.asarray(render(s))
+        captions.append(caption(s, rng, omit))
+        samples.append(s)
+    return images, captions, samples
+
+
+def eval_prompts() -> list[tuple[str, Sample]]:
+    """The fixed 48-prompt evaluation set: every color x shape x size, two positions each.
+
+    Positions rotate through all five so each appears; the set is the same on every run.
+    """
+    out: list[tuple[str, Sample]] = []
+    pos = list(POSITIONS)
+    i = 0
+    for color in COLORS:
+        for shape in SHAPES:
+            for size in SIZES:
+                for _ in range(2):
+                    s = Sample(color, shape, size, pos[i % len(pos)])
+                    out.append((caption(s), s))
+                    i += 1
+    return out
+
+
+def vocabulary_corpus() -> list[str]:
+    """Every word the captions can use (for training the tokenizer)."""
+    words = {"a", *COLORS, *SHAPES, *SIZES}
+    for phrases in POSITION_PHRASES.values():
+        for p in phrases:
+            words.update(p.split())
+    return sorted(words)

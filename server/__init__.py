@@ -1,0 +1,1 @@
+"""stepserve's server: the gRPC API (``api``), the batching engine (``engine``) and config."""

@@ -1,0 +1,1 @@
+"""The gRPC edge: validation, proto <-> domain mapping, error mapping, the servicer."""

@@ -1,0 +1,220 @@
+"""The ``stepserve.v1.ImageGenerationService`` servicer (grpc.aio).
+
+Runs on the event loop and never touches model code: it validates, hands the request to
+the engine, and turns engine events (delivered through a per-request asyncio queue) into
+stream responses. Image encoding runs in a thread pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import Executor
+from typing import TYPE_CHECKING
+
+import grpc
+
+from stepserve.v1 import image_generation_pb2 as pb
+from stepserve.v1 import image_generation_pb2_grpc as pb_grpc
+
+from ..engine.runner import Engine, EngineStoppedError, QueueFullError
+from ..engine.types import (
+    EngineEvent,
+    FailedEvent,
+    FinishReason,
+    GenerationParams,
+    ModelInfo,
+    ProgressEvent,
+    QueuedEvent,
+    ResultEvent,
+)
+from . import imaging
+from .errors import ApiError, resource_exhausted, unavailable
+from .validation import FORMAT_TO_PROTO, SAMPLER_TO_PROTO, Limits, validate_generate
+
+if TYPE_CHECKING:
+    from ..engine.models.base import ModelAdapter
+
+logger = logging.getLogger(__name__)
+
+# How a request that ended without a result is reported to the caller.
+FAILURE_CODES = {
+    FinishReason.CANCELLED: grpc.StatusCode.CANCELLED,
+    FinishReason.DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,
+    FinishReason.ERROR: grpc.StatusCode.INTERNAL,
+    FinishReason.SHUTDOWN: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def model_info_proto(info: ModelInfo, is_default: bool) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        name=info.name,
+        family=info.family,
+        default_width_px=info.default_width,
+        default_height_px=info.default_height,
+        default_steps=info.default_steps,
+        default_guidance_scale=info.default_guidance_scale,
+        default_sampler=SAMPLER_TO_PROTO[info.default_sampler],
+        supported_samplers=[SAMPLER_TO_PROTO[s] for s in info.samplers],
+        max_batch_size=info.max_batch_size,
+        is_default=is_default,
+        min_size_px=info.min_size,
+        max_size_px=info.max_size,
+        max_steps=info.max_steps,
+        max_images_per_request=info.max_images_per_request,
+    )
+
+
+class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):
+    """Generate and ListModels over one :class:`Engine`."""
+
+    def __init__(self, default_model: str, limits: Limits, encode_pool: Executor) -> None:
+        self.default_model = default_model
+        self.limits = limits
+        self.pool = encode_pool
+        self.engine: Engine | None = None
+        self.models: dict[str, ModelAdapter] = {}
+        self._infos: dict[str, ModelInfo] = {}
+        self.ready = False
+
+    def attach(self, engine: Engine, models: dict[str, ModelAdapter]) -> None:
+        """Connect the loaded models and their engine (requests are refused until then)."""
+        self.engine = engine
+        self.models = models
+        self._infos = {name: m.info for name, m in models.items()}
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        if not self._infos:
+            await context.abort_with_status(unavailable("the server is loading its models", 1.0).to_status())
+        names = sorted(self._infos, key=lambda n: (n != self.default_model, n))
+        return pb.ListModelsResponse(
+            models=[model_info_proto(self._infos[n], n == self.default_model) for n in names]
+        )
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            params = self._admit(request, context)
+        except ApiError as e:
+            await context.abort_with_status(e.to_status())
+            return
+        rid = params.request_id
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[EngineEvent] = asyncio.Queue()
+
+        def sink(event: EngineEvent) -> None:  # called on the engine thread
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        engine = self.engine
+        assert engine is not None
+        try:
+            engine.submit(params, sink)
+        except QueueFullError as e:
+            logger.warning("request %s rejected: %s", rid, e)
+            await context.abort_with_status(resource_exhausted(str(e), e.retry_after_s).to_status())
+            return
+        except EngineStoppedError as e:
+            await context.abort_with_status(unavailable(str(e), retry_after_s=1.0).to_status())
+            return
+        logger.info(
+            "request %s accepted: model=%s %dx%d steps=%d sampler=%s images=%d",
+            rid,
+            params.model,
+            params.width,
+            params.height,
+            params.steps,
+            params.sampler.value,
+            params.num_images,
+        )
+        done = False
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, QueuedEvent):
+                    yield pb.GenerateResponse(
+                        request_id=rid,
+                        queued=pb.Queued(
+                            position=event.position, estimated_wait_ms=int(event.estimated_wait_s * 1000)
+                        ),
+                    )
+                elif isinstance(event, ProgressEvent):
+                    yield await self._progress(params, event)
+                elif isinstance(event, ResultEvent):
+                    done = True
+                    yield await self._result(params, event)
+                    return
+                elif isinstance(event, FailedEvent):
+                    done = True
+                    code = FAILURE_CODES[event.reason]
+                    await context.abort(code, f"request {rid}: {event.message}")
+                    return
+        finally:
+            if not done:
+                # The caller went away (cancelled, deadline) or the stream broke: stop the work.
+                engine.cancel(rid)
+
+    def _admit(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> GenerationParams:
+        if not self.ready or self.engine is None:
+            raise unavailable("the server is not ready (loading models or shutting down)", retry_after_s=1.0)
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else self.engine.clock() + remaining
+        return validate_generate(
+            request,
+            self._infos,
+            self.default_model,
+            self.limits,
+            lambda model, text: self.models[model].count_prompt_tokens(text),
+            deadline,
+        )
+
+    async def _progress(self, params: GenerationParams, event: ProgressEvent) -> pb.GenerateResponse:
+        progress = pb.Progress(
+            step=event.step, total_steps=event.total_steps, elapsed_ms=int(event.elapsed_s * 1000)
+        )
+        if event.preview is not None:
+            loop = asyncio.get_running_loop()
+            data, w, h = await loop.run_in_executor(
+                self.pool,
+                imaging.preview_image,
+                event.preview,
+                params.width,
+                params.height,
+                params.preview_max_size,
+            )
+            progress.preview.CopyFrom(
+                pb.Image(data=data, format=pb.IMAGE_FORMAT_JPEG, width_px=w, height_px=h, seed=params.seeds[0])
+            )
+        return pb.GenerateResponse(request_id=params.request_id, progress=progress)
+
+    async def _result(self, params: GenerationParams, event: ResultEvent) -> pb.GenerateResponse:
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        blobs = await asyncio.gather(
+            *(
+                loop.run_in_executor(self.pool, imaging.encode, img, params.output_format, params.output_quality)
+                for img in event.images
+            )
+        )
+        fmt = FORMAT_TO_PROTO[params.output_format]
+        u = event.usage
+        result = pb.Result(
+            images=[
+                pb.Image(data=b, format=fmt, width_px=img.shape[1], height_px=img.shape[0], seed=seed)
+                for b, img, seed in zip(blobs, event.images, event.seeds, strict=True)
+            ],
+            usage=pb.Usage(
+                steps=u.steps,
+                queue_ms=int(u.queue_s * 1000),
+                total_ms=int((u.total_s + time.perf_counter() - t0) * 1000),
+                accelerator_seconds=u.accelerator_s,
+                mean_batch_size=u.mean_batch_size,
+                cost_usd=u.cost_usd,
+            ),
+            model=params.model,
+        )
+        return pb.GenerateResponse(request_id=params.request_id, result=result)

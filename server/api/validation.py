@@ -1,0 +1,182 @@
+"""Validate a ``GenerateRequest`` and map it to the engine's ``GenerationParams``.
+
+Every field is checked against the model's limits and the server's configuration; all
+violations are collected so the caller learns about every bad field at once. Defaults
+(0 / unset / ``_UNSPECIFIED``) are resolved here, explicitly, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import secrets
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from stepserve.v1 import image_generation_pb2 as pb
+
+from ..engine.types import GenerationParams, ImageFormat, ModelInfo, Sampler
+from .errors import ApiError, FieldViolation, invalid_argument, not_found
+
+SAMPLER_FROM_PROTO: dict[int, Sampler] = {
+    pb.SAMPLER_EULER: Sampler.EULER,
+    pb.SAMPLER_EULER_ANCESTRAL: Sampler.EULER_ANCESTRAL,
+    pb.SAMPLER_DDIM: Sampler.DDIM,
+    pb.SAMPLER_DPM_SOLVER_MULTISTEP: Sampler.DPM_SOLVER_MULTISTEP,
+}
+SAMPLER_TO_PROTO = {v: k for k, v in SAMPLER_FROM_PROTO.items()}
+FORMAT_FROM_PROTO: dict[int, ImageFormat] = {
+    pb.IMAGE_FORMAT_UNSPECIFIED: ImageFormat.PNG,
+    pb.IMAGE_FORMAT_PNG: ImageFormat.PNG,
+    pb.IMAGE_FORMAT_JPEG: ImageFormat.JPEG,
+    pb.IMAGE_FORMAT_WEBP: ImageFormat.WEBP,
+}
+FORMAT_TO_PROTO = {
+    ImageFormat.PNG: pb.IMAGE_FORMAT_PNG,
+    ImageFormat.JPEG: pb.IMAGE_FORMAT_JPEG,
+    ImageFormat.WEBP: pb.IMAGE_FORMAT_WEBP,
+}
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/@+=-]{1,128}$")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Server-wide request limits (the model's own limits live in ModelInfo)."""
+
+    # Largest width * height * steps * num_images one request may ask for.
+    max_work: int = 512 * 512 * 50 * 4
+    # Largest preview_max_size_px accepted.
+    max_preview_size: int = 1024
+    # Preview size used when a request leaves preview_max_size_px at 0.
+    default_preview_size: int = 256
+    # Largest accepted |guidance_scale|.
+    max_guidance_scale: float = 30.0
+    # Longest accepted prompt or negative prompt, in characters (token limits are per model).
+    max_prompt_chars: int = 4096
+
+
+def validate_generate(
+    req: pb.GenerateRequest,
+    models: Mapping[str, ModelInfo],
+    default_model: str,
+    limits: Limits,
+    count_tokens: Callable[[str, str], int],
+    deadline: float | None = None,
+) -> GenerationParams:
+    """The request as engine parameters, or an :class:`ApiError` naming what is wrong."""
+    name = req.model or default_model
+    info = models.get(name)
+    if info is None:
+        known = ", ".join(sorted(models))
+        raise not_found("model", name, f"model {name!r} is not served here (available: {known})")
+
+    bad: list[FieldViolation] = []
+
+    def check(ok: bool, field: str, description: str) -> None:
+        if not ok:
+            bad.append(FieldViolation(field, description))
+
+    for field, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
+        if len(text) > limits.max_prompt_chars:
+            check(False, field, f"is {len(text)} characters long; the limit is {limits.max_prompt_chars}")
+            continue
+        if text:
+            n = count_tokens(name, text)
+            check(
+                n <= info.max_prompt_tokens,
+                field,
+                f"is {n} tokens long; model {name!r} reads at most {info.max_prompt_tokens}",
+            )
+    check(bool(req.prompt.strip()), "prompt", "must not be empty")
+
+    width = req.width_px or info.default_width
+    height = req.height_px or info.default_height
+    for field, v in (("width_px", width), ("height_px", height)):
+        if v % info.size_multiple:
+            check(False, field, f"{v} is not a multiple of {info.size_multiple}")
+        elif not info.min_size <= v <= info.max_size:
+            check(False, field, f"{v} is outside model {name!r}'s range {info.min_size}..{info.max_size}")
+
+    steps = req.steps or info.default_steps
+    check(steps <= info.max_steps, "steps", f"{steps} is more than the limit of {info.max_steps}")
+
+    guidance = info.default_guidance_scale
+    if req.HasField("guidance_scale"):
+        guidance = float(req.guidance_scale)
+        check(
+            math.isfinite(guidance) and 0.0 <= guidance <= limits.max_guidance_scale,
+            "guidance_scale",
+            f"{guidance} is outside 0..{limits.max_guidance_scale}",
+        )
+
+    seed = req.seed if req.HasField("seed") else secrets.randbelow(1 << 32)
+
+    sampler = info.default_sampler
+    if req.sampler != pb.SAMPLER_UNSPECIFIED:
+        chosen = SAMPLER_FROM_PROTO.get(req.sampler)
+        if chosen is None:
+            check(False, "sampler", f"{req.sampler} is not a known Sampler value")
+        elif chosen not in info.samplers:
+            check(False, "sampler", f"{pb.Sampler.Name(req.sampler)} is not supported by model {name!r}")
+        else:
+            sampler = chosen
+
+    num_images = req.num_images or 1
+    check(
+        num_images <= info.max_images_per_request,
+        "num_images",
+        f"{num_images} is more than model {name!r}'s limit of {info.max_images_per_request}",
+    )
+
+    preview_size = req.preview_max_size_px or limits.default_preview_size
+    check(
+        8 <= preview_size <= limits.max_preview_size,
+        "preview_max_size_px",
+        f"{preview_size} is outside 8..{limits.max_preview_size}",
+    )
+
+    fmt = FORMAT_FROM_PROTO.get(req.output_format)
+    check(fmt is not None, "output_format", f"{req.output_format} is not a known ImageFormat value")
+    quality = req.output_quality or 90
+    check(1 <= quality <= 100, "output_quality", f"{quality} is outside 1..100")
+
+    request_id = req.request_id or uuid.uuid4().hex
+    check(
+        bool(_REQUEST_ID.match(request_id)),
+        "request_id",
+        "must be 1-128 characters from letters, digits and ._:/@+=-",
+    )
+
+    if not bad:
+        work = width * height * steps * num_images
+        check(
+            work <= limits.max_work,
+            "steps",
+            f"width_px * height_px * steps * num_images = {work} is more than the limit of {limits.max_work}",
+        )
+
+    if bad:
+        raise invalid_argument(bad)
+    assert fmt is not None
+    return GenerationParams(
+        request_id=request_id,
+        model=name,
+        prompt=req.prompt,
+        negative_prompt=req.negative_prompt,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance_scale=guidance,
+        seed=seed,
+        sampler=sampler,
+        num_images=num_images,
+        preview_every=req.preview_every_n_steps,
+        preview_max_size=min(preview_size, max(width, height)),
+        output_format=fmt,
+        output_quality=quality,
+        deadline=deadline,
+    )
+
+
+__all__ = ["ApiError", "Limits", "validate_generate"]

@@ -1,0 +1,186 @@
+"""Assemble and run a stepserve server: gRPC (service, health, reflection) + engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2
+from grpc_health.v1.health import aio as health_aio
+from grpc_health.v1.health_pb2_grpc import add_HealthServicer_to_server
+from grpc_reflection.v1alpha import reflection
+
+from stepserve.v1 import image_generation_pb2 as pb
+from stepserve.v1 import image_generation_pb2_grpc as pb_grpc
+
+from .api.servicer import ImageGenerationServicer
+from .api.validation import Limits
+from .config import ServerConfig
+from .engine.models import DEFAULT_MODEL_NAME, ModelAdapter, default_model_path, load_model
+from .engine.runner import Engine, EngineConfig
+from .engine.types import EngineEvent, FailedEvent, GenerationParams, ResultEvent
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ImageGenerationService"].full_name
+# Requests are small; responses carry images (a few MB at most for SDXL-size PNGs x 8).
+MAX_RECEIVE_BYTES = 1 << 20
+MAX_SEND_BYTES = 64 << 20
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str) -> torch.dtype | None:
+    return None if dtype == "auto" else getattr(torch, dtype)
+
+
+def load_models(config: ServerConfig) -> tuple[dict[str, ModelAdapter], str]:
+    """Load every configured model (or the embedded default); returns them and the default name."""
+    specs = config.model_specs() or [(DEFAULT_MODEL_NAME, default_model_path())]
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype)
+    models: dict[str, ModelAdapter] = {}
+    for name, path in specs:
+        logger.info("loading model %s from %s on %s", name, path, device)
+        models[name] = load_model(name, path, device=device, dtype=dtype, max_batch_size=config.max_batch_size)
+    return models, config.default_model or specs[0][0]
+
+
+def default_model_name(config: ServerConfig) -> str:
+    specs = config.model_specs()
+    return config.default_model or (specs[0][0] if specs else DEFAULT_MODEL_NAME)
+
+
+class StepServer:
+    """A stepserve instance in this process: ``await start()``, ``await load()``, ``await stop()``."""
+
+    def __init__(self, config: ServerConfig, models: dict[str, ModelAdapter] | None = None) -> None:
+        self.config = config
+        self._preloaded = models
+        self.models: dict[str, ModelAdapter] = {}
+        self.engine: Engine | None = None
+        self.port = 0
+        self.pool = ThreadPoolExecutor(config.encode_workers, thread_name_prefix="stepserve-encode")
+        self.health = health_aio.HealthServicer()
+        self.servicer = ImageGenerationServicer(
+            default_model_name(config), Limits(max_work=config.max_work), self.pool
+        )
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+                ("grpc.max_send_message_length", MAX_SEND_BYTES),
+                ("grpc.keepalive_time_ms", 60_000),
+                ("grpc.keepalive_timeout_ms", 20_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ]
+        )
+        pb_grpc.add_ImageGenerationServiceServicer_to_server(self.servicer, self.server)
+        add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server,
+        )
+        self.failed = asyncio.Event()
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def start(self) -> int:
+        """Listen (health says NOT_SERVING until :meth:`load` finishes); returns the port."""
+        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        await self._set_health(False)
+        await self.server.start()
+        logger.info("stepserve listening on %s:%d", self.config.host, self.port)
+        return self.port
+
+    async def load(self) -> None:
+        """Load models, start the engine, warm up, then report SERVING."""
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        if self._preloaded is not None:
+            self.models = self._preloaded
+        else:
+            self.models, _ = await asyncio.to_thread(load_models, self.config)
+        engine = Engine(
+            self.models,
+            EngineConfig(
+                batching=self.config.batching,
+                max_queue=self.config.max_queue,
+                max_batch_delay_s=self.config.max_batch_delay_ms / 1000.0,
+                accelerator_cost_per_hour=self.config.accelerator_cost_per_hour,
+            ),
+        )
+        loop = asyncio.get_running_loop()
+
+        def on_failure(exc: BaseException) -> None:
+            loop.call_soon_threadsafe(self._on_engine_failure, exc)
+
+        engine.on_failure = on_failure
+        engine.start()
+        self.engine = engine
+        self.servicer.attach(engine, self.models)
+        if self.config.warmup:
+            for name in self.models:
+                await asyncio.to_thread(self._warmup, name)
+        self.servicer.ready = True
+        await self._set_health(True)
+        logger.info("serving models: %s", ", ".join(self.models))
+
+    def _on_engine_failure(self, exc: BaseException) -> None:
+        logger.error("engine failed (%s); reporting NOT_SERVING", exc)
+        self.servicer.ready = False
+        self.failed.set()
+        asyncio.ensure_future(self._set_health(False))
+
+    def _warmup(self, name: str) -> None:
+        assert self.engine is not None
+        info = self.models[name].info
+        done = threading.Event()
+        outcome: list[EngineEvent] = []
+
+        def sink(event: EngineEvent) -> None:
+            if isinstance(event, ResultEvent | FailedEvent):
+                outcome.append(event)
+                done.set()
+
+        params = GenerationParams(
+            request_id=f"warmup-{name}",
+            model=name,
+            prompt="warm-up",
+            negative_prompt="",
+            width=info.default_width,
+            height=info.default_height,
+            steps=2,
+            guidance_scale=info.default_guidance_scale,
+            seed=0,
+            sampler=info.default_sampler,
+        )
+        self.engine.submit(params, sink)
+        done.wait()
+        if isinstance(outcome[0], FailedEvent):
+            raise RuntimeError(f"warm-up of model {name} failed: {outcome[0].message}")
+
+    async def stop(self, drain_timeout_s: float | None = None) -> None:
+        """Graceful stop: NOT_SERVING, refuse new work, let in-flight requests finish
+        within the drain timeout, end the rest with UNAVAILABLE, close the server."""
+        timeout = self.config.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+        self.servicer.ready = False
+        await self.health.enter_graceful_shutdown()
+        if self.engine is not None:
+            drained = await asyncio.to_thread(self.engine.drain, timeout)
+            if not drained:
+                logger.warning("drain timeout (%.1fs) passed; ending the remaining requests", timeout)
+            await asyncio.to_thread(self.engine.stop)
+        await self.server.stop(grace=2.0)
+        self.pool.shutdown(wait=False)

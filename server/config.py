@@ -1,0 +1,143 @@
+"""One typed settings object for the server: command-line flags over ``STEPSERVE_*``
+environment variables over defaults, validated at start-up."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A setting is out of range; the message names the setting and its value."""
+
+
+def _opt(default: Any, help: str) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ServerConfig:
+    """Everything ``stepserve serve`` can be told. Each field is one flag (``--max-queue``)
+    and one environment variable (``STEPSERVE_MAX_QUEUE``); the flag wins."""
+
+    host: str = _opt("[::]", "address to listen on for gRPC")
+    port: int = _opt(50051, "gRPC port (0 picks a free one)")
+    models: list[str] = _opt(
+        [],
+        "model to serve as NAME=PATH, a local diffusers pipeline directory (repeatable; "
+        "env: comma-separated); none serves the embedded tiny-shapes model",
+    )
+    default_model: str = _opt("", "model an empty GenerateRequest.model selects (default: the first --model)")
+    batching: str = _opt(
+        "step",
+        "'step': continuous batching, requests join and leave between denoising steps; "
+        "'request': classic dynamic batching, a formed batch runs to completion (for comparison)",
+    )
+    max_batch_size: int = _opt(16, "most images one model denoises in one batched forward")
+    max_batch_delay_ms: int = _opt(50, "request-level batching only: longest a batch waits to fill, in ms")
+    max_queue: int = _opt(256, "most waiting requests; beyond it Generate answers RESOURCE_EXHAUSTED")
+    device: str = _opt("auto", "torch device: auto (cuda if available), cpu, cuda, cuda:1, ...")
+    dtype: str = _opt("auto", "weights dtype: auto (float16 on GPU, float32 on CPU), float32, float16, bfloat16")
+    threads: int = _opt(0, "torch intra-op threads on CPU (0 = one per core)")
+    accelerator_cost_per_hour: float = _opt(
+        1.0, "price of one accelerator-hour in USD, for Usage.cost_usd (a placeholder: set yours)"
+    )
+    encode_workers: int = _opt(2, "threads that encode PNG/JPEG/WebP off the engine thread")
+    drain_timeout_s: float = _opt(30.0, "seconds in-flight requests get to finish after SIGTERM")
+    warmup: bool = _opt(True, "run one short generation per model before reporting SERVING")
+    max_work: int = _opt(512 * 512 * 50 * 4, "largest width*height*steps*num_images of one request")
+    log_format: str = _opt("text", "log format: text or json")
+    log_level: str = _opt("INFO", "log level: DEBUG, INFO, WARNING, ERROR")
+
+    def model_specs(self) -> list[tuple[str, Path]]:
+        """``--model`` values as (name, path) pairs."""
+        out = []
+        for spec in self.models:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise ConfigError(f"--model {spec!r}: expected NAME=PATH")
+            out.append((name, Path(path)))
+        return out
+
+    def validate(self) -> ServerConfig:
+        """Check every bound; raises :class:`ConfigError` naming the bad value."""
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(0 <= self.port <= 65535, f"--port {self.port}: must be 0..65535")
+        need(self.batching in ("step", "request"), f"--batching {self.batching!r}: must be 'step' or 'request'")
+        need(1 <= self.max_batch_size <= 1024, f"--max-batch-size {self.max_batch_size}: must be 1..1024")
+        need(
+            0 <= self.max_batch_delay_ms <= 60_000,
+            f"--max-batch-delay-ms {self.max_batch_delay_ms}: must be 0..60000",
+        )
+        need(0 <= self.max_queue <= 1_000_000, f"--max-queue {self.max_queue}: must be 0..1000000")
+        need(self.dtype in ("auto", "float32", "float16", "bfloat16"), f"--dtype {self.dtype!r}: unknown dtype")
+        need(self.threads >= 0, f"--threads {self.threads}: must be >= 0")
+        need(
+            self.accelerator_cost_per_hour >= 0,
+            f"--accelerator-cost-per-hour {self.accelerator_cost_per_hour}: must be >= 0",
+        )
+        need(1 <= self.encode_workers <= 64, f"--encode-workers {self.encode_workers}: must be 1..64")
+        need(self.drain_timeout_s >= 0, f"--drain-timeout-s {self.drain_timeout_s}: must be >= 0")
+        need(self.max_work > 0, f"--max-work {self.max_work}: must be > 0")
+        need(self.log_format in ("text", "json"), f"--log-format {self.log_format!r}: must be 'text' or 'json'")
+        names = [n for n, _ in self.model_specs()]
+        need(len(names) == len(set(names)), f"--model names must be unique, got {names}")
+        if self.default_model and names:
+            need(
+                self.default_model in names,
+                f"--default-model {self.default_model!r} is not among the --model names {names}",
+            )
+        return self
+
+
+def _parse_env(raw: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(default, list):
+        return [s for s in raw.split(",") if s]
+    return type(default)(raw)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per ServerConfig field (defaults are resolved in :func:`from_args`)."""
+    for f in fields(ServerConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        env = "STEPSERVE_" + f.name.upper()
+        help_text = f"{f.metadata['help']} [env {env}; default {default!r}]"
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif isinstance(default, list):
+            parser.add_argument(
+                "--model", dest=f.name, action="append", default=None, metavar="NAME=PATH", help=help_text
+            )
+        else:
+            parser.add_argument(flag, dest=f.name, type=type(default), default=None, help=help_text)
+
+
+def from_args(ns: argparse.Namespace, environ: dict[str, str] | None = None) -> ServerConfig:
+    """Flags over environment over defaults, validated."""
+    env = os.environ if environ is None else environ
+    kwargs: dict[str, Any] = {}
+    for f in fields(ServerConfig):
+        value = getattr(ns, f.name, None)
+        if value is None:
+            raw = env.get("STEPSERVE_" + f.name.upper())
+            if raw is None:
+                continue
+            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+            try:
+                value = _parse_env(raw, default)
+            except ValueError as e:
+                raise ConfigError(f"STEPSERVE_{f.name.upper()}={raw!r}: {e}") from e
+        kwargs[f.name] = value
+    return ServerConfig(**kwargs).validate()

@@ -1,0 +1,95 @@
+"""Per-request state inside the engine: one class, one explicit status enum."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from .types import FinishReason, GenerationParams
+
+
+class RequestStatus(enum.Enum):
+    """Life of a request; every FINISHED_* state is terminal."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_OK = "finished_ok"
+    FINISHED_CANCELLED = "finished_cancelled"
+    FINISHED_DEADLINE = "finished_deadline"
+    FINISHED_ERROR = "finished_error"
+    FINISHED_SHUTDOWN = "finished_shutdown"
+
+    @property
+    def is_finished(self) -> bool:
+        return self in _FINISH_REASONS
+
+    @property
+    def finish_reason(self) -> FinishReason:
+        """The API-facing reason for a terminal status (the one place this mapping lives)."""
+        return _FINISH_REASONS[self]
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_OK: FinishReason.OK,
+    RequestStatus.FINISHED_CANCELLED: FinishReason.CANCELLED,
+    RequestStatus.FINISHED_DEADLINE: FinishReason.DEADLINE,
+    RequestStatus.FINISHED_ERROR: FinishReason.ERROR,
+    RequestStatus.FINISHED_SHUTDOWN: FinishReason.SHUTDOWN,
+}
+
+BucketKey = tuple[str, int, int]
+
+
+@dataclass(eq=False)
+class RequestState:
+    """A request as the scheduler and runner see it.
+
+    ``work`` holds the model adapter's tensor state (latents, per-image schedulers and
+    generators, prompt embeddings); the scheduler never looks inside it.
+    """
+
+    params: GenerationParams
+    arrival_time: float
+    status: RequestStatus = RequestStatus.WAITING
+    admitted_time: float | None = None
+    finished_time: float | None = None
+    steps_done: int = 0
+    # Last queue position reported to the caller (None = never reported).
+    reported_position: int | None = None
+    # Accounting, in seconds of accelerator time attributed to this request.
+    accelerator_s: float = 0.0
+    forwards: int = 0
+    batch_images_sum: int = 0
+    first_preview_time: float | None = None
+    work: Any = field(default=None, repr=False)
+
+    @property
+    def request_id(self) -> str:
+        return self.params.request_id
+
+    @property
+    def model(self) -> str:
+        return self.params.model
+
+    @property
+    def bucket(self) -> BucketKey:
+        """Requests with equal buckets can share one batched denoiser forward."""
+        return (self.params.model, self.params.height, self.params.width)
+
+    @property
+    def total_steps(self) -> int:
+        return self.params.steps
+
+    @property
+    def remaining_steps(self) -> int:
+        return self.params.steps - self.steps_done
+
+    @property
+    def steps_complete(self) -> bool:
+        return self.steps_done >= self.params.steps
+
+    def preview_due(self) -> bool:
+        """Whether the step about to run should produce a preview."""
+        every = self.params.preview_every
+        return every > 0 and (self.steps_done + 1) % every == 0

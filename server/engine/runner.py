@@ -1,0 +1,393 @@
+"""The engine loop: one thread per accelerator executing the scheduler's step plans.
+
+The asyncio server talks to it only through :meth:`Engine.submit` and :meth:`Engine.cancel`
+(thread-safe, never blocking on model work) and receives events through a per-request sink
+callable that must not block (the API's sink hands events to the event loop with
+``call_soon_threadsafe``). The loop never waits on a client.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .models.base import ModelAdapter
+from .request import RequestState, RequestStatus
+from .scheduler import BaseScheduler, StepPlan, make_scheduler
+from .types import (
+    EngineEvent,
+    FailedEvent,
+    GenerationParams,
+    ProgressEvent,
+    QueuedEvent,
+    ResultEvent,
+    Usage,
+)
+
+logger = logging.getLogger(__name__)
+
+EventSink = Callable[[EngineEvent], None]
+
+
+class EngineError(Exception):
+    """Base class of the reasons :meth:`Engine.submit` refuses a request."""
+
+
+class QueueFullError(EngineError):
+    """The waiting queue is at ``max_queue``; the caller should retry later."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class EngineStoppedError(EngineError):
+    """The engine is draining, stopped, or has failed."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine settings (see ``stepserve.server.config.ServerConfig`` for the documented flags)."""
+
+    batching: str = "step"
+    max_queue: int = 256
+    max_batch_delay_s: float = 0.05
+    accelerator_cost_per_hour: float = 0.0
+
+
+class Engine:
+    """Runs every loaded model's requests on one thread, one batched step at a time."""
+
+    def __init__(
+        self,
+        models: dict[str, ModelAdapter],
+        config: EngineConfig,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.models = models
+        self.config = config
+        self.clock = clock
+        self.scheduler: BaseScheduler = make_scheduler(
+            config.batching, {n: m.info.max_batch_size for n, m in models.items()}, config.max_batch_delay_s
+        )
+        self._cv = threading.Condition()
+        self._inbox: deque[tuple[str, Any, Any]] = deque()
+        self._sinks: dict[str, EventSink] = {}
+        self._queued: dict[str, str] = {}  # request id -> model, for waiting requests
+        self._running_ids: set[str] = set()
+        self._draining = False
+        self._stop = False
+        self.failure: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._wake_at: float | None = None
+        # Seconds per denoiser forward, smoothed, per model (for queue wait estimates).
+        self._step_time: dict[str, float] = dict.fromkeys(models, 0.05)
+        self.on_failure: Callable[[BaseException], None] | None = None
+        self.forwards = 0
+        self.last_batch_rows = 0
+
+    # -- called from any thread ------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="stepserve-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, params: GenerationParams, sink: EventSink) -> None:
+        """Queue a request; raises :class:`EngineError` subclasses when it cannot be taken."""
+        with self._cv:
+            if self.failure is not None:
+                raise EngineStoppedError(f"the engine has failed: {self.failure}")
+            if self._draining or self._stop:
+                raise EngineStoppedError("the server is shutting down")
+            if params.request_id in self._sinks:
+                raise ValueError(f"request id {params.request_id!r} is already in flight")
+            depth = len(self._queued)
+            if depth >= self.config.max_queue:
+                raise QueueFullError(
+                    f"the queue is full ({depth} requests waiting, limit {self.config.max_queue})",
+                    retry_after_s=self._step_time.get(params.model, 0.05) * params.steps,
+                )
+            self._sinks[params.request_id] = sink
+            self._queued[params.request_id] = params.model
+            self._inbox.append(("submit", params, self.clock()))
+            self._cv.notify()
+
+    def cancel(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_CANCELLED) -> None:
+        """Drop a request at the next step boundary (no-op if it already ended)."""
+        with self._cv:
+            if request_id in self._sinks:
+                self._inbox.append(("cancel", request_id, status))
+                self._cv.notify()
+
+    def queue_depth(self, model: str | None = None) -> int:
+        with self._cv:
+            return sum(1 for m in self._queued.values() if model is None or m == model)
+
+    def active_requests(self) -> int:
+        with self._cv:
+            return len(self._running_ids)
+
+    def in_flight(self) -> int:
+        with self._cv:
+            return len(self._sinks)
+
+    def drain(self, timeout_s: float) -> bool:
+        """Refuse new requests and wait up to ``timeout_s`` for in-flight ones to finish.
+
+        Returns True if everything finished; the rest is ended by :meth:`stop`.
+        """
+        end = time.monotonic() + timeout_s
+        with self._cv:
+            self._draining = True
+            while self._sinks and self.failure is None:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(min(left, 0.1))
+            return True
+
+    def stop(self) -> None:
+        """End every remaining request with SHUTDOWN and stop the thread."""
+        with self._cv:
+            self._draining = True
+            self._stop = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.failure is None
+
+    # -- the engine thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while self.run_once(block=True) is not None:
+                pass
+            self._end_all(RequestStatus.FINISHED_SHUTDOWN, "the server shut down before the request finished")
+        except BaseException as e:  # the loop must never die silently
+            logger.exception("engine loop failed")
+            with self._cv:
+                self.failure = e
+                self._cv.notify_all()
+            self._end_all(RequestStatus.FINISHED_ERROR, f"the engine failed: {e}")
+            if self.on_failure is not None:
+                self.on_failure(e)
+
+    def run_once(self, block: bool = False) -> StepPlan | None:
+        """One iteration of the loop: take in submissions and cancels, schedule, execute.
+
+        The engine thread calls it with ``block=True`` (sleep while idle); tests call it
+        directly, without starting the thread, to drive arrivals step by step. Returns the
+        executed plan, or None when the engine is stopping.
+        """
+        if not self._drain_inbox(block):
+            return None
+        plan = self.scheduler.schedule(self.clock())
+        self._wake_at = plan.wake_at
+        self._execute(plan)
+        self._report_positions()
+        return plan
+
+    def _drain_inbox(self, block: bool) -> bool:
+        """Move submissions and cancels into the scheduler; with ``block``, sleep while
+        there is nothing to do. Returns False when the loop should stop."""
+        wake_at = self._wake_at
+        with self._cv:
+            while block:
+                if self._stop:
+                    return False
+                busy = self.scheduler.running or (self.scheduler.waiting and wake_at is None)
+                if self._inbox or busy:
+                    break
+                timeout = None if wake_at is None else max(0.0, wake_at - self.clock())
+                if timeout == 0.0:
+                    break
+                self._cv.wait(timeout)
+                if wake_at is not None and self.clock() >= wake_at:
+                    break
+            if self._stop:
+                return False
+            items = list(self._inbox)
+            self._inbox.clear()
+        for kind, a, b in items:
+            if kind == "submit":
+                params: GenerationParams = a
+                req = RequestState(params=params, arrival_time=b)
+                self.scheduler.add(req)
+                # Every request hears where it stands once, even if it starts right away.
+                pos = self.scheduler.num_waiting(params.model) - 1
+                req.reported_position = pos
+                info = self.models[params.model].info
+                est = self.scheduler.estimated_wait(pos, params.model, self._step_time[params.model], info.default_steps)
+                self._emit(req, QueuedEvent(pos, est))
+                logger.debug("request %s queued at position %d", params.request_id, pos)
+            else:
+                self.scheduler.abort(a, b)
+        return True
+
+    def _execute(self, plan: StepPlan) -> None:
+        now = self.clock()
+        for req in plan.aborted:
+            reason = req.status.finish_reason
+            msg = {
+                RequestStatus.FINISHED_CANCELLED: "the request was cancelled",
+                RequestStatus.FINISHED_DEADLINE: "the request's deadline passed",
+            }.get(req.status, "the request was aborted")
+            logger.info("request %s ended: %s after %d steps", req.request_id, reason.value, req.steps_done)
+            self._release(req)
+            self._emit_final(req, FailedEvent(reason, msg))
+        if plan.admitted:
+            with self._cv:
+                for req in plan.admitted:
+                    self._queued.pop(req.request_id, None)
+                    self._running_ids.add(req.request_id)
+            by_model: dict[str, list[RequestState]] = {}
+            for req in plan.admitted:
+                by_model.setdefault(req.model, []).append(req)
+            for model, reqs in by_model.items():
+                self._prepare(model, reqs)
+        batch = [r for r in plan.batch if r.status is RequestStatus.RUNNING and r.work is not None]
+        if batch:
+            plan.batch = batch
+            self._step(plan, now)
+
+    def _prepare(self, model: str, reqs: list[RequestState]) -> None:
+        adapter = self.models[model]
+        t0 = time.perf_counter()
+        try:
+            adapter.prepare(reqs)
+            adapter.synchronize()
+        except Exception as e:
+            logger.exception("preparing %d request(s) for %s failed", len(reqs), model)
+            for req in reqs:
+                self._fail(req, f"encoding the prompt failed: {e}")
+            return
+        share = (time.perf_counter() - t0) / len(reqs)
+        for req in reqs:
+            req.accelerator_s += share
+
+    def _step(self, plan: StepPlan, now: float) -> None:
+        batch = plan.batch
+        model = batch[0].model
+        adapter = self.models[model]
+        t0 = time.perf_counter()
+        try:
+            rows = adapter.denoise_step(batch)
+            adapter.synchronize()
+        except Exception as e:
+            logger.exception("denoising step for %d request(s) of %s failed", len(batch), model)
+            for req in batch:
+                self._fail(req, f"the denoising step failed: {e}")
+            return
+        dt = time.perf_counter() - t0
+        self.forwards += 1
+        self.last_batch_rows = rows
+        self._step_time[model] = 0.8 * self._step_time[model] + 0.2 * dt
+        images = sum(r.params.num_images for r in batch)
+        for req in batch:
+            req.accelerator_s += dt * req.params.rows / rows
+            req.forwards += 1
+            req.batch_images_sum += images
+        finished = self.scheduler.update(plan)
+        after = self.clock()
+        for req in batch:
+            preview = None
+            if req.params.preview_every and req.steps_done % req.params.preview_every == 0:
+                preview = adapter.preview(req)
+                req.work.preview_x0 = None
+                if preview is not None and req.first_preview_time is None:
+                    req.first_preview_time = after
+            self._emit(req, ProgressEvent(req.steps_done, req.total_steps, after - req.arrival_time, preview))
+        if finished:
+            self._finish(model, finished)
+
+    def _finish(self, model: str, reqs: list[RequestState]) -> None:
+        adapter = self.models[model]
+        t0 = time.perf_counter()
+        try:
+            decoded = adapter.decode(reqs)
+            adapter.synchronize()
+        except Exception as e:
+            logger.exception("decoding %d request(s) of %s failed", len(reqs), model)
+            for req in reqs:
+                self._fail(req, f"decoding the image failed: {e}")
+            return
+        dt = time.perf_counter() - t0
+        total_images = sum(r.params.num_images for r in reqs)
+        now = self.clock()
+        for req, imgs in zip(reqs, decoded, strict=True):
+            req.accelerator_s += dt * req.params.num_images / total_images
+            self.scheduler.finish(req, RequestStatus.FINISHED_OK, now)
+            self._release(req)
+            usage = Usage(
+                steps=req.params.steps,
+                queue_s=(req.admitted_time or now) - req.arrival_time,
+                total_s=now - req.arrival_time,
+                accelerator_s=req.accelerator_s,
+                mean_batch_size=req.batch_images_sum / max(1, req.forwards),
+                cost_usd=req.accelerator_s * self.config.accelerator_cost_per_hour / 3600.0,
+            )
+            logger.info(
+                "request %s done: %d steps, %.3fs total, %.3f accelerator-s, mean batch %.1f",
+                req.request_id,
+                usage.steps,
+                usage.total_s,
+                usage.accelerator_s,
+                usage.mean_batch_size,
+            )
+            self._emit_final(req, ResultEvent(imgs, req.params.seeds, usage))
+
+    def _fail(self, req: RequestState, message: str) -> None:
+        self.scheduler.finish(req, RequestStatus.FINISHED_ERROR, self.clock())
+        self._release(req)
+        self._emit_final(req, FailedEvent(RequestStatus.FINISHED_ERROR.finish_reason, message))
+
+    def _release(self, req: RequestState) -> None:
+        if req.work is not None:
+            self.models[req.model].release(req)
+
+    def _end_all(self, status: RequestStatus, message: str) -> None:
+        for req in self.scheduler.fail_all(status, self.clock()):
+            self._release(req)
+            self._emit_final(req, FailedEvent(status.finish_reason, message))
+        # Submissions that never reached the scheduler.
+        with self._cv:
+            pending = [p for kind, p, _ in self._inbox if kind == "submit"]
+            self._inbox.clear()
+        for params in pending:
+            req = RequestState(params=params, arrival_time=self.clock(), status=status)
+            self._emit_final(req, FailedEvent(status.finish_reason, message))
+
+    def _report_positions(self) -> None:
+        positions = self.scheduler.queue_positions()
+        for req in self.scheduler.waiting:
+            pos = positions[req.request_id]
+            if pos != req.reported_position:
+                req.reported_position = pos
+                info = self.models[req.model].info
+                est = self.scheduler.estimated_wait(pos, req.model, self._step_time[req.model], info.default_steps)
+                self._emit(req, QueuedEvent(pos, est))
+
+    # -- events ----------------------------------------------------------------------------
+    def _emit(self, req: RequestState, event: EngineEvent) -> None:
+        sink = self._sinks.get(req.request_id)
+        if sink is None:
+            return
+        try:
+            sink(event)
+        except Exception:  # a broken sink must not stop the batch
+            logger.exception("event sink for request %s failed", req.request_id)
+
+    def _emit_final(self, req: RequestState, event: EngineEvent) -> None:
+        """Send the request's one terminal event and forget it."""
+        self._emit(req, event)
+        with self._cv:
+            self._sinks.pop(req.request_id, None)
+            self._queued.pop(req.request_id, None)
+            self._running_ids.discard(req.request_id)
+            self._cv.notify_all()

@@ -1,0 +1,67 @@
+"""Per-request samplers: one diffusers scheduler instance per image, built from templates.
+
+Every image owns its scheduler (multistep samplers keep a history of model outputs, and
+ancestral samplers draw noise from the image's own generator), so requests with different
+samplers and step counts share a batched forward without touching each other's state.
+Building a scheduler from its config costs milliseconds; a template per (sampler, steps) is
+built once and deep-copied per image.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from typing import Any
+
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from .types import Sampler
+
+SAMPLER_CLASSES: dict[Sampler, type[SchedulerMixin]] = {
+    Sampler.EULER: EulerDiscreteScheduler,
+    Sampler.EULER_ANCESTRAL: EulerAncestralDiscreteScheduler,
+    Sampler.DDIM: DDIMScheduler,
+    Sampler.DPM_SOLVER_MULTISTEP: DPMSolverMultistepScheduler,
+}
+
+
+def sampler_for_class_name(name: str) -> Sampler | None:
+    """The Sampler whose diffusers class is called ``name`` (a model's configured default)."""
+    for sampler, cls in SAMPLER_CLASSES.items():
+        if cls.__name__ == name:
+            return sampler
+    return None
+
+
+def make_scheduler(base_config: Any, sampler: Sampler) -> SchedulerMixin:
+    """A fresh diffusers scheduler of ``sampler``'s class configured like the model's own."""
+    return SAMPLER_CLASSES[sampler].from_config(base_config)
+
+
+class SchedulerFactory:
+    """Hands out ready-to-step scheduler instances (``set_timesteps`` already called)."""
+
+    def __init__(self, base_config: Any, device: str = "cpu", max_templates: int = 64) -> None:
+        self._device = device
+        self._base_config = base_config
+        self._templates: OrderedDict[tuple[Sampler, int], SchedulerMixin] = OrderedDict()
+        self._max = max_templates
+
+    def create(self, sampler: Sampler, steps: int) -> SchedulerMixin:
+        key = (sampler, steps)
+        tpl = self._templates.get(key)
+        if tpl is None:
+            tpl = make_scheduler(self._base_config, sampler)
+            tpl.set_timesteps(steps, device=self._device)
+            self._templates[key] = tpl
+            if len(self._templates) > self._max:
+                self._templates.popitem(last=False)
+        else:
+            self._templates.move_to_end(key)
+        return copy.deepcopy(tpl)

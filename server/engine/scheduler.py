@@ -1,0 +1,250 @@
+"""Who runs this step: admission, buckets, fairness. Pure Python: no torch, no threads.
+
+The runner asks ``schedule(now)`` for a :class:`StepPlan` before every denoiser forward,
+executes it, then calls ``update(plan)`` and ``finish(...)``. Time is passed in, so tests
+drive the clock and arrivals explicitly.
+
+Two policies share the bookkeeping in :class:`BaseScheduler`:
+
+- :class:`StepLevelScheduler` (the default) admits waiting requests into the running set
+  between any two steps, as long as the model's batch capacity (in images) allows, and
+  steps one bucket (model + latent size) per forward, rotating between buckets so none
+  starves.
+- :class:`RequestLevelScheduler` is the classic dynamic batcher of general model servers:
+  it forms a batch (up to the capacity, waiting at most ``max_delay_s`` for it to fill),
+  runs that batch until every member finishes, and only then admits the next one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .request import BucketKey, RequestState, RequestStatus
+
+
+@dataclass
+class StepPlan:
+    """What the runner does in one iteration."""
+
+    # Requests that ended before running this step (cancelled, past deadline).
+    aborted: list[RequestState] = field(default_factory=list)
+    # Requests admitted into the running set now: encode prompts, initialise latents.
+    admitted: list[RequestState] = field(default_factory=list)
+    # The requests of one bucket that take part in this step's batched forward.
+    batch: list[RequestState] = field(default_factory=list)
+    # When nothing can run, the earliest time something might (None = on the next event).
+    wake_at: float | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.aborted or self.admitted or self.batch)
+
+
+class BaseScheduler:
+    """Waiting queue, running set, cancellation and deadlines, per-model capacity."""
+
+    def __init__(self, capacity: dict[str, int]) -> None:
+        # Most images each model may have in its running set (its max batch size).
+        self.capacity = dict(capacity)
+        self.waiting: list[RequestState] = []
+        self.running: dict[str, RequestState] = {}
+        self._pending_aborts: dict[str, RequestStatus] = {}
+        self._step_counter = 0
+        self._bucket_last_step: dict[BucketKey, int] = {}
+
+    # -- intake -------------------------------------------------------------------------
+    def add(self, req: RequestState) -> None:
+        if req.params.num_images > self.capacity[req.model]:
+            raise ValueError(
+                f"request {req.request_id} asks for {req.params.num_images} images, more than "
+                f"model {req.model!r} can batch ({self.capacity[req.model]})"
+            )
+        req.status = RequestStatus.WAITING
+        self.waiting.append(req)
+
+    def abort(self, request_id: str, status: RequestStatus) -> None:
+        """Mark a request to be dropped at the next step boundary."""
+        assert status.is_finished
+        self._pending_aborts.setdefault(request_id, status)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def used(self, model: str) -> int:
+        return sum(r.params.num_images for r in self.running.values() if r.model == model)
+
+    def num_waiting(self, model: str | None = None) -> int:
+        return sum(1 for r in self.waiting if model is None or r.model == model)
+
+    def num_running(self, model: str | None = None) -> int:
+        return sum(1 for r in self.running.values() if model is None or r.model == model)
+
+    # -- the step -----------------------------------------------------------------------
+    def schedule(self, now: float) -> StepPlan:
+        plan = StepPlan()
+        plan.aborted = self._collect_aborts(now)
+        plan.admitted = self._admit(now, plan)
+        for req in plan.admitted:
+            req.status = RequestStatus.RUNNING
+            req.admitted_time = now
+            self.running[req.request_id] = req
+        plan.batch = self._pick_batch()
+        if plan.batch:
+            self._step_counter += 1
+            self._bucket_last_step[plan.batch[0].bucket] = self._step_counter
+        return plan
+
+    def update(self, plan: StepPlan) -> list[RequestState]:
+        """Record that ``plan.batch`` ran one step; returns those whose steps are all done."""
+        done = []
+        for req in plan.batch:
+            req.steps_done += 1
+            if req.steps_complete:
+                done.append(req)
+        return done
+
+    def finish(self, req: RequestState, status: RequestStatus, now: float) -> None:
+        """Remove a request from the running set (or queue) with a terminal status."""
+        assert status.is_finished
+        self.running.pop(req.request_id, None)
+        if req.status is RequestStatus.WAITING:
+            self.waiting = [r for r in self.waiting if r is not req]
+        req.status = status
+        req.finished_time = now
+        self._pending_aborts.pop(req.request_id, None)
+
+    def fail_all(self, status: RequestStatus, now: float) -> list[RequestState]:
+        """End every waiting and running request (shutdown, engine failure)."""
+        out = list(self.waiting) + list(self.running.values())
+        for req in out:
+            self.finish(req, status, now)
+        self.waiting.clear()
+        return out
+
+    def queue_positions(self) -> dict[str, int]:
+        """0-based position of each waiting request among the waiting requests of its model."""
+        seen: dict[str, int] = {}
+        out = {}
+        for req in self.waiting:
+            pos = seen.get(req.model, 0)
+            out[req.request_id] = pos
+            seen[req.model] = pos + 1
+        return out
+
+    def estimated_wait(self, position: int, model: str, step_time_s: float, default_steps: int) -> float:
+        """Rough time until the request at ``position`` starts: when enough slots free up."""
+        free = self.capacity[model] - self.used(model)
+        if position < free:
+            return 0.0
+        k = position - free
+        remaining = sorted(r.remaining_steps for r in self.running.values() if r.model == model)
+        if k < len(remaining):
+            return remaining[k] * step_time_s
+        cap = max(1, self.capacity[model])
+        rounds = (k - len(remaining)) // cap + 1
+        last = remaining[-1] if remaining else 0
+        return (last + rounds * default_steps) * step_time_s
+
+    # -- helpers for subclasses ----------------------------------------------------------
+    def _collect_aborts(self, now: float) -> list[RequestState]:
+        aborted = []
+        for req in list(self.waiting) + list(self.running.values()):
+            status = self._pending_aborts.get(req.request_id)
+            deadline = req.params.deadline
+            if status is None and deadline is not None and now >= deadline:
+                status = RequestStatus.FINISHED_DEADLINE
+            if status is not None:
+                self.finish(req, status, now)
+                aborted.append(req)
+        # Aborts for ids that are not (or no longer) here are stale: forget them.
+        self._pending_aborts.clear()
+        return aborted
+
+    def _admit(self, now: float, plan: StepPlan) -> list[RequestState]:
+        raise NotImplementedError
+
+    def _pick_batch(self) -> list[RequestState]:
+        """All running requests of the bucket that has waited longest for a step."""
+        if not self.running:
+            return []
+        buckets: dict[BucketKey, list[RequestState]] = {}
+        for req in self.running.values():
+            buckets.setdefault(req.bucket, []).append(req)
+
+        def priority(item: tuple[BucketKey, list[RequestState]]) -> tuple[int, float]:
+            key, members = item
+            return (self._bucket_last_step.get(key, -1), min(r.arrival_time for r in members))
+
+        _, members = min(buckets.items(), key=priority)
+        return sorted(members, key=lambda r: r.arrival_time)
+
+
+class StepLevelScheduler(BaseScheduler):
+    """Continuous batching: admit into the running set between any two steps."""
+
+    def _admit(self, now: float, plan: StepPlan) -> list[RequestState]:
+        admitted: list[RequestState] = []
+        used = {m: self.used(m) for m in self.capacity}
+        blocked: set[str] = set()
+        for req in list(self.waiting):
+            if req.model in blocked:
+                continue
+            if used[req.model] + req.params.num_images <= self.capacity[req.model]:
+                used[req.model] += req.params.num_images
+                admitted.append(req)
+            else:
+                # First come, first served per model: nobody overtakes a request that does
+                # not fit yet (that would starve requests for many images).
+                blocked.add(req.model)
+        if admitted:
+            ids = {id(r) for r in admitted}
+            self.waiting = [r for r in self.waiting if id(r) not in ids]
+        return admitted
+
+
+class RequestLevelScheduler(BaseScheduler):
+    """Classic dynamic batching: a formed batch runs to completion before the next forms."""
+
+    def __init__(self, capacity: dict[str, int], max_delay_s: float) -> None:
+        super().__init__(capacity)
+        # Longest a request waits for its batch to fill before the batch starts anyway.
+        self.max_delay_s = max_delay_s
+
+    def _admit(self, now: float, plan: StepPlan) -> list[RequestState]:
+        if self.running or not self.waiting:
+            return []
+        head = self.waiting[0]
+        candidates = [r for r in self.waiting if r.bucket == head.bucket]
+        cap = self.capacity[head.model]
+        chosen: list[RequestState] = []
+        used = 0
+        for req in candidates:
+            if used + req.params.num_images > cap:
+                break
+            chosen.append(req)
+            used += req.params.num_images
+        full = used == cap or len(chosen) < len(candidates)
+        if not full and now - head.arrival_time < self.max_delay_s:
+            plan.wake_at = head.arrival_time + self.max_delay_s
+            return []
+        ids = {id(r) for r in chosen}
+        self.waiting = [r for r in self.waiting if id(r) not in ids]
+        return chosen
+
+
+def make_scheduler(mode: str, capacity: dict[str, int], max_delay_s: float) -> BaseScheduler:
+    """``mode`` is ``"step"`` (continuous batching) or ``"request"`` (classic dynamic batching)."""
+    if mode == "step":
+        return StepLevelScheduler(capacity)
+    if mode == "request":
+        return RequestLevelScheduler(capacity, max_delay_s)
+    raise ValueError(f"unknown batching mode {mode!r} (expected 'step' or 'request')")
+
+
+__all__ = [
+    "BaseScheduler",
+    "RequestLevelScheduler",
+    "StepLevelScheduler",
+    "StepPlan",
+    "make_scheduler",
+]

@@ -1,0 +1,150 @@
+"""Domain types shared by the API edge and the engine (no protobuf, no torch)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    RGBArray = npt.NDArray[np.uint8]
+
+
+class Sampler(str, enum.Enum):
+    """Samplers the engine can run; each maps to a diffusers scheduler class."""
+
+    EULER = "euler"
+    EULER_ANCESTRAL = "euler_ancestral"
+    DDIM = "ddim"
+    DPM_SOLVER_MULTISTEP = "dpm_solver_multistep"
+
+
+class ImageFormat(str, enum.Enum):
+    """Encodings for final images."""
+
+    PNG = "png"
+    JPEG = "jpeg"
+    WEBP = "webp"
+
+
+class FinishReason(str, enum.Enum):
+    """How a request ended; mapped once to gRPC status codes at the API edge."""
+
+    OK = "ok"
+    CANCELLED = "cancelled"
+    DEADLINE = "deadline"
+    ERROR = "error"
+    SHUTDOWN = "shutdown"
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """One validated generation request, every default already resolved."""
+
+    request_id: str
+    model: str
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    sampler: Sampler
+    num_images: int = 1
+    preview_every: int = 0
+    preview_max_size: int = 256
+    output_format: ImageFormat = ImageFormat.PNG
+    output_quality: int = 90
+    # Absolute time (engine clock, seconds) after which the request is dropped; None = never.
+    deadline: float | None = None
+
+    @property
+    def uses_guidance(self) -> bool:
+        """Classifier-free guidance runs (and doubles the rows) only when the scale is > 1."""
+        return self.guidance_scale > 1.0
+
+    @property
+    def rows(self) -> int:
+        """Rows this request adds to every batched denoiser forward."""
+        return self.num_images * (2 if self.uses_guidance else 1)
+
+    @property
+    def seeds(self) -> list[int]:
+        """Seed of each image: image i uses seed + i (wrapping at 2**64)."""
+        return [(self.seed + i) % (1 << 64) for i in range(self.num_images)]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a loaded model offers, as ListModels reports it and validation checks it."""
+
+    name: str
+    family: str
+    default_width: int
+    default_height: int
+    default_steps: int
+    default_guidance_scale: float
+    default_sampler: Sampler
+    samplers: tuple[Sampler, ...]
+    max_batch_size: int
+    size_multiple: int = 8
+    min_size: int = 64
+    max_size: int = 1024
+    max_steps: int = 150
+    max_images_per_request: int = 8
+    max_prompt_tokens: int = 77
+
+
+@dataclass
+class Usage:
+    """What one generation consumed (see README "Cost model")."""
+
+    steps: int = 0
+    queue_s: float = 0.0
+    total_s: float = 0.0
+    accelerator_s: float = 0.0
+    mean_batch_size: float = 0.0
+    cost_usd: float = 0.0
+
+
+@dataclass(frozen=True)
+class QueuedEvent:
+    """The request waits; ``position`` is 0-based among waiting requests of its model."""
+
+    position: int
+    estimated_wait_s: float
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """One denoising step done; ``preview`` is a small RGB array when one was due."""
+
+    step: int
+    total_steps: int
+    elapsed_s: float
+    preview: RGBArray | None = None
+
+
+@dataclass(frozen=True)
+class ResultEvent:
+    """The finished images (RGB uint8 arrays, not yet encoded) and the request's usage."""
+
+    images: list[RGBArray]
+    seeds: list[int]
+    usage: Usage = field(default_factory=Usage)
+
+
+@dataclass(frozen=True)
+class FailedEvent:
+    """The request ended without a result."""
+
+    reason: FinishReason
+    message: str
+
+
+EngineEvent = QueuedEvent | ProgressEvent | ResultEvent | FailedEvent
+TERMINAL_EVENTS = (ResultEvent, FailedEvent)

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from stepserve.server.config import ServerConfig  # noqa: E402
+from stepserve.server.engine.models import load_model  # noqa: E402
+
+from .server_thread import ServerThread  # noqa: E402
+from .tiny_pipelines import build_tiny_sd  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _torch_threads() -> None:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_vpred_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd-v", prediction_type="v_prediction", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tiny_sd_dir: Path):  # noqa: ANN201
+    return load_model("tiny", tiny_sd_dir, max_batch_size=16)
+
+
+@pytest.fixture
+def server(tiny_sd_dir: Path):  # noqa: ANN201
+    """A fresh in-process server (its own engine) on the tiny random model, port 0."""
+    cfg = ServerConfig(host="127.0.0.1", port=0, models=[f"tiny={tiny_sd_dir}"], max_batch_size=8).validate()
+    srv = ServerThread(cfg)
+    yield srv
+    srv.stop()

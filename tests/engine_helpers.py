@@ -1,0 +1,87 @@
+"""Drive an Engine step by step (no thread) and record what it emits and runs."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import replace
+
+from stepserve.server.engine.models.base import ModelAdapter
+from stepserve.server.engine.runner import Engine, EngineConfig
+from stepserve.server.engine.types import EngineEvent, FailedEvent, GenerationParams, ResultEvent, Sampler
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Recorder:
+    """Wraps a real adapter's denoise_step to record which requests shared each forward."""
+
+    def __init__(self, adapter: ModelAdapter) -> None:
+        self.forwards: list[tuple[list[str], int]] = []
+        original = adapter.denoise_step
+
+        def spy(reqs):  # noqa: ANN001, ANN202
+            rows = original(reqs)
+            self.forwards.append(([r.request_id for r in reqs], rows))
+            return rows
+
+        adapter.denoise_step = spy  # type: ignore[method-assign]
+        self._adapter = adapter
+        self._original = original
+
+    def restore(self) -> None:
+        self._adapter.denoise_step = self._original  # type: ignore[method-assign]
+
+
+class Harness:
+    def __init__(self, models: dict[str, ModelAdapter], **config: object) -> None:
+        self.clock = FakeClock()
+        self.engine = Engine(models, EngineConfig(**config), clock=self.clock)  # type: ignore[arg-type]
+        self.events: dict[str, list[EngineEvent]] = defaultdict(list)
+
+    def submit(self, params: GenerationParams) -> None:
+        self.engine.submit(params, self.events[params.request_id].append)
+
+    def step(self, n: int = 1) -> None:
+        for _ in range(n):
+            self.engine.run_once()
+
+    def run_until_idle(self, limit: int = 1000) -> None:
+        for _ in range(limit):
+            if not self.engine.scheduler.has_unfinished() and not self.engine._inbox:
+                return
+            self.engine.run_once()
+        raise AssertionError("engine did not finish")
+
+    def result(self, rid: str) -> ResultEvent:
+        final = self.events[rid][-1]
+        assert isinstance(final, ResultEvent), final
+        return final
+
+    def failure(self, rid: str) -> FailedEvent:
+        final = self.events[rid][-1]
+        assert isinstance(final, FailedEvent), final
+        return final
+
+
+BASE = GenerationParams(
+    request_id="r",
+    model="tiny",
+    prompt="a small red circle on the left",
+    negative_prompt="",
+    width=32,
+    height=32,
+    steps=4,
+    guidance_scale=7.5,
+    seed=1,
+    sampler=Sampler.EULER,
+)
+
+
+def params(rid: str, **kw: object) -> GenerationParams:
+    return replace(BASE, request_id=rid, **kw)  # type: ignore[arg-type]

@@ -1,0 +1,47 @@
+"""Run an in-process StepServer on port 0 in a background thread with its own event loop,
+so tests can use the ordinary blocking clients against it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from stepserve.server.app import StepServer
+from stepserve.server.config import ServerConfig
+from stepserve.server.engine.models.base import ModelAdapter
+
+T = TypeVar("T")
+
+
+class ServerThread:
+    def __init__(self, config: ServerConfig, models: dict[str, ModelAdapter] | None = None, load: bool = True):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="test-server-loop")
+        self._thread.start()
+        self.server: StepServer = self.call(self._make(config, models))
+        self.port = self.call(self.server.start())
+        if load:
+            self.call(self.server.load())
+
+    async def _make(self, config: ServerConfig, models: dict[str, ModelAdapter] | None) -> StepServer:
+        return StepServer(config, models)
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 120) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def engine(self):  # noqa: ANN201
+        return self.server.engine
+
+    def stop(self, drain_timeout_s: float = 5.0) -> None:
+        try:
+            self.call(self.server.stop(drain_timeout_s))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)

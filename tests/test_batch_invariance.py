@@ -1,0 +1,86 @@
+"""A request's image depends only on its own inputs, never on what it was batched with.
+
+On CPU float32 the guarantee is bit-identical pixels (see
+``stepserve/server/engine/batch_invariance.py`` for the kernels that needed care).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stepserve.server.engine.batch_invariance import make_rowwise_linears
+from stepserve.server.engine.types import ResultEvent, Sampler
+
+from .engine_helpers import Harness, params
+
+SAMPLERS = list(Sampler)
+
+
+def _others(n: int) -> list:  # noqa: ANN401
+    prompts = ["a blue square", "a large green triangle at the top", "a yellow circle", "a dog", "photo of a house"]
+    out = []
+    for i in range(n):
+        out.append(
+            params(
+                f"other{i}",
+                prompt=prompts[i % len(prompts)],
+                negative_prompt="red" if i % 2 else "",
+                seed=100 + i,
+                steps=3 + i % 4,
+                guidance_scale=[7.5, 1.0, 4.0][i % 3],
+                sampler=SAMPLERS[i % len(SAMPLERS)],
+            )
+        )
+    return out
+
+
+def _run(adapter, target, others, join_after: int = 0):  # noqa: ANN001, ANN202
+    h = Harness({"tiny": adapter})
+    for o in others[: len(others) // 2]:
+        h.submit(o)
+    h.step(join_after)
+    h.submit(target)
+    for o in others[len(others) // 2 :]:
+        h.submit(o)
+    h.run_until_idle()
+    res = h.events[target.request_id][-1]
+    assert isinstance(res, ResultEvent)
+    return res.images
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS, ids=[s.value for s in SAMPLERS])
+def test_same_seed_alone_or_with_seven_others_gives_identical_pixels(tiny_adapter, sampler: Sampler) -> None:  # noqa: ANN001
+    target = params("target", seed=42, steps=5, sampler=sampler, guidance_scale=6.0, negative_prompt="blue")
+    alone = _run(tiny_adapter, target, [])
+    batched = _run(tiny_adapter, target, _others(7), join_after=2)
+    assert np.array_equal(alone[0], batched[0])
+
+
+def test_unguided_request_alone_or_batched_is_identical(tiny_adapter) -> None:  # noqa: ANN001
+    # guidance <= 1 adds a single row; alone, that is a batch of 1 (padded to 2 internally).
+    target = params("target", seed=7, steps=4, guidance_scale=1.0)
+    alone = _run(tiny_adapter, target, [])
+    batched = _run(tiny_adapter, target, _others(7))
+    assert np.array_equal(alone[0], batched[0])
+
+
+def test_image_i_of_a_request_equals_a_single_image_request_with_seed_plus_i(tiny_adapter) -> None:  # noqa: ANN001
+    multi = _run(tiny_adapter, params("multi", seed=10, num_images=3, steps=3), [])
+    single = _run(tiny_adapter, params("single", seed=12, steps=3), [])
+    assert np.array_equal(multi[2], single[0])
+    assert not np.array_equal(multi[0], multi[1])
+
+
+def test_rowwise_linear_matches_per_row_computation() -> None:
+    torch.manual_seed(0)
+    lin = torch.nn.Sequential(torch.nn.Linear(64, 256))
+    x = torch.randn(9, 64)
+    ref = [lin(x[i : i + 1]) for i in range(9)]
+    make_rowwise_linears(lin)
+    out = lin(x)
+    for i in range(9):
+        assert torch.equal(out[i : i + 1], ref[i])
+    # Same parameters, same state dict: only the class changed.
+    assert set(lin.state_dict()) == {"0.weight", "0.bias"}

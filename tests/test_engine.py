@@ -1,0 +1,153 @@
+"""The engine loop on a real (tiny, random-weight) diffusers model, driven step by step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stepserve.server.engine.runner import EngineStoppedError, QueueFullError
+from stepserve.server.engine.types import FailedEvent, FinishReason, ProgressEvent, QueuedEvent, ResultEvent, Sampler
+
+from .engine_helpers import Harness, Recorder, params
+
+
+@pytest.fixture
+def harness(tiny_adapter):  # noqa: ANN001, ANN201
+    h = Harness({"tiny": tiny_adapter})
+    rec = Recorder(tiny_adapter)
+    h.rec = rec  # type: ignore[attr-defined]
+    yield h
+    rec.restore()
+
+
+def test_heterogeneous_requests_share_each_forward(harness) -> None:  # noqa: ANN001
+    reqs = [
+        params("a", steps=3, sampler=Sampler.EULER, guidance_scale=7.5, seed=1),
+        params("b", steps=5, sampler=Sampler.DDIM, guidance_scale=1.0, seed=2, prompt="a blue square"),
+        params("c", steps=4, sampler=Sampler.EULER_ANCESTRAL, guidance_scale=3.0, seed=3, negative_prompt="red"),
+        params("d", steps=5, sampler=Sampler.DPM_SOLVER_MULTISTEP, guidance_scale=5.0, seed=4, num_images=2),
+    ]
+    for p in reqs:
+        harness.submit(p)
+    harness.run_until_idle()
+    fwd = harness.rec.forwards
+    # One forward per step of the longest request; everyone shares the forwards they need.
+    assert [ids for ids, _ in fwd] == [["a", "b", "c", "d"]] * 3 + [["b", "c", "d"]] + [["b", "d"]]
+    # Rows: CFG requests add two per image, unguided ones one.
+    assert [rows for _, rows in fwd] == [2 + 1 + 2 + 4] * 3 + [1 + 2 + 4] + [1 + 4]
+    for p in reqs:
+        res = harness.result(p.request_id)
+        assert len(res.images) == p.num_images
+        assert res.seeds == p.seeds
+        assert res.images[0].shape == (32, 32, 3) and res.images[0].dtype == np.uint8
+        assert res.usage.steps == p.steps
+        assert res.usage.accelerator_s > 0
+    assert harness.result("a").usage.mean_batch_size == pytest.approx(5.0)  # 1+1+1+2 images
+    assert harness.engine.scheduler.running == {} and harness.engine.in_flight() == 0
+
+
+def test_request_joins_a_running_batch_mid_flight(harness) -> None:  # noqa: ANN001
+    harness.submit(params("long", steps=6))
+    harness.step(2)
+    harness.submit(params("short", steps=2, seed=9))
+    harness.run_until_idle()
+    fwd = [ids for ids, _ in harness.rec.forwards]
+    assert fwd == [["long"], ["long"], ["long", "short"], ["long", "short"], ["long"], ["long"]]
+    # The short request finished while the long one was still running.
+    assert isinstance(harness.events["short"][-1], ResultEvent)
+
+
+def test_event_sequence_is_queued_progress_then_one_result(harness) -> None:  # noqa: ANN001
+    harness.submit(params("a", steps=3, preview_every=1))
+    harness.run_until_idle()
+    ev = harness.events["a"]
+    assert isinstance(ev[0], QueuedEvent) and ev[0].position == 0
+    progress = [e for e in ev if isinstance(e, ProgressEvent)]
+    assert [p.step for p in progress] == [1, 2, 3]
+    assert all(p.total_steps == 3 for p in progress)
+    for p in progress:
+        assert p.preview is not None and p.preview.dtype == np.uint8 and p.preview.shape[2] == 3
+    assert isinstance(ev[-1], ResultEvent)
+    assert sum(isinstance(e, ResultEvent | FailedEvent) for e in ev) == 1
+
+
+def test_queue_positions_are_reported_as_they_change(tiny_adapter) -> None:  # noqa: ANN001
+    h = Harness({"tiny": tiny_adapter})
+    h.engine.scheduler.capacity["tiny"] = 1
+    for rid in ("a", "b", "c"):
+        h.submit(params(rid, steps=2))
+    h.run_until_idle()
+    positions = {rid: [e.position for e in h.events[rid] if isinstance(e, QueuedEvent)] for rid in "abc"}
+    # All three arrive before the first step; each hears its place, then every move.
+    assert positions == {"a": [0], "b": [1, 0], "c": [2, 1, 0]}
+    for rid in "abc":
+        assert isinstance(h.events[rid][-1], ResultEvent)
+
+
+def test_cancelled_request_leaves_at_the_next_step(harness) -> None:  # noqa: ANN001
+    harness.submit(params("stay", steps=5))
+    harness.submit(params("go", steps=5, seed=5))
+    harness.step(2)
+    harness.engine.cancel("go")
+    harness.run_until_idle()
+    fwd = [ids for ids, _ in harness.rec.forwards]
+    assert fwd == [["stay", "go"], ["stay", "go"], ["stay"], ["stay"], ["stay"]]
+    fail = harness.failure("go")
+    assert fail.reason is FinishReason.CANCELLED
+    steps_seen = [e.step for e in harness.events["go"] if isinstance(e, ProgressEvent)]
+    assert steps_seen == [1, 2]
+    assert isinstance(harness.events["stay"][-1], ResultEvent)
+    assert harness.engine.in_flight() == 0 and harness.engine.queue_depth() == 0
+
+
+def test_deadline_ends_the_request_at_the_next_step(harness) -> None:  # noqa: ANN001
+    now = harness.clock.now
+    harness.submit(params("late", steps=10, deadline=now + 5))
+    harness.step(3)
+    harness.clock.now += 10
+    harness.run_until_idle()
+    assert harness.failure("late").reason is FinishReason.DEADLINE
+    assert len(harness.rec.forwards) == 3
+
+
+def test_full_queue_rejects_with_retry_hint(tiny_adapter) -> None:  # noqa: ANN001
+    h = Harness({"tiny": tiny_adapter}, max_queue=2)
+    h.submit(params("a"))
+    h.submit(params("b"))
+    with pytest.raises(QueueFullError) as e:
+        h.submit(params("c"))
+    assert e.value.retry_after_s > 0
+    h.run_until_idle()
+    h.submit(params("c"))  # the queue drained: accepted again
+    h.run_until_idle()
+    assert isinstance(h.events["c"][-1], ResultEvent)
+
+
+def test_failing_step_fails_its_batch_and_engine_keeps_serving(harness, tiny_adapter) -> None:  # noqa: ANN001
+    original = tiny_adapter.denoise_step
+    calls = {"n": 0}
+
+    def boom(reqs):  # noqa: ANN001, ANN202
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("injected fault")
+        return original(reqs)
+
+    tiny_adapter.denoise_step = boom
+    try:
+        harness.submit(params("x", steps=3))
+        harness.run_until_idle()
+        assert harness.failure("x").reason is FinishReason.ERROR
+        assert "injected fault" in harness.failure("x").message
+        harness.submit(params("y", steps=2))
+        harness.run_until_idle()
+        assert isinstance(harness.events["y"][-1], ResultEvent)
+    finally:
+        tiny_adapter.denoise_step = original
+
+
+def test_draining_engine_refuses_new_requests(tiny_adapter) -> None:  # noqa: ANN001
+    h = Harness({"tiny": tiny_adapter})
+    h.engine._draining = True
+    with pytest.raises(EngineStoppedError):
+        h.submit(params("a"))
