@@ -68,7 +68,9 @@ def _client(args: argparse.Namespace) -> ImageClient:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     width, height = args.size or (0, 0)
-    fmt = args.format or {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(Path(args.output).suffix.lower(), "png")
+    fmt = args.format or {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(
+        Path(args.output).suffix.lower(), "png"
+    )
     req = build_request(
         args.prompt,
         model=args.model,
@@ -133,7 +135,9 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(f"error: {e.code.name}: {e.message}", file=sys.stderr)
             return 1
     for m in models:
-        samplers = ", ".join(pb.Sampler.Name(s).removeprefix("SAMPLER_").lower() for s in m.supported_samplers)
+        samplers = ", ".join(
+            pb.Sampler.Name(s).removeprefix("SAMPLER_").lower() for s in m.supported_samplers
+        )
         print(
             f"{m.name}{' (default)' if m.is_default else ''}: {m.family}, "
             f"{m.default_width_px}x{m.default_height_px}, {m.default_steps} steps, "
@@ -142,9 +146,35 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 once the server reports SERVING (waiting up to --wait seconds), else 1."""
+    import time
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    end = time.monotonic() + args.wait
+    status = "UNREACHABLE"
+    with _client(args) as client:
+        stub = health_pb2_grpc.HealthStub(client.channel)
+        while True:
+            try:
+                resp = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=2)
+                status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+            except grpc.RpcError as e:
+                status = f"UNREACHABLE ({e.code().name})"  # type: ignore[attr-defined]
+            if status == "SERVING" or time.monotonic() >= end:
+                break
+            time.sleep(0.5)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="stepserve-client", description="Call a stepserve server.")
-    p.add_argument("--target", default="localhost:50051", help="server address (host:port or dns:///name:port)")
+    p.add_argument(
+        "--target", default="localhost:50051", help="server address (host:port or dns:///name:port)"
+    )
     p.add_argument("--timeout", type=float, default=None, help="deadline of the call in seconds")
     p.add_argument("--token", default=None, help="bearer token to send")
     p.add_argument("--tls", action="store_true", help="use TLS with the system's root certificates")
@@ -155,16 +185,22 @@ def main(argv: list[str] | None = None) -> int:
 
     g = sub.add_parser("generate", help="generate images from a prompt")
     g.add_argument("prompt")
-    g.add_argument("-o", "--output", default="out.png", help="output file; several images get -0, -1, ... suffixes")
+    g.add_argument(
+        "-o", "--output", default="out.png", help="output file; several images get -0, -1, ... suffixes"
+    )
     g.add_argument("--model", default="", help="model name (default: the server's default)")
     g.add_argument("--negative-prompt", default="")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--steps", type=int, default=0)
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     g.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT")
-    g.add_argument("--sampler", choices=["euler", "euler_ancestral", "ddim", "dpm_solver_multistep"], default=None)
+    g.add_argument(
+        "--sampler", choices=["euler", "euler_ancestral", "ddim", "dpm_solver_multistep"], default=None
+    )
     g.add_argument("--num-images", type=int, default=0)
-    g.add_argument("--format", choices=["png", "jpeg", "webp"], default=None, help="default: from -o's suffix")
+    g.add_argument(
+        "--format", choices=["png", "jpeg", "webp"], default=None, help="default: from -o's suffix"
+    )
     g.add_argument("--previews", default=None, metavar="DIR", help="save previews of the forming image here")
     g.add_argument("--preview-every", type=int, default=1, help="steps between previews (with --previews)")
     g.add_argument("--request-id", default="")
@@ -172,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
 
     m = sub.add_parser("models", help="list the server's models")
     m.set_defaults(func=cmd_models)
+
+    h = sub.add_parser("health", help="check (or wait for) the server's gRPC health")
+    h.add_argument("--wait", type=float, default=0.0, help="keep asking for up to this many seconds")
+    h.add_argument("--service", default="", help="service name to ask about (default: the whole server)")
+    h.set_defaults(func=cmd_health)
 
     args = p.parse_args(argv)
     return int(args.func(args))

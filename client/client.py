@@ -44,7 +44,12 @@ _SAMPLERS = {
     "dpm_solver_multistep": pb.SAMPLER_DPM_SOLVER_MULTISTEP,
     "dpmpp_2m": pb.SAMPLER_DPM_SOLVER_MULTISTEP,
 }
-_FORMATS = {"png": pb.IMAGE_FORMAT_PNG, "jpeg": pb.IMAGE_FORMAT_JPEG, "jpg": pb.IMAGE_FORMAT_JPEG, "webp": pb.IMAGE_FORMAT_WEBP}
+_FORMATS = {
+    "png": pb.IMAGE_FORMAT_PNG,
+    "jpeg": pb.IMAGE_FORMAT_JPEG,
+    "jpg": pb.IMAGE_FORMAT_JPEG,
+    "webp": pb.IMAGE_FORMAT_WEBP,
+}
 _EXT = {pb.IMAGE_FORMAT_PNG: "png", pb.IMAGE_FORMAT_JPEG: "jpg", pb.IMAGE_FORMAT_WEBP: "webp"}
 
 
@@ -110,7 +115,9 @@ class GenerationResult:
             request_id=resp.request_id,
             model=r.model,
             images=[GeneratedImage.from_proto(i) for i in r.images],
-            usage=Usage(u.steps, u.queue_ms, u.total_ms, u.accelerator_seconds, u.mean_batch_size, u.cost_usd),
+            usage=Usage(
+                u.steps, u.queue_ms, u.total_ms, u.accelerator_seconds, u.mean_batch_size, u.cost_usd
+            ),
         )
 
 
@@ -170,7 +177,9 @@ def _target(endpoints: str | Sequence[str]) -> str:
     return f"{scheme}:{','.join(hosts)}"
 
 
-def _channel_args(service_config: dict[str, Any] | None, options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+def _channel_args(
+    service_config: dict[str, Any] | None, options: Sequence[tuple[str, Any]]
+) -> list[tuple[str, Any]]:
     cfg = DEFAULT_SERVICE_CONFIG if service_config is None else service_config
     return [
         ("grpc.enable_retries", 1),
@@ -198,7 +207,9 @@ class ImageClient:
     ) -> None:
         args = _channel_args(service_config, options)
         t = _target(target)
-        self.channel = grpc.secure_channel(t, tls.credentials(), args) if tls else grpc.insecure_channel(t, args)
+        self.channel = (
+            grpc.secure_channel(t, tls.credentials(), args) if tls else grpc.insecure_channel(t, args)
+        )
         self.stub = pb_grpc.ImageGenerationServiceStub(self.channel)
         self.metadata = list(metadata)
         self.timeout_s = timeout_s
@@ -212,7 +223,9 @@ class ImageClient:
     def close(self) -> None:
         self.channel.close()
 
-    def stream(self, request: pb.GenerateRequest, *, timeout_s: float | None = None) -> Iterator[pb.GenerateResponse]:
+    def stream(
+        self, request: pb.GenerateRequest, *, timeout_s: float | None = None
+    ) -> Iterator[pb.GenerateResponse]:
         """Every event of one generation; raises :class:`StepserveError` on failure.
         Closing the iterator early cancels the generation."""
         call = self.stub.Generate(request, timeout=timeout_s or self.timeout_s, metadata=self.metadata)
@@ -236,7 +249,9 @@ class ImageClient:
 
     def list_models(self, *, timeout_s: float | None = None) -> list[pb.ModelInfo]:
         try:
-            resp = self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout_s or self.timeout_s, metadata=self.metadata)
+            resp = self.stub.ListModels(
+                pb.ListModelsRequest(), timeout=timeout_s or self.timeout_s, metadata=self.metadata
+            )
         except grpc.RpcError as e:
             raise StepserveError.from_rpc_error(e) from None
         return list(resp.models)

@@ -43,7 +43,9 @@ async def serve(config: ServerConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="stepserve", description="stepserve: diffusion image generation over gRPC")
+    parser = argparse.ArgumentParser(
+        prog="stepserve", description="stepserve: diffusion image generation over gRPC"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     serve_p = sub.add_parser("serve", help="run the gRPC server")
     add_arguments(serve_p)

@@ -50,7 +50,9 @@ def load_models(config: ServerConfig) -> tuple[dict[str, ModelAdapter], str]:
     models: dict[str, ModelAdapter] = {}
     for name, path in specs:
         logger.info("loading model %s from %s on %s", name, path, device)
-        models[name] = load_model(name, path, device=device, dtype=dtype, max_batch_size=config.max_batch_size)
+        models[name] = load_model(
+            name, path, device=device, dtype=dtype, max_batch_size=config.max_batch_size
+        )
     return models, config.default_model or specs[0][0]
 
 
@@ -86,13 +88,19 @@ class StepServer:
         pb_grpc.add_ImageGenerationServiceServicer_to_server(self.servicer, self.server)
         add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             self.server,
         )
         self.failed = asyncio.Event()
 
     async def _set_health(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 

@@ -42,7 +42,9 @@ class ServerConfig:
     max_batch_delay_ms: int = _opt(50, "request-level batching only: longest a batch waits to fill, in ms")
     max_queue: int = _opt(256, "most waiting requests; beyond it Generate answers RESOURCE_EXHAUSTED")
     device: str = _opt("auto", "torch device: auto (cuda if available), cpu, cuda, cuda:1, ...")
-    dtype: str = _opt("auto", "weights dtype: auto (float16 on GPU, float32 on CPU), float32, float16, bfloat16")
+    dtype: str = _opt(
+        "auto", "weights dtype: auto (float16 on GPU, float32 on CPU), float32, float16, bfloat16"
+    )
     threads: int = _opt(0, "torch intra-op threads on CPU (0 = one per core)")
     accelerator_cost_per_hour: float = _opt(
         1.0, "price of one accelerator-hour in USD, for Usage.cost_usd (a placeholder: set yours)"
@@ -72,14 +74,18 @@ class ServerConfig:
                 raise ConfigError(msg)
 
         need(0 <= self.port <= 65535, f"--port {self.port}: must be 0..65535")
-        need(self.batching in ("step", "request"), f"--batching {self.batching!r}: must be 'step' or 'request'")
+        need(
+            self.batching in ("step", "request"), f"--batching {self.batching!r}: must be 'step' or 'request'"
+        )
         need(1 <= self.max_batch_size <= 1024, f"--max-batch-size {self.max_batch_size}: must be 1..1024")
         need(
             0 <= self.max_batch_delay_ms <= 60_000,
             f"--max-batch-delay-ms {self.max_batch_delay_ms}: must be 0..60000",
         )
         need(0 <= self.max_queue <= 1_000_000, f"--max-queue {self.max_queue}: must be 0..1000000")
-        need(self.dtype in ("auto", "float32", "float16", "bfloat16"), f"--dtype {self.dtype!r}: unknown dtype")
+        need(
+            self.dtype in ("auto", "float32", "float16", "bfloat16"), f"--dtype {self.dtype!r}: unknown dtype"
+        )
         need(self.threads >= 0, f"--threads {self.threads}: must be >= 0")
         need(
             self.accelerator_cost_per_hour >= 0,
@@ -88,7 +94,9 @@ class ServerConfig:
         need(1 <= self.encode_workers <= 64, f"--encode-workers {self.encode_workers}: must be 1..64")
         need(self.drain_timeout_s >= 0, f"--drain-timeout-s {self.drain_timeout_s}: must be >= 0")
         need(self.max_work > 0, f"--max-work {self.max_work}: must be > 0")
-        need(self.log_format in ("text", "json"), f"--log-format {self.log_format!r}: must be 'text' or 'json'")
+        need(
+            self.log_format in ("text", "json"), f"--log-format {self.log_format!r}: must be 'text' or 'json'"
+        )
         names = [n for n, _ in self.model_specs()]
         need(len(names) == len(set(names)), f"--model names must be unique, got {names}")
         if self.default_model and names:
@@ -115,7 +123,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         env = "STEPSERVE_" + f.name.upper()
         help_text = f"{f.metadata['help']} [env {env}; default {default!r}]"
         if isinstance(default, bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         elif isinstance(default, list):
             parser.add_argument(
                 "--model", dest=f.name, action="append", default=None, metavar="NAME=PATH", help=help_text

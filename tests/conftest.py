@@ -29,7 +29,9 @@ def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_sd_vpred_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd-v", prediction_type="v_prediction", seed=1)
+    return build_tiny_sd(
+        tmp_path_factory.mktemp("models") / "tiny-sd-v", prediction_type="v_prediction", seed=1
+    )
 
 
 @pytest.fixture(scope="session")

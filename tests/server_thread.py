@@ -16,7 +16,9 @@ T = TypeVar("T")
 
 
 class ServerThread:
-    def __init__(self, config: ServerConfig, models: dict[str, ModelAdapter] | None = None, load: bool = True):
+    def __init__(
+        self, config: ServerConfig, models: dict[str, ModelAdapter] | None = None, load: bool = True
+    ):
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="test-server-loop")
         self._thread.start()

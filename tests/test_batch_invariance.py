@@ -19,7 +19,13 @@ SAMPLERS = list(Sampler)
 
 
 def _others(n: int) -> list:  # noqa: ANN401
-    prompts = ["a blue square", "a large green triangle at the top", "a yellow circle", "a dog", "photo of a house"]
+    prompts = [
+        "a blue square",
+        "a large green triangle at the top",
+        "a yellow circle",
+        "a dog",
+        "photo of a house",
+    ]
     out = []
     for i in range(n):
         out.append(

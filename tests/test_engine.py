@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from stepserve.server.engine.runner import EngineStoppedError, QueueFullError
-from stepserve.server.engine.types import FailedEvent, FinishReason, ProgressEvent, QueuedEvent, ResultEvent, Sampler
+from stepserve.server.engine.types import (
+    FailedEvent,
+    FinishReason,
+    ProgressEvent,
+    QueuedEvent,
+    ResultEvent,
+    Sampler,
+)
 
 from .engine_helpers import Harness, Recorder, params
 
@@ -24,7 +31,9 @@ def test_heterogeneous_requests_share_each_forward(harness) -> None:  # noqa: AN
     reqs = [
         params("a", steps=3, sampler=Sampler.EULER, guidance_scale=7.5, seed=1),
         params("b", steps=5, sampler=Sampler.DDIM, guidance_scale=1.0, seed=2, prompt="a blue square"),
-        params("c", steps=4, sampler=Sampler.EULER_ANCESTRAL, guidance_scale=3.0, seed=3, negative_prompt="red"),
+        params(
+            "c", steps=4, sampler=Sampler.EULER_ANCESTRAL, guidance_scale=3.0, seed=3, negative_prompt="red"
+        ),
         params("d", steps=5, sampler=Sampler.DPM_SOLVER_MULTISTEP, guidance_scale=5.0, seed=4, num_images=2),
     ]
     for p in reqs:

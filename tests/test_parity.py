@@ -45,8 +45,17 @@ def served(adapter, p) -> list[np.ndarray]:  # noqa: ANN001
     h = Harness({p.model: adapter})
     h.submit(p)
     # A second, different request in the same batch: parity must hold while batched.
-    h.submit(params("other", model=p.model, prompt="a blue square", seed=99, steps=p.steps, width=p.width,
-                    height=p.height))
+    h.submit(
+        params(
+            "other",
+            model=p.model,
+            prompt="a blue square",
+            seed=99,
+            steps=p.steps,
+            width=p.width,
+            height=p.height,
+        )
+    )
     h.run_until_idle()
     return h.result(p.request_id).images
 

@@ -9,11 +9,29 @@ from stepserve.server.engine.scheduler import RequestLevelScheduler, StepLevelSc
 from stepserve.server.engine.types import GenerationParams, Sampler
 
 
-def req(rid: str, t: float = 0.0, *, steps: int = 3, images: int = 1, model: str = "m", size: int = 64,
-        deadline: float | None = None) -> RequestState:
+def req(
+    rid: str,
+    t: float = 0.0,
+    *,
+    steps: int = 3,
+    images: int = 1,
+    model: str = "m",
+    size: int = 64,
+    deadline: float | None = None,
+) -> RequestState:
     p = GenerationParams(
-        request_id=rid, model=model, prompt="p", negative_prompt="", width=size, height=size, steps=steps,
-        guidance_scale=7.5, seed=0, sampler=Sampler.EULER, num_images=images, deadline=deadline,
+        request_id=rid,
+        model=model,
+        prompt="p",
+        negative_prompt="",
+        width=size,
+        height=size,
+        steps=steps,
+        guidance_scale=7.5,
+        seed=0,
+        sampler=Sampler.EULER,
+        num_images=images,
+        deadline=deadline,
     )
     return RequestState(params=p, arrival_time=t)
 

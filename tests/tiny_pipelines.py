@@ -19,7 +19,9 @@ from models.tiny.tokenizer import build_tokenizer
 WORDS = tiny_data.vocabulary_corpus() + ["dog", "cat", "house", "tree", "sky", "sunset", "photo", "of"]
 
 
-def build_tiny_sd(path: Path, *, prediction_type: str = "epsilon", seed: int = 0, max_tokens: int = 16) -> Path:
+def build_tiny_sd(
+    path: Path, *, prediction_type: str = "epsilon", seed: int = 0, max_tokens: int = 16
+) -> Path:
     """A ~0.3 M parameter SD-1.x-shaped pipeline: 32x32 images, 2x VAE, 16x16x4 latents."""
     torch.manual_seed(seed)
     tok = build_tokenizer(WORDS, max_tokens)

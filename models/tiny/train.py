@@ -39,6 +39,14 @@ import tokenizer as tok_mod  # noqa: E402
 
 logger = logging.getLogger("train-tiny")
 
+SERVING_DEFAULTS = {
+    "default_steps": 20,
+    "default_guidance_scale": 7.5,
+    "default_sampler": "euler",
+    "max_size": 128,
+    "max_images_per_request": 16,
+}
+
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     """Linear warm-up, then cosine decay to 5% of the peak."""
@@ -183,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     t = time.time()
     images, captions, _ = data.make_dataset(args.images, args.seed)
     tok = tok_mod.build_tokenizer(data.vocabulary_corpus(), arch.MAX_TOKENS)
-    enc = tok(captions, padding="max_length", max_length=arch.MAX_TOKENS, truncation=True, return_tensors="pt")
+    enc = tok(
+        captions, padding="max_length", max_length=arch.MAX_TOKENS, truncation=True, return_tensors="pt"
+    )
     ids = enc.input_ids
     empty_ids = tok([""], padding="max_length", max_length=arch.MAX_TOKENS, return_tensors="pt").input_ids[0]
     timings["data_s"] = time.time() - t
@@ -200,7 +210,9 @@ def main(argv: list[str] | None = None) -> int:
 
     t = time.time()
     vocab = (len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
-    unet, text = train_unet(latents, ids, empty_ids, vocab, args.unet_steps, args.unet_batch, args.seed + 2, args.lr)
+    unet, text = train_unet(
+        latents, ids, empty_ids, vocab, args.unet_steps, args.unet_batch, args.seed + 2, args.lr
+    )
     timings["unet_s"] = time.time() - t
 
     from diffusers import StableDiffusionPipeline
@@ -218,13 +230,19 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(args.out, safe_serialization=True)
     tok_mod.save_tokenizer(tok, args.out / "tokenizer")
+    # stepserve's per-model defaults (the serving code reads them; diffusers ignores the file).
+    (args.out / "stepserve.json").write_text(json.dumps(SERVING_DEFAULTS, indent=2) + "\n")
     timings["train_total_s"] = time.time() - started
 
     t = time.time()
     scores, samples = evaluate(args.out)
     timings["eval_s"] = time.time() - t
     grid(samples, cols=8).save(args.out / "samples.png")
-    metrics = {"judge_20_steps": scores, "timings": timings, "args": {k: str(v) for k, v in vars(args).items()}}
+    metrics = {
+        "judge_20_steps": scores,
+        "timings": timings,
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     logger.info("judge: %s", scores)
     logger.info("timings: %s", timings)

@@ -53,7 +53,9 @@ def invalid_argument(violations: Sequence[FieldViolation]) -> ApiError:
 
 
 def not_found(resource_type: str, name: str, message: str) -> ApiError:
-    info = error_details_pb2.ResourceInfo(resource_type=resource_type, resource_name=name, description=message)
+    info = error_details_pb2.ResourceInfo(
+        resource_type=resource_type, resource_name=name, description=message
+    )
     return ApiError(grpc.StatusCode.NOT_FOUND, message, [_pack(info)])
 
 
@@ -77,4 +79,4 @@ def unavailable(message: str, retry_after_s: float | None = None) -> ApiError:
     return ApiError(grpc.StatusCode.UNAVAILABLE, message, details)
 
 
-assert code_pb2.INVALID_ARGUMENT == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+assert grpc.StatusCode.INVALID_ARGUMENT.value[0] == code_pb2.INVALID_ARGUMENT

@@ -187,7 +187,9 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):
                 params.preview_max_size,
             )
             progress.preview.CopyFrom(
-                pb.Image(data=data, format=pb.IMAGE_FORMAT_JPEG, width_px=w, height_px=h, seed=params.seeds[0])
+                pb.Image(
+                    data=data, format=pb.IMAGE_FORMAT_JPEG, width_px=w, height_px=h, seed=params.seeds[0]
+                )
             )
         return pb.GenerateResponse(request_id=params.request_id, progress=progress)
 
@@ -196,7 +198,9 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):
         t0 = time.perf_counter()
         blobs = await asyncio.gather(
             *(
-                loop.run_in_executor(self.pool, imaging.encode, img, params.output_format, params.output_quality)
+                loop.run_in_executor(
+                    self.pool, imaging.encode, img, params.output_format, params.output_quality
+                )
                 for img in event.images
             )
         )

@@ -223,7 +223,9 @@ class Engine:
                 pos = self.scheduler.num_waiting(params.model) - 1
                 req.reported_position = pos
                 info = self.models[params.model].info
-                est = self.scheduler.estimated_wait(pos, params.model, self._step_time[params.model], info.default_steps)
+                est = self.scheduler.estimated_wait(
+                    pos, params.model, self._step_time[params.model], info.default_steps
+                )
                 self._emit(req, QueuedEvent(pos, est))
                 logger.debug("request %s queued at position %d", params.request_id, pos)
             else:
@@ -370,7 +372,9 @@ class Engine:
             if pos != req.reported_position:
                 req.reported_position = pos
                 info = self.models[req.model].info
-                est = self.scheduler.estimated_wait(pos, req.model, self._step_time[req.model], info.default_steps)
+                est = self.scheduler.estimated_wait(
+                    pos, req.model, self._step_time[req.model], info.default_steps
+                )
                 self._emit(req, QueuedEvent(pos, est))
 
     # -- events ----------------------------------------------------------------------------

@@ -45,4 +45,8 @@ class ModelAdapter(ABC):
         req.work = None
 
     def synchronize(self) -> None:
-        """Wait for queued accelerator work (so wall-clock timings are real)."""
+        """Wait for queued accelerator work (so wall-clock timings are real).
+
+        A no-op where work runs synchronously (CPU); GPU adapters override it.
+        """
+        return None

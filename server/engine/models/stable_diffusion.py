@@ -192,7 +192,9 @@ class StableDiffusionAdapter(ModelAdapter):
             for seed in p.seeds:
                 gen = torch.Generator(device=self.device).manual_seed(seed)
                 sched = self.schedulers.create(p.sampler, p.steps)
-                lat = randn_tensor((1, self.latent_channels, h, w), generator=gen, device=self.device, dtype=self.dtype)
+                lat = randn_tensor(
+                    (1, self.latent_channels, h, w), generator=gen, device=self.device, dtype=self.dtype
+                )
                 images.append(ImageState(seed, gen, sched, lat * sched.init_noise_sigma))
             req.work = RequestWork(images, pos, neg, p.guidance_scale)
 
@@ -238,7 +240,9 @@ class StableDiffusionAdapter(ModelAdapter):
                     r += 1
                 if want_preview and i == 0:
                     w.preview_x0 = self._x0_estimate(x_in, noise, t)
-                im.latents = im.scheduler.step(noise, t, im.latents, generator=im.generator, return_dict=False)[0]
+                im.latents = im.scheduler.step(
+                    noise, t, im.latents, generator=im.generator, return_dict=False
+                )[0]
         return rows
 
     def _x0_estimate(self, x_in: torch.Tensor, model_out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,66 @@
+# stepserve: the entry points a newcomer reads.
+#   make demo    set up, start a server on the embedded model, generate images via the CLI
+#   make test    set up and run every test
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch is installed first and pinned: the CPU wheel on this machine. GPU users install
+# their CUDA build of torch into .venv themselves and run `make setup TORCH=skip`.
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo serve test test-fast lint format proto proto-check train-tiny clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	if [ "$(TORCH)" != "skip" ]; then $(BIN)/pip install -q "$(TORCH)"; fi
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	scripts/demo.sh
+
+serve: setup
+	$(BIN)/stepserve serve
+
+test: setup proto-check lint
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -x -q
+
+lint: setup
+	$(BIN)/ruff check server client tests models
+	$(BIN)/ruff format --check server client tests models
+	$(BIN)/buf lint
+
+format: setup
+	$(BIN)/ruff check --fix server client tests models
+	$(BIN)/ruff format server client tests models
+
+# Stubs are generated into gen/ and committed; proto-check fails if they are stale.
+proto: setup
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m grpc_tools.protoc -Iproto \
+	  --python_out=gen --grpc_python_out=gen --mypy_out=gen --mypy_grpc_out=gen \
+	  proto/stepserve/v1/*.proto
+
+proto-check: setup
+	rm -rf /tmp/stepserve-proto-check && mkdir -p /tmp/stepserve-proto-check
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m grpc_tools.protoc -Iproto \
+	  --python_out=/tmp/stepserve-proto-check --grpc_python_out=/tmp/stepserve-proto-check \
+	  --mypy_out=/tmp/stepserve-proto-check --mypy_grpc_out=/tmp/stepserve-proto-check \
+	  proto/stepserve/v1/*.proto
+	for f in /tmp/stepserve-proto-check/stepserve/v1/*; do \
+	  diff -q "$$f" "gen/stepserve/v1/$$(basename $$f)" || { echo "stale stubs: run make proto"; exit 1; }; \
+	done
+
+# Rebuild the embedded model from scratch (about 40 minutes on 2 CPU cores).
+train-tiny: setup
+	$(BIN)/python models/tiny/train.py --out server/assets/tiny-shapes
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache
