@@ -28,10 +28,22 @@ def served(tiny_sd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     log = tmp_path_factory.mktemp("server") / "server.log"
     with log.open("w") as fh:
         proc = subprocess.Popen(
-            [str(BIN / "stepserve"), "serve", "--host", "127.0.0.1", "--port", str(port),
-             "--model", f"tiny={tiny_sd_dir}", "--max-batch-size", "4"],
-            stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )  # fmt: skip
+            [
+                str(BIN / "stepserve"),
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--model",
+                f"tiny={tiny_sd_dir}",
+                "--max-batch-size",
+                "4",
+            ],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
     target = f"127.0.0.1:{port}"
     try:
         ready = client(target, "health", "--wait", "120")
@@ -47,15 +59,32 @@ def served(tiny_sd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 def client(target: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(BIN / "stepserve-client"), "--target", target, *args],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_generate_writes_images_and_previews(served: str, tmp_path: Path) -> None:
     out = tmp_path / "img.png"
     previews = tmp_path / "previews"
-    r = client(served, "generate", "a small red circle on the left", "-o", str(out), "--seed", "3",
-               "--steps", "6", "--previews", str(previews), "--preview-every", "2", "--num-images", "2")  # fmt: skip
+    r = client(
+        served,
+        "generate",
+        "a small red circle on the left",
+        "-o",
+        str(out),
+        "--seed",
+        "3",
+        "--steps",
+        "6",
+        "--previews",
+        str(previews),
+        "--preview-every",
+        "2",
+        "--num-images",
+        "2",
+    )
     assert r.returncode == 0, r.stderr
     paths = [tmp_path / "img-0.png", tmp_path / "img-1.png"]
     for p in paths:
@@ -70,8 +99,19 @@ def test_generate_writes_images_and_previews(served: str, tmp_path: Path) -> Non
 
 def test_generate_jpeg_from_suffix_and_size(served: str, tmp_path: Path) -> None:
     out = tmp_path / "x.jpg"
-    r = client(served, "generate", "a blue square", "-o", str(out), "--size", "48x32", "--steps", "2",
-               "--sampler", "ddim")  # fmt: skip
+    r = client(
+        served,
+        "generate",
+        "a blue square",
+        "-o",
+        str(out),
+        "--size",
+        "48x32",
+        "--steps",
+        "2",
+        "--sampler",
+        "ddim",
+    )
     assert r.returncode == 0, r.stderr
     with Image.open(out) as im:
         assert im.format == "JPEG" and im.size == (48, 32)

@@ -52,8 +52,18 @@ def test_served_images_follow_prompts_and_match_the_reference(pipe: StableDiffus
     prompts = data.eval_prompts()[::4]
     h = Harness({"tiny-shapes": adapter})
     for i, (prompt, _) in enumerate(prompts):
-        h.submit(params(f"r{i}", model="tiny-shapes", prompt=prompt, seed=i, width=64, height=64, steps=20,
-                        sampler=Sampler.DPM_SOLVER_MULTISTEP))  # fmt: skip
+        h.submit(
+            params(
+                f"r{i}",
+                model="tiny-shapes",
+                prompt=prompt,
+                seed=i,
+                width=64,
+                height=64,
+                steps=20,
+                sampler=Sampler.DPM_SOLVER_MULTISTEP,
+            )
+        )
     h.run_until_idle()
     images = [h.result(f"r{i}").images[0] for i in range(len(prompts))]
     scores = judge.score(images, [s for _, s in prompts])
