@@ -41,14 +41,14 @@ def test_plain_diffusers_pipeline_follows_the_48_prompts(pipe: StableDiffusionPi
         generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))],
         output_type="np",
     ).images
-    assert out.shape == (48, 64, 64, 3)
+    assert out.shape == (48, 32, 32, 3)
     scores = judge.score(to_u8(out), [s for _, s in prompts])
     assert all(v >= THRESHOLD for v in scores.values()), scores
 
 
 def test_served_images_follow_prompts_and_match_the_reference(pipe: StableDiffusionPipeline) -> None:
     adapter = load_model("tiny-shapes", default_model_path())
-    assert (adapter.info.default_width, adapter.info.default_steps) == (64, 20)
+    assert (adapter.info.default_width, adapter.info.default_steps) == (32, 20)
     prompts = data.eval_prompts()[::4]
     h = Harness({"tiny-shapes": adapter})
     for i, (prompt, _) in enumerate(prompts):
@@ -58,8 +58,8 @@ def test_served_images_follow_prompts_and_match_the_reference(pipe: StableDiffus
                 model="tiny-shapes",
                 prompt=prompt,
                 seed=i,
-                width=64,
-                height=64,
+                width=32,
+                height=32,
                 steps=20,
                 sampler=Sampler.DPM_SOLVER_MULTISTEP,
             )

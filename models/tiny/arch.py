@@ -1,7 +1,7 @@
 """Architecture of the ``tiny-shapes`` model: the Stable Diffusion component classes, small.
 
 Sizes follow a probe that reached full prompt-following quality within the CPU budget:
-a 4x VAE (64x64 RGB <-> 16x16x4 latents), a 2-layer CLIP text encoder of width 64 and a
+a 2x VAE (32x32 RGB <-> 16x16x4 latents), a 2-layer CLIP text encoder of width 64 and a
 3-level UNet (64/128/128 channels, cross-attention at 8x8 and 4x4), trained with the DDPM
 linear beta schedule (1e-4..0.02, near-zero terminal SNR) and v-prediction.
 """

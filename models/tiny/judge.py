@@ -1,12 +1,12 @@
 """A small deterministic judge: does an image show the shape its prompt asked for?
 
-It reads one 64x64 RGB image with pixel statistics and plane geometry, no learned parts:
+It reads one RGB image (the data set's size) with pixel statistics and plane geometry, no learned parts:
 
 - foreground = pixels far from the plain background color;
 - color = the palette color nearest the foreground's median RGB;
 - shape = how much of its bounding box the foreground fills (square ~1.0, circle ~0.79,
   triangle ~0.5);
-- size = the bounding box's longer side (small ~14 px, large ~28 px);
+- size = the bounding box's longer side, against the midpoint of the two sizes;
 - position = the nominal position nearest the bounding box's centre.
 
 ``validate`` checks it against ground truth on freshly generated data (it scores 100%
@@ -27,6 +27,8 @@ except ImportError:  # pragma: no cover - script use
 ATTRIBUTES = ("color", "shape", "size", "position")
 # A pixel is foreground when its RGB distance from the background exceeds this.
 FOREGROUND_THRESHOLD = 60.0
+# Bounding-box sides below this are "small" (halfway between the two nominal sizes).
+SIZE_SPLIT_PX = data.SIZES["small"] + data.SIZES["large"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ def read(image: np.ndarray) -> Reading:
     bg = np.array(data.BACKGROUND_RGB, dtype=np.float32)
     mask = np.linalg.norm(img - bg, axis=-1) > FOREGROUND_THRESHOLD
     n = int(mask.sum())
-    if n < 10:
+    if n < 6:
         return Reading(None, None, None, None, n)
     med = np.median(img[mask], axis=0)
     color = min(data.COLORS, key=lambda c: float(np.linalg.norm(med - np.array(data.COLORS[c]))))
@@ -58,7 +60,7 @@ def read(image: np.ndarray) -> Reading:
     fill = n / float(w * h)
     shape = "square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle"
     side = max(w, h)
-    size = "small" if side < 21 else "large"
+    size = "small" if side < SIZE_SPLIT_PX else "large"
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     position = min(
         data.POSITIONS,

@@ -43,7 +43,7 @@ SERVING_DEFAULTS = {
     "default_steps": 20,
     "default_guidance_scale": 7.5,
     "default_sampler": "euler",
-    "max_size": 128,
+    "max_size": 64,
     "max_images_per_request": 16,
 }
 
@@ -91,6 +91,17 @@ def encode_all(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
     for i in range(0, len(images), batch):
         out.append(vae.encode(to_tensor(images[i : i + batch])).latent_dist.mean)
     return torch.cat(out)
+
+
+@torch.no_grad()
+def judge_reconstructions(vae, seed: int, n: int = 500) -> dict[str, float]:
+    """The judge's scores on VAE round trips: the ceiling for anything the UNet makes."""
+    import judge
+
+    images, _, samples = data.make_dataset(n, seed)
+    rec = vae.decode(vae.encode(to_tensor(images)).latent_dist.mean).sample
+    rec = ((rec.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return judge.score(list(rec), samples)
 
 
 def train_unet(latents, ids, empty_ids, vocab, steps, batch, seed, lr):
@@ -174,9 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="pipeline directory to write")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--images", type=int, default=40_000, help="training set size")
-    p.add_argument("--vae-steps", type=int, default=700)
-    p.add_argument("--vae-batch", type=int, default=16)
-    p.add_argument("--unet-steps", type=int, default=1600)
+    p.add_argument("--vae-steps", type=int, default=600)
+    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--unet-steps", type=int, default=1500)
     p.add_argument("--unet-batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=8e-4)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
@@ -206,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     vae.register_to_config(scaling_factor=scaling)
     latents = raw * scaling
     timings["vae_s"] = time.time() - t
+    vae_scores = judge_reconstructions(vae, args.seed + 3)
+    logger.info("vae reconstructions judged: %s", vae_scores)
     logger.info("vae done, scaling_factor %.4f", scaling)
 
     t = time.time()
@@ -237,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     t = time.time()
     scores, samples = evaluate(args.out)
     timings["eval_s"] = time.time() - t
-    grid(samples, cols=8).save(args.out / "samples.png")
+    grid(samples, cols=8, scale=4).save(args.out / "samples.png")
     metrics = {
         "judge_20_steps": scores,
         "timings": timings,

@@ -9,6 +9,7 @@ guidance; the parity tests hold it to that.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections import OrderedDict
@@ -98,6 +99,10 @@ class StableDiffusionAdapter(ModelAdapter):
         self.vae = self.pipe.vae.eval()
         self.text_encoder = self.pipe.text_encoder.eval()
         self.tokenizer = self.pipe.tokenizer
+        # Validation counts tokens on the event loop while the engine thread encodes; fast
+        # tokenizers are not safe to share between threads ("Already borrowed"), so the
+        # API side gets its own copy.
+        self._count_tokenizer = copy.deepcopy(self.tokenizer)
         # Bit-identical results regardless of batch composition are promised on CPU float32.
         if batch_invariant is None:
             batch_invariant = self.device.type == "cpu" and dtype == torch.float32
@@ -145,7 +150,7 @@ class StableDiffusionAdapter(ModelAdapter):
 
     # -- prompts ------------------------------------------------------------------------
     def count_prompt_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False).input_ids)
+        return len(self._count_tokenizer(text, add_special_tokens=False).input_ids)
 
     @torch.inference_mode()
     def _encode(self, texts: list[str]) -> list[torch.Tensor]:
