@@ -202,3 +202,27 @@ def test_reflection_lists_the_service(server) -> None:  # noqa: ANN001
     resp = next(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
     names = {s.name for s in resp.list_services_response.service}
     assert {"stepserve.v1.ImageGenerationService", "grpc.health.v1.Health"} <= names
+
+
+def test_async_client(server) -> None:  # noqa: ANN001
+    import asyncio
+
+    from stepserve.client import AsyncImageClient
+
+    async def main() -> tuple[list[str], object, list]:
+        async with AsyncImageClient(server.target) as c:
+            kinds = [e.WhichOneof("event") async for e in c.generate_stream("a red circle", steps=2, seed=1)]
+            result = await c.generate("a blue square", steps=2, seed=2)
+            models = await c.list_models()
+            try:
+                await c.generate("a red circle", width=7)
+            except StepserveError as e:
+                assert e.code == grpc.StatusCode.INVALID_ARGUMENT
+            else:
+                raise AssertionError("invalid width accepted")
+            return kinds, result, models
+
+    kinds, result, models = asyncio.run(main())
+    assert kinds == ["queued", "progress", "progress", "result"]
+    assert result.images[0].seed == 2  # type: ignore[attr-defined]
+    assert [m.name for m in models] == ["tiny"]

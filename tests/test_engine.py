@@ -160,3 +160,17 @@ def test_draining_engine_refuses_new_requests(tiny_adapter) -> None:  # noqa: AN
     h.engine._draining = True
     with pytest.raises(EngineStoppedError):
         h.submit(params("a"))
+
+
+def test_request_level_mode_lets_no_one_join_a_running_batch(tiny_adapter) -> None:  # noqa: ANN001
+    h = Harness({"tiny": tiny_adapter}, batching="request", max_batch_delay_s=0.0)
+    rec = Recorder(tiny_adapter)
+    try:
+        h.submit(params("first", steps=3))
+        h.step(1)
+        h.submit(params("second", steps=2, seed=2))
+        h.run_until_idle()
+    finally:
+        rec.restore()
+    assert [ids for ids, _ in rec.forwards] == [["first"]] * 3 + [["second"]] * 2
+    assert isinstance(h.events["second"][-1], ResultEvent)

@@ -28,8 +28,9 @@ def to_u8(images: np.ndarray) -> list[np.ndarray]:
 
 
 def test_judge_reads_ground_truth_renders_correctly() -> None:
-    scores = judge.validate(n=500, seed=7)
-    assert min(scores.values()) >= 0.99, scores
+    for blur in (0.0, 1.0):
+        scores = judge.validate(n=500, seed=7, blur_px=blur)
+        assert min(scores.values()) >= 0.99, (blur, scores)
 
 
 def test_plain_diffusers_pipeline_follows_the_48_prompts(pipe: StableDiffusionPipeline) -> None:
