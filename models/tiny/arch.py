@@ -29,16 +29,17 @@ SCHEDULER_CONFIG = dict(
 
 
 def make_vae() -> AutoencoderKL:
+    """2x VAE: 32x32 RGB <-> 16x16x4 latents (two levels, one downsampling)."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 64),
         layers_per_block=1,
         latent_channels=LATENT_CHANNELS,
         norm_num_groups=16,
-        sample_size=64,
+        sample_size=32,
     )
 
 

@@ -191,9 +191,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--unet-batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=8e-4)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--eval-only", action="store_true", help="only re-judge the pipeline at --out")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
+    if args.eval_only:
+        scores, samples = evaluate(args.out)
+        grid(samples, cols=8, scale=4).save(args.out / "samples.png")
+        metrics_path = args.out / "metrics.json"
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+        metrics["judge_20_steps"] = scores
+        metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+        logger.info("judge: %s", scores)
+        return 0
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     started = time.time()
@@ -213,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     t = time.time()
     vae = train_vae(images, args.vae_steps, args.vae_batch, args.seed + 1)
     raw = encode_all(vae, images)
+    # The UNet is built for arch.LATENT_SIZE; a VAE with another downsampling factor would
+    # train it on latents of the wrong size (and the pipeline would sample tiled images).
+    assert raw.shape[-1] == arch.LATENT_SIZE, (raw.shape, arch.LATENT_SIZE)
     scaling = float(1.0 / raw.std())
     vae.register_to_config(scaling_factor=scaling)
     latents = raw * scaling
