@@ -6,9 +6,14 @@ plain background relative to the shape's own color, so anti-aliased or slightly 
 edges count by how much they are covered (a hard threshold made small squares look round).
 
 - color = the palette color nearest the median RGB of clearly covered pixels;
-- area = total coverage; width / height = the sums of the column / row coverage maxima;
-- shape = area / (width * height): square ~1.0, circle ~0.79 (pi/4), triangle ~0.5-0.7;
-- size = the longer side against the midpoint of the two nominal sizes;
+- bounding box = the columns / rows whose coverage reaches 0.5;
+- shape = which ideal shape's corner profile is nearest: the mean coverage of the two top
+  and of the two bottom corner boxes (a quarter of the box's width and height) is about
+  (1, 1) for a square, (0.28, 0.28) for a circle inscribed in its box and (0, 0.75) for
+  an upright triangle. Corners tell the shapes apart even when a generated shape's edges
+  wobble (a fill-ratio reading confused rounded squares with circles);
+- size = the longer side (sum of the column / row coverage maxima) against the midpoint
+  of the two nominal sizes;
 - position = the nominal position nearest the coverage profile's centre.
 
 ``validate`` checks it against ground truth on freshly generated data, sharp and blurred
@@ -31,9 +36,10 @@ ATTRIBUTES = ("color", "shape", "size", "position")
 FOREGROUND_THRESHOLD = 60.0
 # Coverage below this is treated as noise.
 MIN_ALPHA = 0.15
-# Fill ratio (area / (width * height)) boundaries: triangle < 0.77 <= circle < 0.89 <= square.
-TRIANGLE_CIRCLE_SPLIT = 0.77
-CIRCLE_SQUARE_SPLIT = 0.89
+# (top corners, bottom corners) coverage of each ideal shape (see the module docstring).
+CORNER_PROFILES = {"square": (1.0, 1.0), "circle": (0.28, 0.28), "triangle": (0.0, 0.75)}
+# Corner boxes span this fraction of the bounding box's width and height.
+CORNER_FRACTION = 0.25
 # Longer sides below this are "small" (halfway between the two nominal sizes).
 SIZE_SPLIT_PX = data.SIZES["small"] + data.SIZES["large"]
 
@@ -46,7 +52,8 @@ class Reading:
     shape: str | None
     size: str | None
     position: str | None
-    fill: float = 0.0
+    top_corners: float = 0.0
+    bottom_corners: float = 0.0
     side_px: float = 0.0
 
 
@@ -64,11 +71,18 @@ def read(image: np.ndarray) -> Reading:
     alpha[alpha < MIN_ALPHA] = 0.0
     cols, rows = alpha.max(axis=0), alpha.max(axis=1)
     w, h = float(cols.sum()), float(rows.sum())
-    fill = float(alpha.sum()) / max(w * h, 1e-6)
-    if fill >= CIRCLE_SQUARE_SPLIT:
-        shape = "square"
-    else:
-        shape = "circle" if fill >= TRIANGLE_CIRCLE_SPLIT else "triangle"
+    xs, ys = np.nonzero(cols >= 0.5)[0], np.nonzero(rows >= 0.5)[0]
+    if len(xs) == 0 or len(ys) == 0:
+        return Reading(color, None, None, None)
+    x0, x1, y0, y1 = int(xs[0]), int(xs[-1]) + 1, int(ys[0]), int(ys[-1]) + 1
+    bw = max(1, round((x1 - x0) * CORNER_FRACTION))
+    bh = max(1, round((y1 - y0) * CORNER_FRACTION))
+    top = float(alpha[y0 : y0 + bh, x0 : x0 + bw].mean() + alpha[y0 : y0 + bh, x1 - bw : x1].mean()) / 2
+    bottom = float(alpha[y1 - bh : y1, x0 : x0 + bw].mean() + alpha[y1 - bh : y1, x1 - bw : x1].mean()) / 2
+    shape = min(
+        CORNER_PROFILES,
+        key=lambda k: (top - CORNER_PROFILES[k][0]) ** 2 + (bottom - CORNER_PROFILES[k][1]) ** 2,
+    )
     side = max(w, h)
     size = "small" if side < SIZE_SPLIT_PX else "large"
     cx = float((cols * np.arange(len(cols))).sum() / max(w, 1e-6))
@@ -77,7 +91,7 @@ def read(image: np.ndarray) -> Reading:
         data.POSITIONS,
         key=lambda p: (cx - data.POSITIONS[p][0]) ** 2 + (cy - data.POSITIONS[p][1]) ** 2,
     )
-    return Reading(color, shape, size, position, fill, side)
+    return Reading(color, shape, size, position, top, bottom, side)
 
 
 def score(images: list[np.ndarray], targets: list[data.Sample]) -> dict[str, float]:
