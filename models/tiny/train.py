@@ -94,6 +94,20 @@ def encode_all(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
 
 
 @torch.no_grad()
+def fit_latent_rgb(vae, seed: int, n: int = 2000) -> list[list[float]]:
+    """Linear latent -> RGB map for stepserve's previews, fitted on the training distribution
+    (rows: one per latent channel, then the bias). A fit on generic color patches, which
+    stepserve does for models without one, reads this VAE's latents poorly."""
+    images, _, _ = data.make_dataset(n, seed)
+    x = to_tensor(images)
+    lat = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+    target = F.interpolate((x + 1) / 2, size=lat.shape[-2:], mode="area")
+    xs = torch.cat([lat.permute(0, 2, 3, 1).reshape(-1, lat.shape[1]), torch.ones(lat.numel() // lat.shape[1], 1)], 1)
+    sol = torch.linalg.lstsq(xs, target.permute(0, 2, 3, 1).reshape(-1, 3)).solution
+    return [[round(v, 5) for v in row] for row in sol.tolist()]
+
+
+@torch.no_grad()
 def judge_reconstructions(vae, seed: int, n: int = 500) -> dict[str, float]:
     """The judge's scores on VAE round trips: the ceiling for anything the UNet makes."""
     import judge
@@ -257,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     pipe.save_pretrained(args.out, safe_serialization=True)
     tok_mod.save_tokenizer(tok, args.out / "tokenizer")
     # stepserve's per-model defaults (the serving code reads them; diffusers ignores the file).
-    (args.out / "stepserve.json").write_text(json.dumps(SERVING_DEFAULTS, indent=2) + "\n")
+    serving = dict(SERVING_DEFAULTS, latent_rgb_factors=fit_latent_rgb(vae, args.seed + 4))
+    (args.out / "stepserve.json").write_text(json.dumps(serving, indent=2) + "\n")
     timings["train_total_s"] = time.time() - started
 
     t = time.time()
