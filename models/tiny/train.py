@@ -102,7 +102,8 @@ def fit_latent_rgb(vae, seed: int, n: int = 2000) -> list[list[float]]:
     x = to_tensor(images)
     lat = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
     target = F.interpolate((x + 1) / 2, size=lat.shape[-2:], mode="area")
-    xs = torch.cat([lat.permute(0, 2, 3, 1).reshape(-1, lat.shape[1]), torch.ones(lat.numel() // lat.shape[1], 1)], 1)
+    flat = lat.permute(0, 2, 3, 1).reshape(-1, lat.shape[1])
+    xs = torch.cat([flat, torch.ones(len(flat), 1)], 1)
     sol = torch.linalg.lstsq(xs, target.permute(0, 2, 3, 1).reshape(-1, 3)).solution
     return [[round(v, 5) for v in row] for row in sol.tolist()]
 
