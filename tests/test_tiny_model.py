@@ -81,3 +81,45 @@ def test_served_images_match_the_reference_and_follow_prompts(reference_images: 
         assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 2
     scores = judge.score(images, [s for _, s in prompts])
     assert all(v >= THRESHOLD for v in scores.values()), scores
+
+
+def test_last_preview_resembles_the_final_image() -> None:
+    from PIL import Image
+
+    from stepserve.server.engine.types import ProgressEvent
+
+    adapter = load_model("tiny-shapes", default_model_path())
+    h = Harness({"tiny-shapes": adapter})
+    for rid, prompt in (
+        ("blue", "a large blue square on the left"),
+        ("yellow", "a large yellow circle on the right"),
+    ):
+        h.submit(
+            params(
+                rid,
+                model="tiny-shapes",
+                prompt=prompt,
+                seed=3,
+                width=32,
+                height=32,
+                steps=20,
+                preview_every=5,
+            )
+        )
+    h.run_until_idle()
+
+    def last_preview(rid: str) -> np.ndarray:
+        previews = [
+            e.preview for e in h.events[rid] if isinstance(e, ProgressEvent) and e.preview is not None
+        ]
+        assert len(previews) == 4
+        return previews[-1]
+
+    def err(preview: np.ndarray, rid: str) -> float:
+        final = Image.fromarray(h.result(rid).images[0]).resize(preview.shape[1::-1], Image.Resampling.BOX)
+        return float(np.abs(preview.astype(float) - np.asarray(final).astype(float)).mean() / 255)
+
+    blue, yellow = last_preview("blue"), last_preview("yellow")
+    assert err(blue, "blue") < 0.08 and err(yellow, "yellow") < 0.08
+    # Each preview shows its own image, not just a plausible background.
+    assert err(blue, "blue") < err(blue, "yellow") and err(yellow, "yellow") < err(yellow, "blue")
