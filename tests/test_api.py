@@ -159,7 +159,7 @@ def test_concurrent_callers_are_batched_together(server) -> None:  # noqa: ANN00
 
     def call(i: int) -> None:
         with ImageClient(server.target) as c:
-            results[i] = c.generate(f"a {['red', 'blue', 'green', 'yellow'][i]} circle", steps=20, seed=i)
+            results[i] = c.generate(f"a {['red', 'blue', 'green', 'yellow'][i]} circle", steps=60, seed=i)
 
     w = threading.Thread(target=watch)
     w.start()
