@@ -37,6 +37,7 @@ lint: setup
 	$(BIN)/ruff check server client tests models
 	$(BIN)/ruff format --check server client tests models
 	$(BIN)/buf lint
+	$(BIN)/mypy server client
 
 format: setup
 	$(BIN)/ruff check --fix server client tests models

@@ -162,7 +162,7 @@ def cmd_health(args: argparse.Namespace) -> int:
                 resp = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=2)
                 status = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
             except grpc.RpcError as e:
-                status = f"UNREACHABLE ({e.code().name})"  # type: ignore[attr-defined]
+                status = f"UNREACHABLE ({e.code().name})"
             if status == "SERVING" or time.monotonic() >= end:
                 break
             time.sleep(0.5)

@@ -39,12 +39,12 @@ class StepserveError(Exception):
 
     @classmethod
     def from_rpc_error(cls, err: grpc.RpcError) -> StepserveError:
-        code: grpc.StatusCode = err.code()  # type: ignore[attr-defined]
-        message: str = err.details() or ""  # type: ignore[attr-defined]
+        code: grpc.StatusCode = err.code()
+        message: str = err.details() or ""
         violations: list[FieldViolation] = []
         retry: float | None = None
         try:
-            status = rpc_status.from_call(err)  # type: ignore[arg-type]
+            status = rpc_status.from_call(err)
         except ValueError:
             status = None
         if status is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +107,14 @@ class ServerConfig:
         return self
 
 
+def _default(f: Field[Any]) -> Any:
+    """A dataclass field's default value, whether given directly or by a factory."""
+    if f.default is not MISSING:
+        return f.default
+    factory: Any = f.default_factory
+    return factory()
+
+
 def _parse_env(raw: str, default: Any) -> Any:
     if isinstance(default, bool):
         return raw.strip().lower() in ("1", "true", "yes", "on")
@@ -119,7 +127,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per ServerConfig field (defaults are resolved in :func:`from_args`)."""
     for f in fields(ServerConfig):
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        default = _default(f)
         env = "STEPSERVE_" + f.name.upper()
         help_text = f"{f.metadata['help']} [env {env}; default {default!r}]"
         if isinstance(default, bool):
@@ -144,7 +152,7 @@ def from_args(ns: argparse.Namespace, environ: dict[str, str] | None = None) -> 
             raw = env.get("STEPSERVE_" + f.name.upper())
             if raw is None:
                 continue
-            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+            default = _default(f)
             try:
                 value = _parse_env(raw, default)
             except ValueError as e:

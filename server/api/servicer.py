@@ -67,7 +67,7 @@ def model_info_proto(info: ModelInfo, is_default: bool) -> pb.ModelInfo:
     )
 
 
-class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):
+class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: ignore[misc]
     """Generate and ListModels over one :class:`Engine`."""
 
     def __init__(self, default_model: str, limits: Limits, encode_pool: Executor) -> None:

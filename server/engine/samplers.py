@@ -19,11 +19,14 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
 )
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .types import Sampler
 
-SAMPLER_CLASSES: dict[Sampler, type[SchedulerMixin]] = {
+# diffusers schedulers share no typed interface (step / set_timesteps / scale_model_input
+# live on each class), so they are typed as Any here.
+DiffusersScheduler = Any
+
+SAMPLER_CLASSES: dict[Sampler, Any] = {
     Sampler.EULER: EulerDiscreteScheduler,
     Sampler.EULER_ANCESTRAL: EulerAncestralDiscreteScheduler,
     Sampler.DDIM: DDIMScheduler,
@@ -39,7 +42,7 @@ def sampler_for_class_name(name: str) -> Sampler | None:
     return None
 
 
-def make_scheduler(base_config: Any, sampler: Sampler) -> SchedulerMixin:
+def make_scheduler(base_config: Any, sampler: Sampler) -> DiffusersScheduler:
     """A fresh diffusers scheduler of ``sampler``'s class configured like the model's own."""
     return SAMPLER_CLASSES[sampler].from_config(base_config)
 
@@ -50,10 +53,10 @@ class SchedulerFactory:
     def __init__(self, base_config: Any, device: str = "cpu", max_templates: int = 64) -> None:
         self._device = device
         self._base_config = base_config
-        self._templates: OrderedDict[tuple[Sampler, int], SchedulerMixin] = OrderedDict()
+        self._templates: OrderedDict[tuple[Sampler, int], DiffusersScheduler] = OrderedDict()
         self._max = max_templates
 
-    def create(self, sampler: Sampler, steps: int) -> SchedulerMixin:
+    def create(self, sampler: Sampler, steps: int) -> DiffusersScheduler:
         key = (sampler, steps)
         tpl = self._templates.get(key)
         if tpl is None:

@@ -28,8 +28,6 @@ from ..types import ModelInfo, Sampler
 from .base import ModelAdapter
 
 if TYPE_CHECKING:
-    from diffusers.schedulers.scheduling_utils import SchedulerMixin
-
     from ..request import RequestState
     from ..types import RGBArray
 
@@ -46,7 +44,7 @@ class ImageState:
 
     seed: int
     generator: torch.Generator
-    scheduler: SchedulerMixin
+    scheduler: Any  # a diffusers scheduler instance (see samplers.DiffusersScheduler)
     latents: torch.Tensor
 
 
@@ -86,7 +84,7 @@ class StableDiffusionAdapter(ModelAdapter):
         if dtype is None:
             dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.dtype = dtype
-        self.pipe = StableDiffusionPipeline.from_pretrained(
+        self.pipe = StableDiffusionPipeline.from_pretrained(  # type: ignore[no-untyped-call]
             str(self.path),
             local_files_only=True,
             torch_dtype=dtype,
@@ -255,10 +253,12 @@ class StableDiffusionAdapter(ModelAdapter):
         ab = float(np.interp(float(t), np.arange(len(self._alphas_cumprod)), self._alphas_cumprod))
         a, s = ab**0.5, (1.0 - ab) ** 0.5
         if self.prediction_type == "v_prediction":
-            return a * x_in - s * model_out
-        if self.prediction_type == "epsilon":
-            return (x_in - s * model_out) / a
-        return model_out
+            out: torch.Tensor = a * x_in - s * model_out
+        elif self.prediction_type == "epsilon":
+            out = (x_in - s * model_out) / a
+        else:
+            out = model_out
+        return out
 
     @torch.inference_mode()
     def decode(self, reqs: list[RequestState]) -> list[list[RGBArray]]:
