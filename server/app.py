@@ -42,8 +42,8 @@ def resolve_dtype(dtype: str) -> torch.dtype | None:
     return None if dtype == "auto" else getattr(torch, dtype)
 
 
-def load_models(config: ServerConfig) -> tuple[dict[str, ModelAdapter], str]:
-    """Load every configured model (or the embedded default); returns them and the default name."""
+def load_models(config: ServerConfig) -> dict[str, ModelAdapter]:
+    """Load every configured model (or the embedded default), by name."""
     specs = config.model_specs() or [(DEFAULT_MODEL_NAME, default_model_path())]
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype)
@@ -53,7 +53,7 @@ def load_models(config: ServerConfig) -> tuple[dict[str, ModelAdapter], str]:
         models[name] = load_model(
             name, path, device=device, dtype=dtype, max_batch_size=config.max_batch_size
         )
-    return models, config.default_model or specs[0][0]
+    return models
 
 
 def default_model_name(config: ServerConfig) -> str:
@@ -119,7 +119,7 @@ class StepServer:
         if self._preloaded is not None:
             self.models = self._preloaded
         else:
-            self.models, _ = await asyncio.to_thread(load_models, self.config)
+            self.models = await asyncio.to_thread(load_models, self.config)
         engine = Engine(
             self.models,
             EngineConfig(

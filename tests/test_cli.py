@@ -2,67 +2,27 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from .server_process import client, start_server
 
 
 @pytest.fixture(scope="module")
 def served(tiny_sd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with log.open("w") as fh:
-        proc = subprocess.Popen(
-            [
-                str(BIN / "stepserve"),
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--model",
-                f"tiny={tiny_sd_dir}",
-                "--max-batch-size",
-                "4",
-            ],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )
-    target = f"127.0.0.1:{port}"
+    proc, target = start_server(tiny_sd_dir, log, "--max-batch-size", "4")
     try:
-        ready = client(target, "health", "--wait", "120")
-        assert ready.returncode == 0, log.read_text()
         yield target
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
         assert code == 0, log.read_text()
         assert "stopped" in log.read_text()
-
-
-def client(target: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "stepserve-client"), "--target", target, *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def test_generate_writes_images_and_previews(served: str, tmp_path: Path) -> None:

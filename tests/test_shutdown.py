@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -13,32 +11,7 @@ import grpc
 
 from stepserve.client import ImageClient, StepserveError
 
-from .test_cli import BIN, free_port
-
-
-def start(model_dir: Path, log: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    with log.open("w") as fh:
-        proc = subprocess.Popen(
-            [
-                str(BIN / "stepserve"),
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--model",
-                f"tiny={model_dir}",
-                *extra,
-            ],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )
-    target = f"127.0.0.1:{port}"
-    r = subprocess.run([str(BIN / "stepserve-client"), "--target", target, "health", "--wait", "120"])
-    assert r.returncode == 0, log.read_text()
-    return proc, target
+from .server_process import start_server
 
 
 def run_long_request(target: str, steps: int, started: threading.Event, out: dict, images: int = 1) -> None:
@@ -57,7 +30,7 @@ def test_sigterm_lets_in_flight_requests_finish_and_refuses_new_ones(
     tiny_sd_dir: Path, tmp_path: Path
 ) -> None:
     log = tmp_path / "server.log"
-    proc, target = start(tiny_sd_dir, log, "--drain-timeout-s", "60")
+    proc, target = start_server(tiny_sd_dir, log, "--drain-timeout-s", "60")
     started, out = threading.Event(), {}
     t = threading.Thread(target=run_long_request, args=(target, 150, started, out))
     t.start()
@@ -78,7 +51,7 @@ def test_sigterm_lets_in_flight_requests_finish_and_refuses_new_ones(
 
 def test_requests_past_the_drain_timeout_end_with_unavailable(tiny_sd_dir: Path, tmp_path: Path) -> None:
     log = tmp_path / "server.log"
-    proc, target = start(tiny_sd_dir, log, "--drain-timeout-s", "0.5")
+    proc, target = start_server(tiny_sd_dir, log, "--drain-timeout-s", "0.5")
     started, out = threading.Event(), {}
     # 150 steps of 4 images take several seconds: far more than the 0.5 s drain.
     t = threading.Thread(target=run_long_request, args=(target, 150, started, out, 4))

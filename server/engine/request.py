@@ -61,7 +61,6 @@ class RequestState:
     accelerator_s: float = 0.0
     forwards: int = 0
     batch_images_sum: int = 0
-    first_preview_time: float | None = None
     work: Any = field(default=None, repr=False)
 
     @property

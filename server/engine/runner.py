@@ -159,10 +159,6 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
 
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.failure is None
-
     # -- the engine thread ---------------------------------------------------------------
     def _run(self) -> None:
         try:
@@ -187,6 +183,8 @@ class Engine:
         """
         if not self._drain_inbox(block):
             return None
+        # Newcomers hear their place before anything runs, even if they start right away.
+        self._report_positions()
         plan = self.scheduler.schedule(self.clock())
         self._wake_at = plan.wake_at
         self._execute(plan)
@@ -217,17 +215,7 @@ class Engine:
         for kind, a, b in items:
             if kind == "submit":
                 params: GenerationParams = a
-                req = RequestState(params=params, arrival_time=b)
-                self.scheduler.add(req)
-                # Every request hears where it stands once, even if it starts right away.
-                pos = self.scheduler.num_waiting(params.model) - 1
-                req.reported_position = pos
-                info = self.models[params.model].info
-                est = self.scheduler.estimated_wait(
-                    pos, params.model, self._step_time[params.model], info.default_steps
-                )
-                self._emit(req, QueuedEvent(pos, est))
-                logger.debug("request %s queued at position %d", params.request_id, pos)
+                self.scheduler.add(RequestState(params=params, arrival_time=b))
             else:
                 self.scheduler.abort(a, b)
         return True
@@ -298,12 +286,7 @@ class Engine:
         finished = self.scheduler.update(plan)
         after = self.clock()
         for req in batch:
-            preview = None
-            if req.params.preview_every and req.steps_done % req.params.preview_every == 0:
-                preview = adapter.preview(req)
-                req.work.preview_x0 = None
-                if preview is not None and req.first_preview_time is None:
-                    req.first_preview_time = after
+            preview = adapter.preview(req) if req.params.preview_every else None
             self._emit(req, ProgressEvent(req.steps_done, req.total_steps, after - req.arrival_time, preview))
         if finished:
             self._finish(model, finished)

@@ -35,10 +35,6 @@ class StepPlan:
     # When nothing can run, the earliest time something might (None = on the next event).
     wake_at: float | None = None
 
-    @property
-    def is_empty(self) -> bool:
-        return not (self.aborted or self.admitted or self.batch)
-
 
 class BaseScheduler:
     """Waiting queue, running set, cancellation and deadlines, per-model capacity."""
@@ -75,9 +71,6 @@ class BaseScheduler:
 
     def num_waiting(self, model: str | None = None) -> int:
         return sum(1 for r in self.waiting if model is None or r.model == model)
-
-    def num_running(self, model: str | None = None) -> int:
-        return sum(1 for r in self.running.values() if model is None or r.model == model)
 
     # -- the step -----------------------------------------------------------------------
     def schedule(self, now: float) -> StepPlan:

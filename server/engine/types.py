@@ -147,4 +147,3 @@ class FailedEvent:
 
 
 EngineEvent = QueuedEvent | ProgressEvent | ResultEvent | FailedEvent
-TERMINAL_EVENTS = (ResultEvent, FailedEvent)

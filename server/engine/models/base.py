@@ -34,7 +34,8 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def preview(self, req: RequestState) -> RGBArray | None:
-        """A cheap RGB preview of the request's first image from its latest x0 estimate."""
+        """A cheap RGB preview of the request's first image, if the step just run was due
+        one (``RequestState.preview_due``); None otherwise. Consumes the step's estimate."""
 
     @abstractmethod
     def count_prompt_tokens(self, text: str) -> int:

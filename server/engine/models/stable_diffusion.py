@@ -281,9 +281,9 @@ class StableDiffusionAdapter(ModelAdapter):
 
     @torch.inference_mode()
     def preview(self, req: RequestState) -> RGBArray | None:
-        x0 = req.work.preview_x0 if req.work is not None else None
-        if x0 is None:
+        if req.work is None or req.work.preview_x0 is None:
             return None
+        x0, req.work.preview_x0 = req.work.preview_x0, None
         wgt, bias = self._latent_rgb
         rgb = torch.einsum("chw,cr->hwr", x0[0].float().cpu(), wgt) + bias
         return (rgb.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
