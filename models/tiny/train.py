@@ -216,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         metrics_path = args.out / "metrics.json"
         metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
         metrics["judge_20_steps"] = scores
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.out / "vae").eval()
+        metrics["judge_vae_reconstructions"] = judge_reconstructions(vae, args.seed + 3)
+        logger.info("vae reconstructions judged: %s", metrics["judge_vae_reconstructions"])
         metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
         logger.info("judge: %s", scores)
         return 0
