@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import grpc
 import torch
@@ -13,7 +14,11 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 from grpc_health.v1.health_pb2_grpc import add_HealthServicer_to_server
 from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from opentelemetry.sdk.trace import TracerProvider
 
+from stepserve import __version__
 from stepserve.v1 import image_generation_pb2 as pb
 from stepserve.v1 import image_generation_pb2_grpc as pb_grpc
 
@@ -21,8 +26,14 @@ from .api.servicer import ImageGenerationServicer
 from .api.validation import Limits
 from .config import ServerConfig
 from .engine.models import DEFAULT_MODEL_NAME, ModelAdapter, default_model_path, load_model
+from .engine.observer import EngineObserver
 from .engine.runner import Engine, EngineConfig
 from .engine.types import EngineEvent, FailedEvent, GenerationParams, ResultEvent
+from .observability.metrics import EngineCollector, Metrics, MetricsObserver
+from .observability.tracing import TRACER_NAME, TracingObserver, build_tracer_provider, tracing_exporter_name
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
 
 logger = logging.getLogger(__name__)
 
@@ -62,20 +73,50 @@ def default_model_name(config: ServerConfig) -> str:
 
 
 class StepServer:
-    """A stepserve instance in this process: ``await start()``, ``await load()``, ``await stop()``."""
+    """A stepserve instance in this process: ``await start()``, ``await load()``, ``await stop()``.
 
-    def __init__(self, config: ServerConfig, models: dict[str, ModelAdapter] | None = None) -> None:
+    ``tracer_provider`` overrides the one ``config.tracing`` would build (tests pass one with an
+    in-memory exporter); without either, nothing is traced.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        models: dict[str, ModelAdapter] | None = None,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
         self.config = config
         self._preloaded = models
         self.models: dict[str, ModelAdapter] = {}
         self.engine: Engine | None = None
         self.port = 0
+        self.metrics_port = 0
+        self._metrics_http: WSGIServer | None = None
         self.pool = ThreadPoolExecutor(config.encode_workers, thread_name_prefix="stepserve-encode")
         self.health = health_aio.HealthServicer()
-        self.servicer = ImageGenerationServicer(
-            default_model_name(config), Limits(max_work=config.max_work), self.pool
+        self.metrics = Metrics()
+        self.metrics.build_info.labels(__version__).set(1)
+        self._owns_tracer_provider = False
+        if tracer_provider is None:
+            exporter = tracing_exporter_name(config.tracing)
+            if exporter is not None:
+                tracer_provider = build_tracer_provider(exporter, __version__)
+                self._owns_tracer_provider = True
+                logger.info("tracing on: %s exporter", exporter)
+        self.tracer_provider = tracer_provider
+        tracer = (
+            tracer_provider.get_tracer(TRACER_NAME, __version__)
+            if tracer_provider is not None
+            else trace.NoOpTracer()
         )
+        self.servicer = ImageGenerationServicer(
+            default_model_name(config), Limits(max_work=config.max_work), self.pool, self.metrics, tracer
+        )
+        interceptors = []
+        if tracer_provider is not None:
+            interceptors.append(aio_server_interceptor(tracer_provider=tracer_provider))  # type: ignore[no-untyped-call]
         self.server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
                 ("grpc.max_send_message_length", MAX_SEND_BYTES),
@@ -83,7 +124,7 @@ class StepServer:
                 ("grpc.keepalive_timeout_ms", 20_000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
                 ("grpc.keepalive_permit_without_calls", 1),
-            ]
+            ],
         )
         pb_grpc.add_ImageGenerationServiceServicer_to_server(self.servicer, self.server)
         add_HealthServicer_to_server(self.health, self.server)
@@ -110,6 +151,10 @@ class StepServer:
         await self._set_health(False)
         await self.server.start()
         logger.info("stepserve listening on %s:%d", self.config.host, self.port)
+        if self.config.metrics_port:
+            self._metrics_http = self.metrics.serve(self.config.host, self.config.metrics_port)
+            self.metrics_port = self._metrics_http.server_port
+            logger.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
         return self.port
 
     async def load(self) -> None:
@@ -120,6 +165,12 @@ class StepServer:
             self.models = self._preloaded
         else:
             self.models = await asyncio.to_thread(load_models, self.config)
+        observers: list[EngineObserver] = [
+            MetricsObserver(self.metrics, self.config.accelerator_cost_per_hour)
+        ]
+        if self.tracer_provider is not None:
+            tracer = self.tracer_provider.get_tracer(TRACER_NAME, __version__)
+            observers.append(TracingObserver(tracer, self.config.trace_steps))
         engine = Engine(
             self.models,
             EngineConfig(
@@ -128,6 +179,15 @@ class StepServer:
                 max_batch_delay_s=self.config.max_batch_delay_ms / 1000.0,
                 accelerator_cost_per_hour=self.config.accelerator_cost_per_hour,
             ),
+            observers=observers,
+        )
+        for name in self.models:
+            self.metrics.init_model(name)
+        cuda = sorted({str(m.device) for m in self.models.values() if m.device.type == "cuda"})
+        self.metrics.registry.register(
+            EngineCollector(
+                lambda: self.engine, {n: m.info.max_batch_size for n, m in self.models.items()}, cuda
+            )
         )
         loop = asyncio.get_running_loop()
 
@@ -164,6 +224,7 @@ class StepServer:
 
         params = GenerationParams(
             request_id=f"warmup-{name}",
+            internal=True,
             model=name,
             prompt="warm-up",
             negative_prompt="",
@@ -192,3 +253,8 @@ class StepServer:
             await asyncio.to_thread(self.engine.stop)
         await self.server.stop(grace=2.0)
         self.pool.shutdown(wait=False)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        if self._owns_tracer_provider and self.tracer_provider is not None:
+            self.tracer_provider.shutdown()  # flushes spans still in the batch processor

@@ -53,6 +53,17 @@ class ServerConfig:
     drain_timeout_s: float = _opt(30.0, "seconds in-flight requests get to finish after SIGTERM")
     warmup: bool = _opt(True, "run one short generation per model before reporting SERVING")
     max_work: int = _opt(512 * 512 * 50 * 4, "largest width*height*steps*num_images of one request")
+    metrics_port: int = _opt(9464, "Prometheus /metrics HTTP port, on --host (0 = no metrics endpoint)")
+    tracing: str = _opt(
+        "auto",
+        "OpenTelemetry tracing: auto (on when OTEL_TRACES_EXPORTER or OTEL_EXPORTER_OTLP_ENDPOINT is set), "
+        "otlp, console, or off; endpoint, sampler and resource come from the standard OTEL_* variables",
+    )
+    trace_steps: str = _opt(
+        "events",
+        "how denoising steps appear in traces: events (one span event per step), spans (one child "
+        "span per step), or none",
+    )
     log_format: str = _opt("text", "log format: text or json")
     log_level: str = _opt("INFO", "log level: DEBUG, INFO, WARNING, ERROR")
 
@@ -94,6 +105,15 @@ class ServerConfig:
         need(1 <= self.encode_workers <= 64, f"--encode-workers {self.encode_workers}: must be 1..64")
         need(self.drain_timeout_s >= 0, f"--drain-timeout-s {self.drain_timeout_s}: must be >= 0")
         need(self.max_work > 0, f"--max-work {self.max_work}: must be > 0")
+        need(0 <= self.metrics_port <= 65535, f"--metrics-port {self.metrics_port}: must be 0..65535")
+        need(
+            self.tracing in ("auto", "otlp", "console", "off"),
+            f"--tracing {self.tracing!r}: must be auto, otlp, console or off",
+        )
+        need(
+            self.trace_steps in ("none", "events", "spans"),
+            f"--trace-steps {self.trace_steps!r}: must be none, events or spans",
+        )
         need(
             self.log_format in ("text", "json"), f"--log-format {self.log_format!r}: must be 'text' or 'json'"
         )

@@ -42,7 +42,9 @@ def tiny_adapter(tiny_sd_dir: Path):  # noqa: ANN201
 @pytest.fixture
 def server(tiny_sd_dir: Path):  # noqa: ANN201
     """A fresh in-process server (its own engine) on the tiny random model, port 0."""
-    cfg = ServerConfig(host="127.0.0.1", port=0, models=[f"tiny={tiny_sd_dir}"], max_batch_size=8).validate()
+    cfg = ServerConfig(
+        host="127.0.0.1", port=0, metrics_port=0, models=[f"tiny={tiny_sd_dir}"], max_batch_size=8
+    ).validate()
     srv = ServerThread(cfg)
     yield srv
     srv.stop()

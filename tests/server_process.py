@@ -27,7 +27,9 @@ def client(target: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def start_server(model_dir: Path, log: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(
+    model_dir: Path, log: Path, *extra: str, metrics_port: int = 0
+) -> tuple[subprocess.Popen[bytes], str]:
     """Serve ``model_dir`` as model ``tiny``; returns once health says SERVING."""
     port = free_port()
     with log.open("w") as fh:
@@ -41,6 +43,8 @@ def start_server(model_dir: Path, log: Path, *extra: str) -> tuple[subprocess.Po
                 str(port),
                 "--model",
                 f"tiny={model_dir}",
+                "--metrics-port",
+                str(metrics_port),
                 *extra,
             ],
             stdout=fh,

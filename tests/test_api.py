@@ -176,7 +176,7 @@ def test_concurrent_callers_are_batched_together(server) -> None:  # noqa: ANN00
 
 
 def test_health_goes_serving_after_load_and_not_serving_on_stop(tiny_adapter) -> None:  # noqa: ANN001
-    cfg = ServerConfig(host="127.0.0.1", port=0).validate()
+    cfg = ServerConfig(host="127.0.0.1", port=0, metrics_port=0).validate()
     srv = ServerThread(cfg, models={"tiny": tiny_adapter}, load=False)
     try:
         ch = grpc.insecure_channel(srv.target)

@@ -15,10 +15,12 @@ from concurrent.futures import Executor
 from typing import TYPE_CHECKING
 
 import grpc
+from opentelemetry import trace
 
 from stepserve.v1 import image_generation_pb2 as pb
 from stepserve.v1 import image_generation_pb2_grpc as pb_grpc
 
+from ..engine.request import RequestStatus
 from ..engine.runner import Engine, EngineStoppedError, QueueFullError
 from ..engine.types import (
     EngineEvent,
@@ -30,6 +32,8 @@ from ..engine.types import (
     QueuedEvent,
     ResultEvent,
 )
+from ..logging_setup import request_id_var
+from ..observability.metrics import UNKNOWN_MODEL, Metrics, Outcome
 from . import imaging
 from .errors import ApiError, resource_exhausted, unavailable
 from .validation import FORMAT_TO_PROTO, SAMPLER_TO_PROTO, Limits, validate_generate
@@ -70,10 +74,19 @@ def model_info_proto(info: ModelInfo, is_default: bool) -> pb.ModelInfo:
 class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: ignore[misc]
     """Generate and ListModels over one :class:`Engine`."""
 
-    def __init__(self, default_model: str, limits: Limits, encode_pool: Executor) -> None:
+    def __init__(
+        self,
+        default_model: str,
+        limits: Limits,
+        encode_pool: Executor,
+        metrics: Metrics,
+        tracer: trace.Tracer,
+    ) -> None:
         self.default_model = default_model
         self.limits = limits
         self.pool = encode_pool
+        self.metrics = metrics
+        self.tracer = tracer
         self.engine: Engine | None = None
         self.models: dict[str, ModelAdapter] = {}
         self._infos: dict[str, ModelInfo] = {}
@@ -89,7 +102,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
         if not self._infos:
-            await context.abort_with_status(unavailable("the server is loading its models", 1.0).to_status())
+            await _abort(context, unavailable("the server is loading its models", 1.0))
         names = sorted(self._infos, key=lambda n: (n != self.default_model, n))
         return pb.ListModelsResponse(
             models=[model_info_proto(self._infos[n], n == self.default_model) for n in names]
@@ -101,9 +114,15 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
         try:
             params = self._admit(request, context)
         except ApiError as e:
-            await context.abort_with_status(e.to_status())
+            outcome = Outcome.UNAVAILABLE if e.code == grpc.StatusCode.UNAVAILABLE else Outcome.INVALID
+            self.metrics.count_refused(self._model_label(request.model), outcome)
+            await _abort(context, e)
             return
         rid = params.request_id
+        request_id_var.set(rid)
+        span = trace.get_current_span()
+        span.set_attribute("stepserve.request_id", rid)
+        span_context = span.get_span_context()
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[EngineEvent] = asyncio.Queue()
 
@@ -113,13 +132,15 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
         engine = self.engine
         assert engine is not None
         try:
-            engine.submit(params, sink)
+            engine.submit(params, sink, span_context if span_context.is_valid else None)
         except QueueFullError as e:
             logger.warning("request %s rejected: %s", rid, e)
-            await context.abort_with_status(resource_exhausted(str(e), e.retry_after_s).to_status())
+            self.metrics.count_refused(params.model, Outcome.REJECTED)
+            await _abort(context, resource_exhausted(str(e), e.retry_after_s))
             return
         except EngineStoppedError as e:
-            await context.abort_with_status(unavailable(str(e), retry_after_s=1.0).to_status())
+            self.metrics.count_refused(params.model, Outcome.UNAVAILABLE)
+            await _abort(context, unavailable(str(e), retry_after_s=1.0))
             return
         logger.info(
             "request %s accepted: model=%s %dx%d steps=%d sampler=%s images=%d",
@@ -156,7 +177,16 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
         finally:
             if not done:
                 # The caller went away (cancelled, deadline) or the stream broke: stop the work.
-                engine.cancel(rid)
+                left = context.time_remaining()
+                expired = left is not None and left <= 0
+                engine.cancel(
+                    rid, RequestStatus.FINISHED_DEADLINE if expired else RequestStatus.FINISHED_CANCELLED
+                )
+
+    def _model_label(self, requested: str) -> str:
+        """The ``model`` metric label of a refused request (never a caller-made value)."""
+        name = requested or self.default_model
+        return name if name in self._infos else UNKNOWN_MODEL
 
     def _admit(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> GenerationParams:
         if not self.ready or self.engine is None:
@@ -196,16 +226,31 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
     async def _result(self, params: GenerationParams, event: ResultEvent) -> pb.GenerateResponse:
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        blobs = await asyncio.gather(
-            *(
-                loop.run_in_executor(
-                    self.pool, imaging.encode, img, params.output_format, params.output_quality
+        with self.tracer.start_as_current_span(
+            "stepserve.encode_images",
+            attributes={
+                "stepserve.format": params.output_format.value,
+                "stepserve.num_images": len(event.images),
+            },
+        ):
+            blobs = await asyncio.gather(
+                *(
+                    loop.run_in_executor(
+                        self.pool, imaging.encode, img, params.output_format, params.output_quality
+                    )
+                    for img in event.images
                 )
-                for img in event.images
             )
-        )
         fmt = FORMAT_TO_PROTO[params.output_format]
         u = event.usage
+        trace.get_current_span().set_attributes(
+            {
+                "stepserve.usage.accelerator_seconds": u.accelerator_s,
+                "stepserve.usage.cost_usd": u.cost_usd,
+                "stepserve.usage.mean_batch_size": u.mean_batch_size,
+                "stepserve.usage.queue_ms": int(u.queue_s * 1000),
+            }
+        )
         result = pb.Result(
             images=[
                 pb.Image(data=b, format=fmt, width_px=img.shape[1], height_px=img.shape[0], seed=seed)
@@ -222,3 +267,13 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
             model=params.model,
         )
         return pb.GenerateResponse(request_id=params.request_id, result=result)
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: ApiError) -> None:
+    """End the call with ``error`` and its ``google.rpc`` details.
+
+    Same as ``abort_with_status``, but through ``abort`` so that the OpenTelemetry interceptor's
+    context wrapper records the status code on the server span.
+    """
+    status = error.to_status()
+    await context.abort(status.code, status.details, status.trailing_metadata)

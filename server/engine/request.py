@@ -61,7 +61,12 @@ class RequestState:
     accelerator_s: float = 0.0
     forwards: int = 0
     batch_images_sum: int = 0
+    first_preview_time: float | None = None
     work: Any = field(default=None, repr=False)
+    # The caller's trace context (an OpenTelemetry SpanContext, or None when not traced) and
+    # per-request state that observers keep (open spans); the engine never looks inside.
+    trace_context: Any = field(default=None, repr=False)
+    telemetry: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def request_id(self) -> str:
@@ -70,6 +75,15 @@ class RequestState:
     @property
     def model(self) -> str:
         return self.params.model
+
+    @property
+    def log_extra(self) -> dict[str, str]:
+        """``extra`` for log records about this request (request and trace ids)."""
+        out = {"request_id": self.params.request_id}
+        trace_id = getattr(self.trace_context, "trace_id", 0)
+        if trace_id:
+            out["trace_id"] = format(trace_id, "032x")
+        return out
 
     @property
     def bucket(self) -> BucketKey:

@@ -12,16 +12,18 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .models.base import ModelAdapter
+from .observer import EngineObserver, ObserverGroup
 from .request import RequestState, RequestStatus
 from .scheduler import BaseScheduler, StepPlan, make_scheduler
 from .types import (
     EngineEvent,
     FailedEvent,
+    FinishReason,
     GenerationParams,
     ProgressEvent,
     QueuedEvent,
@@ -68,6 +70,7 @@ class Engine:
         models: dict[str, ModelAdapter],
         config: EngineConfig,
         clock: Callable[[], float] = time.monotonic,
+        observers: Sequence[EngineObserver] = (),
     ) -> None:
         self.models = models
         self.config = config
@@ -79,7 +82,7 @@ class Engine:
         self._inbox: deque[tuple[str, Any, Any]] = deque()
         self._sinks: dict[str, EventSink] = {}
         self._queued: dict[str, str] = {}  # request id -> model, for waiting requests
-        self._running_ids: set[str] = set()
+        self._running: dict[str, str] = {}  # request id -> model, for running requests
         self._draining = False
         self._stop = False
         self.failure: BaseException | None = None
@@ -88,16 +91,25 @@ class Engine:
         # Seconds per denoiser forward, smoothed, per model (for queue wait estimates).
         self._step_time: dict[str, float] = dict.fromkeys(models, 0.05)
         self.on_failure: Callable[[BaseException], None] | None = None
+        self.observer = ObserverGroup(observers)
         self.forwards = 0
         self.last_batch_rows = 0
+        # Accelerator time spent on model work (encode, forwards, previews, decode); the rest
+        # of the wall time since start is idle (see accelerator_seconds()).
+        self.busy_s = 0.0
+        self._started_at = time.perf_counter()
 
     # -- called from any thread ------------------------------------------------------------
     def start(self) -> None:
+        self._started_at = time.perf_counter()
         self._thread = threading.Thread(target=self._run, name="stepserve-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, params: GenerationParams, sink: EventSink) -> None:
-        """Queue a request; raises :class:`EngineError` subclasses when it cannot be taken."""
+    def submit(self, params: GenerationParams, sink: EventSink, trace_context: Any = None) -> None:
+        """Queue a request; raises :class:`EngineError` subclasses when it cannot be taken.
+
+        ``trace_context`` (the caller's OpenTelemetry span context) is handed to observers.
+        """
         with self._cv:
             if self.failure is not None:
                 raise EngineStoppedError(f"the engine has failed: {self.failure}")
@@ -113,7 +125,8 @@ class Engine:
                 )
             self._sinks[params.request_id] = sink
             self._queued[params.request_id] = params.model
-            self._inbox.append(("submit", params, self.clock()))
+            req = RequestState(params=params, arrival_time=self.clock(), trace_context=trace_context)
+            self._inbox.append(("submit", req, None))
             self._cv.notify()
 
     def cancel(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_CANCELLED) -> None:
@@ -129,7 +142,22 @@ class Engine:
 
     def active_requests(self) -> int:
         with self._cv:
-            return len(self._running_ids)
+            return len(self._running)
+
+    def load_by_model(self) -> dict[str, tuple[int, int]]:
+        """(waiting, running) request counts per loaded model."""
+        with self._cv:
+            out = {m: [0, 0] for m in self.models}
+            for m in self._queued.values():
+                out[m][0] += 1
+            for m in self._running.values():
+                out[m][1] += 1
+        return {m: (w, r) for m, (w, r) in out.items()}
+
+    def accelerator_seconds(self) -> tuple[float, float]:
+        """(busy, idle) seconds since start: busy is time in model work, idle the rest."""
+        busy = self.busy_s
+        return busy, max(0.0, time.perf_counter() - self._started_at - busy)
 
     def in_flight(self) -> int:
         with self._cv:
@@ -214,8 +242,7 @@ class Engine:
             self._inbox.clear()
         for kind, a, b in items:
             if kind == "submit":
-                params: GenerationParams = a
-                self.scheduler.add(RequestState(params=params, arrival_time=b))
+                self.scheduler.add(a)
             else:
                 self.scheduler.abort(a, b)
         return True
@@ -228,23 +255,31 @@ class Engine:
                 RequestStatus.FINISHED_CANCELLED: "the request was cancelled",
                 RequestStatus.FINISHED_DEADLINE: "the request's deadline passed",
             }.get(req.status, "the request was aborted")
-            logger.info("request %s ended: %s after %d steps", req.request_id, reason.value, req.steps_done)
+            logger.info(
+                "request %s ended: %s after %d steps",
+                req.request_id,
+                reason.value,
+                req.steps_done,
+                extra=req.log_extra,
+            )
             self._release(req)
             self._emit_final(req, FailedEvent(reason, msg))
         if plan.admitted:
             with self._cv:
                 for req in plan.admitted:
                     self._queued.pop(req.request_id, None)
-                    self._running_ids.add(req.request_id)
+                    self._running[req.request_id] = req.model
             by_model: dict[str, list[RequestState]] = {}
             for req in plan.admitted:
                 by_model.setdefault(req.model, []).append(req)
+                if not req.params.internal:
+                    self.observer.request_admitted(req, now)
             for model, reqs in by_model.items():
                 self._prepare(model, reqs)
         batch = [r for r in plan.batch if r.status is RequestStatus.RUNNING and r.work is not None]
         if batch:
             plan.batch = batch
-            self._step(plan, now)
+            self._step(plan)
 
     def _prepare(self, model: str, reqs: list[RequestState]) -> None:
         adapter = self.models[model]
@@ -257,11 +292,12 @@ class Engine:
             for req in reqs:
                 self._fail(req, f"encoding the prompt failed: {e}")
             return
-        share = (time.perf_counter() - t0) / len(reqs)
-        for req in reqs:
-            req.accelerator_s += share
+        dt = time.perf_counter() - t0
+        self.busy_s += dt
+        self._charge(reqs, dt, [r.params.rows for r in reqs])
+        self.observer.prompts_encoded(reqs, dt)
 
-    def _step(self, plan: StepPlan, now: float) -> None:
+    def _step(self, plan: StepPlan) -> None:
         batch = plan.batch
         model = batch[0].model
         adapter = self.models[model]
@@ -275,19 +311,34 @@ class Engine:
                 self._fail(req, f"the denoising step failed: {e}")
             return
         dt = time.perf_counter() - t0
+        self.busy_s += dt
         self.forwards += 1
         self.last_batch_rows = rows
         self._step_time[model] = 0.8 * self._step_time[model] + 0.2 * dt
         images = sum(r.params.num_images for r in batch)
+        self._charge(batch, dt, [r.params.rows for r in batch])
         for req in batch:
-            req.accelerator_s += dt * req.params.rows / rows
             req.forwards += 1
             req.batch_images_sum += images
         finished = self.scheduler.update(plan)
-        after = self.clock()
+        self.observer.batch_stepped(batch, rows, dt)
         for req in batch:
-            preview = adapter.preview(req) if req.params.preview_every else None
-            self._emit(req, ProgressEvent(req.steps_done, req.total_steps, after - req.arrival_time, preview))
+            preview = None
+            if req.params.preview_every:
+                p0 = time.perf_counter()
+                preview = adapter.preview(req)
+                if preview is not None:
+                    adapter.synchronize()
+                    pdt = time.perf_counter() - p0
+                    self.busy_s += pdt
+                    req.accelerator_s += pdt
+                    at = self.clock()
+                    if req.first_preview_time is None:
+                        req.first_preview_time = at
+                    if not req.params.internal:
+                        self.observer.preview_made(req, at, pdt)
+            elapsed = self.clock() - req.arrival_time
+            self._emit(req, ProgressEvent(req.steps_done, req.total_steps, elapsed, preview))
         if finished:
             self._finish(model, finished)
 
@@ -303,10 +354,11 @@ class Engine:
                 self._fail(req, f"decoding the image failed: {e}")
             return
         dt = time.perf_counter() - t0
-        total_images = sum(r.params.num_images for r in reqs)
+        self.busy_s += dt
+        self._charge(reqs, dt, [r.params.num_images for r in reqs])
+        self.observer.images_decoded(reqs, dt)
         now = self.clock()
         for req, imgs in zip(reqs, decoded, strict=True):
-            req.accelerator_s += dt * req.params.num_images / total_images
             self.scheduler.finish(req, RequestStatus.FINISHED_OK, now)
             self._release(req)
             usage = Usage(
@@ -324,8 +376,17 @@ class Engine:
                 usage.total_s,
                 usage.accelerator_s,
                 usage.mean_batch_size,
+                extra=req.log_extra,
             )
-            self._emit_final(req, ResultEvent(imgs, req.params.seeds, usage))
+            self._emit_final(req, ResultEvent(imgs, req.params.seeds, usage), usage)
+
+    @staticmethod
+    def _charge(reqs: Sequence[RequestState], seconds: float, weights: Sequence[int]) -> None:
+        """Split ``seconds`` of shared accelerator work among ``reqs`` by their weights
+        (the rows or images each added), so the shares add up to the whole."""
+        total = sum(weights)
+        for req, w in zip(reqs, weights, strict=True):
+            req.accelerator_s += seconds * w / total
 
     def _fail(self, req: RequestState, message: str) -> None:
         self.scheduler.finish(req, RequestStatus.FINISHED_ERROR, self.clock())
@@ -344,8 +405,8 @@ class Engine:
         with self._cv:
             pending = [p for kind, p, _ in self._inbox if kind == "submit"]
             self._inbox.clear()
-        for params in pending:
-            req = RequestState(params=params, arrival_time=self.clock(), status=status)
+        for req in pending:
+            req.status = status
             self._emit_final(req, FailedEvent(status.finish_reason, message))
 
     def _report_positions(self) -> None:
@@ -370,11 +431,15 @@ class Engine:
         except Exception:  # a broken sink must not stop the batch
             logger.exception("event sink for request %s failed", req.request_id)
 
-    def _emit_final(self, req: RequestState, event: EngineEvent) -> None:
-        """Send the request's one terminal event and forget it."""
+    def _emit_final(self, req: RequestState, event: EngineEvent, usage: Usage | None = None) -> None:
+        """Send the request's one terminal event and forget it (the one place every accepted
+        request ends, so observers count each exactly once)."""
+        if not req.params.internal:
+            reason = event.reason if isinstance(event, FailedEvent) else FinishReason.OK
+            self.observer.request_finished(req, reason, self.clock(), usage)
         self._emit(req, event)
         with self._cv:
             self._sinks.pop(req.request_id, None)
             self._queued.pop(req.request_id, None)
-            self._running_ids.discard(req.request_id)
+            self._running.pop(req.request_id, None)
             self._cv.notify_all()

@@ -61,6 +61,9 @@ class GenerationParams:
     output_quality: int = 90
     # Absolute time (engine clock, seconds) after which the request is dropped; None = never.
     deadline: float | None = None
+    # A server-internal request (model warm-up): served like any other but not counted in
+    # request metrics nor traced.
+    internal: bool = False
 
     @property
     def uses_guidance(self) -> bool:

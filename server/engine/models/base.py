@@ -6,6 +6,8 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import torch
+
     from ..request import RequestState
     from ..types import ModelInfo, RGBArray
 
@@ -18,6 +20,7 @@ class ModelAdapter(ABC):
     """
 
     info: ModelInfo
+    device: torch.device
 
     @abstractmethod
     def prepare(self, reqs: list[RequestState]) -> None:

@@ -1,0 +1,277 @@
+"""Prometheus metrics: one registry per server, served on ``--metrics-port``.
+
+Counters and histograms are fed by engine hooks (:class:`MetricsObserver`) and by the API for
+requests refused before they reach the engine. Gauges that describe the engine's present state
+(queue depth, active requests, accelerator busy/idle time, device memory) are read from the
+engine at scrape time by :class:`EngineCollector`, so they can never drift from the truth.
+See README "Metrics" for the list and docs/architecture.md for the cost model.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ..engine.observer import EngineObserver
+from ..engine.types import FinishReason, Usage
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from ..engine.request import RequestState
+    from ..engine.runner import Engine
+
+# Diffusion requests take from tens of milliseconds (a few steps of a small model) to minutes
+# (50 steps of SDXL behind a queue).
+LATENCY_BUCKETS_S = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, 600)
+# One batched denoiser forward: about a millisecond (tiny model, GPU) to seconds (SDXL, CPU).
+STEP_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+ACCELERATOR_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+COST_BUCKETS_USD = (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+
+# Model label for requests that named no model this server knows (bounded cardinality: callers
+# cannot create label values).
+UNKNOWN_MODEL = "unknown"
+
+
+class Outcome(enum.Enum):
+    """The ``code`` label of ``stepserve_requests_total``: how a Generate call ended."""
+
+    OK = "ok"
+    INVALID = "invalid"  # INVALID_ARGUMENT or NOT_FOUND: the caller's mistake
+    REJECTED = "rejected"  # RESOURCE_EXHAUSTED: the queue was full
+    UNAVAILABLE = "unavailable"  # not ready, draining, or shut down before finishing
+    CANCELLED = "cancelled"  # the caller cancelled or went away
+    DEADLINE = "deadline"  # the caller's deadline passed
+    ERROR = "error"  # INTERNAL: the server failed
+
+
+OUTCOME_OF_REASON = {
+    FinishReason.OK: Outcome.OK,
+    FinishReason.CANCELLED: Outcome.CANCELLED,
+    FinishReason.DEADLINE: Outcome.DEADLINE,
+    FinishReason.ERROR: Outcome.ERROR,
+    FinishReason.SHUTDOWN: Outcome.UNAVAILABLE,
+}
+
+
+class Metrics:
+    """Every stepserve metric, registered in its own :class:`CollectorRegistry`."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, process_collectors: bool = True) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        if process_collectors:
+            # prometheus-client's defaults: process_* (CPU, memory, fds), python_info, python_gc_*.
+            for c in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+                r.register(c)
+        m = ("model",)
+        self.requests = Counter(
+            "stepserve_requests", "Generate calls by final outcome (code).", ("model", "code"), registry=r
+        )
+        self.request_duration = Histogram(
+            "stepserve_request_duration_seconds",
+            "Time from acceptance to the final event of each accepted Generate call.",
+            ("model", "code"),
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "stepserve_queue_wait_seconds",
+            "Time requests waited before joining the running batch.",
+            m,
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.first_preview = Histogram(
+            "stepserve_time_to_first_preview_seconds",
+            "Time from acceptance to the first preview image (requests that asked for previews).",
+            m,
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.step_duration = Histogram(
+            "stepserve_step_duration_seconds",
+            "Wall time of one batched denoiser forward plus its sampler steps.",
+            m,
+            buckets=STEP_BUCKETS_S,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "stepserve_batch_size",
+            "Images in one batched denoiser forward.",
+            m,
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.batch_requests = Histogram(
+            "stepserve_batch_requests",
+            "Requests in one batched denoiser forward.",
+            m,
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.steps = Counter(
+            "stepserve_steps", "Denoising steps run, counted once per request per step.", m, registry=r
+        )
+        self.images = Counter("stepserve_images", "Images generated and returned.", m, registry=r)
+        self.generation_accelerator = Histogram(
+            "stepserve_generation_accelerator_seconds",
+            "Accelerator time attributed to each successful generation (Usage.accelerator_seconds).",
+            m,
+            buckets=ACCELERATOR_BUCKETS_S,
+            registry=r,
+        )
+        self.generation_cost = Histogram(
+            "stepserve_generation_cost_usd",
+            "Cost of each successful generation (Usage.cost_usd).",
+            m,
+            buckets=COST_BUCKETS_USD,
+            registry=r,
+        )
+        self.cost_total = Counter(
+            "stepserve_cost_usd",
+            "Accelerator cost attributed to requests (successful or not), in US dollars.",
+            m,
+            registry=r,
+        )
+        self.accelerator_charged = Counter(
+            "stepserve_accelerator_charged_seconds",
+            "Accelerator seconds attributed to requests (successful or not).",
+            m,
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "stepserve_build_info", "Always 1; labels name the version.", ("version",), registry=r
+        )
+
+    # -- API side: requests refused before reaching the engine ----------------------------
+    def count_refused(self, model: str, outcome: Outcome) -> None:
+        self.requests.labels(model, outcome.value).inc()
+
+    def init_model(self, model: str) -> None:
+        """Create a model's label sets at zero, so rates and alerts see them before traffic."""
+        for outcome in Outcome:
+            self.requests.labels(model, outcome.value)
+        for metric in (self.steps, self.images, self.cost_total, self.accelerator_charged):
+            metric.labels(model)
+
+    def serve(self, host: str, port: int) -> WSGIServer:
+        """Serve ``/metrics`` over HTTP on a daemon thread; returns the server (``.server_port``)."""
+        server, _ = start_http_server(port, addr=host.strip("[]"), registry=self.registry)
+        return server
+
+
+class MetricsObserver(EngineObserver):
+    """Feeds :class:`Metrics` from the engine's hooks."""
+
+    def __init__(self, metrics: Metrics, cost_per_hour: float) -> None:
+        self.m = metrics
+        self.usd_per_s = cost_per_hour / 3600.0
+
+    def request_admitted(self, req: RequestState, now: float) -> None:
+        self.m.queue_wait.labels(req.model).observe(max(0.0, now - req.arrival_time))
+
+    def batch_stepped(self, batch: Sequence[RequestState], rows: int, seconds: float) -> None:
+        model = batch[0].model
+        self.m.step_duration.labels(model).observe(seconds)
+        self.m.batch_size.labels(model).observe(sum(r.params.num_images for r in batch))
+        self.m.batch_requests.labels(model).observe(len(batch))
+        self.m.steps.labels(model).inc(len(batch))
+
+    def preview_made(self, req: RequestState, now: float, seconds: float) -> None:
+        if req.first_preview_time == now:
+            self.m.first_preview.labels(req.model).observe(now - req.arrival_time)
+
+    def request_finished(
+        self, req: RequestState, reason: FinishReason, now: float, usage: Usage | None
+    ) -> None:
+        model = req.model
+        outcome = OUTCOME_OF_REASON[reason]
+        self.m.requests.labels(model, outcome.value).inc()
+        self.m.request_duration.labels(model, outcome.value).observe(max(0.0, now - req.arrival_time))
+        # Work done for a request that later failed was still spent: it is charged too.
+        self.m.accelerator_charged.labels(model).inc(req.accelerator_s)
+        self.m.cost_total.labels(model).inc(req.accelerator_s * self.usd_per_s)
+        if usage is not None:
+            self.m.generation_accelerator.labels(model).observe(usage.accelerator_s)
+            self.m.generation_cost.labels(model).observe(usage.cost_usd)
+            self.m.images.labels(model).inc(req.params.num_images)
+
+
+class EngineCollector(Collector):
+    """Scrape-time gauges and counters read from the engine's own state."""
+
+    def __init__(
+        self,
+        engine: Callable[[], Engine | None],
+        max_batch_sizes: dict[str, int],
+        cuda_devices: Sequence[str] = (),
+    ) -> None:
+        self._engine = engine
+        self._max_batch = max_batch_sizes
+        self._cuda = list(cuda_devices)
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # unchecked collector: names are fixed but values come at scrape time
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self._engine()
+        queue = GaugeMetricFamily(
+            "stepserve_queue_depth", "Requests waiting for a place in the running batch.", labels=["model"]
+        )
+        active = GaugeMetricFamily(
+            "stepserve_active_requests",
+            "Requests in the running batch (admitted, not finished).",
+            labels=["model"],
+        )
+        cap = GaugeMetricFamily(
+            "stepserve_max_batch_size", "Most images one batched forward may hold.", labels=["model"]
+        )
+        load = engine.load_by_model() if engine is not None else {}
+        for model, size in self._max_batch.items():
+            waiting, running = load.get(model, (0, 0))
+            queue.add_metric([model], waiting)
+            active.add_metric([model], running)
+            cap.add_metric([model], size)
+        yield queue
+        yield active
+        yield cap
+        busy, idle = engine.accelerator_seconds() if engine is not None else (0.0, 0.0)
+        yield CounterMetricFamily(
+            "stepserve_accelerator_busy_seconds",
+            "Accelerator time spent on model work (encode, denoise, preview, decode).",
+            value=busy,
+        )
+        yield CounterMetricFamily(
+            "stepserve_accelerator_idle_seconds",
+            "Engine wall time with no model work running; not charged to any request.",
+            value=idle,
+        )
+        if self._cuda:
+            import torch
+
+            mem = GaugeMetricFamily(
+                "stepserve_accelerator_memory_bytes",
+                "CUDA memory held by this process (kind: allocated by tensors, reserved by the allocator).",
+                labels=["device", "kind"],
+            )
+            for dev in self._cuda:
+                mem.add_metric([dev, "allocated"], torch.cuda.memory_allocated(dev))
+                mem.add_metric([dev, "reserved"], torch.cuda.memory_reserved(dev))
+            yield mem
