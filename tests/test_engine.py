@@ -174,3 +174,21 @@ def test_request_level_mode_lets_no_one_join_a_running_batch(tiny_adapter) -> No
         rec.restore()
     assert [ids for ids, _ in rec.forwards] == [["first"]] * 3 + [["second"]] * 2
     assert isinstance(h.events["second"][-1], ResultEvent)
+
+
+def test_accelerator_time_is_split_without_loss_or_double_counting(harness) -> None:  # noqa: ANN001
+    """Every second of model work is charged to exactly the requests it served: the Usage
+    records add up to the engine's busy time, and a request that adds twice the rows to each
+    shared forward (CFG, more images) is charged more than one that adds fewer."""
+    harness.submit(params("guided", steps=6, guidance_scale=7.5, preview_every=2))
+    harness.submit(params("unguided", steps=6, guidance_scale=1.0))
+    harness.submit(params("two-images", steps=6, num_images=2))
+    harness.run_until_idle()
+    usages = {rid: harness.result(rid).usage for rid in ("guided", "unguided", "two-images")}
+    assert sum(u.accelerator_s for u in usages.values()) == pytest.approx(harness.engine.busy_s, rel=1e-9)
+    assert all(u.mean_batch_size == 4 for u in usages.values())  # 1 + 1 + 2 images in every forward
+    assert (
+        usages["unguided"].accelerator_s < usages["guided"].accelerator_s < usages["two-images"].accelerator_s
+    )
+    busy, idle = harness.engine.accelerator_seconds()
+    assert busy == harness.engine.busy_s and idle >= 0

@@ -195,8 +195,8 @@ class TracingObserver(EngineObserver):
                 )
                 step.end(end_time=end)
             if req.steps_complete:
-                denoise.end(end_time=end)
-                req.telemetry["denoise_ended"] = True
+                # Ended (at this time) when the request finishes, after its last preview event.
+                req.telemetry["denoise_end"] = end
 
     def preview_made(self, req: RequestState, now: float, seconds: float) -> None:
         denoise = req.telemetry.get("denoise")
@@ -216,7 +216,9 @@ class TracingObserver(EngineObserver):
         self, req: RequestState, reason: FinishReason, now: float, usage: Usage | None
     ) -> None:
         denoise = req.telemetry.get("denoise")
-        if denoise is not None and not req.telemetry.get("denoise_ended"):
+        if denoise is not None and "denoise_end" in req.telemetry:
+            denoise.end(end_time=req.telemetry["denoise_end"])
+        elif denoise is not None:
             # Left the batch early: cancelled, past its deadline, failed or shut down. A caller's
             # cancel is not the server's error (as in the gRPC semantic conventions).
             if reason is not FinishReason.CANCELLED:
