@@ -5,11 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
 PORT="${PORT:-50071}"
+METRICS_PORT="${METRICS_PORT:-9471}"
 OUT="${OUT:-demo-output}"
 rm -rf "$OUT" && mkdir -p "$OUT"
 
 echo "== starting stepserve on 127.0.0.1:$PORT (log: $OUT/server.log)"
-"$BIN/stepserve" serve --host 127.0.0.1 --port "$PORT" >"$OUT/server.log" 2>&1 &
+"$BIN/stepserve" serve --host 127.0.0.1 --port "$PORT" --metrics-port "$METRICS_PORT" >"$OUT/server.log" 2>&1 &
 SERVER=$!
 trap 'kill -TERM $SERVER 2>/dev/null || true' EXIT
 if ! "$BIN/stepserve-client" --target "127.0.0.1:$PORT" health --wait 180; then
@@ -34,6 +35,20 @@ B=$!
   --seed 5 --sampler euler_ancestral -o "$OUT/yellow-circle.png" &
 C=$!
 wait $A $B $C
+
+echo "== what Prometheus would scrape (http://127.0.0.1:$METRICS_PORT/metrics), in part"
+"$BIN/python" - "$METRICS_PORT" <<'PY'
+import sys, urllib.request
+from prometheus_client.parser import text_string_to_metric_families
+text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=10).read().decode()
+want = {"stepserve_requests_total", "stepserve_images_total", "stepserve_cost_usd_total",
+        "stepserve_batch_size_sum", "stepserve_batch_size_count", "stepserve_queue_depth"}
+for fam in text_string_to_metric_families(text):
+    for s in fam.samples:
+        if s.name in want and s.value:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            print(f"  {s.name}{{{labels}}} {s.value:g}")
+PY
 
 echo "== stopping the server"
 kill -TERM $SERVER
