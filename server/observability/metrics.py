@@ -81,80 +81,62 @@ class Metrics:
             for c in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
                 r.register(c)
         m = ("model",)
-        self.requests = Counter(
-            "stepserve_requests", "Generate calls by final outcome (code).", ("model", "code"), registry=r
+
+        def hist(name: str, doc: str, buckets: Sequence[float], labels: Sequence[str] = m) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=r)
+
+        def counter(name: str, doc: str, labels: Sequence[str] = m) -> Counter:
+            return Counter(name, doc, labels, registry=r)
+
+        self.requests = counter(
+            "stepserve_requests", "Generate calls by final outcome (code).", ("model", "code")
         )
-        self.request_duration = Histogram(
+        self.request_duration = hist(
             "stepserve_request_duration_seconds",
             "Time from acceptance to the final event of each accepted Generate call.",
+            LATENCY_BUCKETS_S,
             ("model", "code"),
-            buckets=LATENCY_BUCKETS_S,
-            registry=r,
         )
-        self.queue_wait = Histogram(
+        self.queue_wait = hist(
             "stepserve_queue_wait_seconds",
             "Time requests waited before joining the running batch.",
-            m,
-            buckets=LATENCY_BUCKETS_S,
-            registry=r,
+            LATENCY_BUCKETS_S,
         )
-        self.first_preview = Histogram(
+        self.first_preview = hist(
             "stepserve_time_to_first_preview_seconds",
             "Time from acceptance to the first preview image (requests that asked for previews).",
-            m,
-            buckets=LATENCY_BUCKETS_S,
-            registry=r,
+            LATENCY_BUCKETS_S,
         )
-        self.step_duration = Histogram(
+        self.step_duration = hist(
             "stepserve_step_duration_seconds",
             "Wall time of one batched denoiser forward plus its sampler steps.",
-            m,
-            buckets=STEP_BUCKETS_S,
-            registry=r,
+            STEP_BUCKETS_S,
         )
-        self.batch_size = Histogram(
-            "stepserve_batch_size",
-            "Images in one batched denoiser forward.",
-            m,
-            buckets=BATCH_BUCKETS,
-            registry=r,
+        self.batch_size = hist(
+            "stepserve_batch_size", "Images in one batched denoiser forward.", BATCH_BUCKETS
         )
-        self.batch_requests = Histogram(
-            "stepserve_batch_requests",
-            "Requests in one batched denoiser forward.",
-            m,
-            buckets=BATCH_BUCKETS,
-            registry=r,
+        self.batch_requests = hist(
+            "stepserve_batch_requests", "Requests in one batched denoiser forward.", BATCH_BUCKETS
         )
-        self.steps = Counter(
-            "stepserve_steps", "Denoising steps run, counted once per request per step.", m, registry=r
-        )
-        self.images = Counter("stepserve_images", "Images generated and returned.", m, registry=r)
-        self.generation_accelerator = Histogram(
+        self.steps = counter("stepserve_steps", "Denoising steps run, counted once per request per step.")
+        self.images = counter("stepserve_images", "Images generated and returned.")
+        self.generation_accelerator = hist(
             "stepserve_generation_accelerator_seconds",
             "Accelerator time attributed to each successful generation (Usage.accelerator_seconds).",
-            m,
-            buckets=ACCELERATOR_BUCKETS_S,
-            registry=r,
+            ACCELERATOR_BUCKETS_S,
         )
-        self.generation_cost = Histogram(
+        self.generation_cost = hist(
             "stepserve_generation_cost_usd",
             "Cost of each successful generation (Usage.cost_usd).",
-            m,
-            buckets=COST_BUCKETS_USD,
-            registry=r,
+            COST_BUCKETS_USD,
         )
-        self.cost_total = Counter(
+        self.cost_total = counter(
             "stepserve_cost_usd",
             "Accelerator cost attributed to requests (successful or not), in US dollars.",
-            m,
-            registry=r,
         )
-        self.accelerator_charged = Counter(
+        self.accelerator_charged = counter(
             "stepserve_accelerator_charged_seconds",
             "Accelerator seconds attributed to requests (successful or not).",
-            m,
-            registry=r,
         )
         self.build_info = Gauge(
             "stepserve_build_info", "Always 1; labels name the version.", ("version",), registry=r

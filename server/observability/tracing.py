@@ -122,14 +122,17 @@ class TracingObserver(EngineObserver):
         start = end - int(max(0.0, now - req.arrival_time) * 1e9)
         self._span("stepserve.queue", req, start, end)
 
-    def prompts_encoded(self, reqs: Sequence[RequestState], seconds: float) -> None:
+    def _span_each(self, name: str, reqs: Sequence[RequestState], seconds: float) -> None:
+        """One span per traced request for work they shared, which just took ``seconds``."""
         end = time.time_ns()
         start = end - int(seconds * 1e9)
         for req in reqs:
             if req.trace_context is not None:
-                self._span(
-                    "stepserve.encode_prompt", req, start, end, **{"stepserve.batch.requests": len(reqs)}
-                )
+                attrs = {"stepserve.batch.requests": len(reqs), "stepserve.num_images": req.params.num_images}
+                self._span(name, req, start, end, **attrs)
+
+    def prompts_encoded(self, reqs: Sequence[RequestState], seconds: float) -> None:
+        self._span_each("stepserve.encode_prompt", reqs, seconds)
 
     def batch_stepped(self, batch: Sequence[RequestState], rows: int, seconds: float) -> None:
         traced = [r for r in batch if r.trace_context is not None]
@@ -204,13 +207,7 @@ class TracingObserver(EngineObserver):
             denoise.add_event("preview", {"stepserve.step": req.steps_done})
 
     def images_decoded(self, reqs: Sequence[RequestState], seconds: float) -> None:
-        end = time.time_ns()
-        start = end - int(seconds * 1e9)
-        for req in reqs:
-            if req.trace_context is not None:
-                self._span(
-                    "stepserve.decode", req, start, end, **{"stepserve.num_images": req.params.num_images}
-                )
+        self._span_each("stepserve.decode", reqs, seconds)
 
     def request_finished(
         self, req: RequestState, reason: FinishReason, now: float, usage: Usage | None
