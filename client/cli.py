@@ -85,6 +85,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         preview_every=args.preview_every if args.previews else 0,
         output_format=fmt,
         request_id=args.request_id,
+        priority=args.priority or 0,
     )
     bar = ProgressBar(sys.stderr)
     previews = Path(args.previews) if args.previews else None
@@ -204,6 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--previews", default=None, metavar="DIR", help="save previews of the forming image here")
     g.add_argument("--preview-every", type=int, default=1, help="steps between previews (with --previews)")
     g.add_argument("--request-id", default="")
+    g.add_argument(
+        "--priority",
+        choices=["interactive", "batch"],
+        default=None,
+        help="scheduling class (default: interactive)",
+    )
     g.set_defaults(func=cmd_generate)
 
     m = sub.add_parser("models", help="list the server's models")

@@ -50,6 +50,7 @@ _FORMATS = {
     "jpg": pb.IMAGE_FORMAT_JPEG,
     "webp": pb.IMAGE_FORMAT_WEBP,
 }
+_PRIORITIES = {"interactive": pb.PRIORITY_INTERACTIVE, "batch": pb.PRIORITY_BATCH}
 _EXT = {pb.IMAGE_FORMAT_PNG: "png", pb.IMAGE_FORMAT_JPEG: "jpg", pb.IMAGE_FORMAT_WEBP: "webp"}
 
 
@@ -138,10 +139,12 @@ def build_request(
     output_format: str | int = 0,
     output_quality: int = 0,
     request_id: str = "",
+    priority: str | int = 0,
 ) -> pb.GenerateRequest:
     """A ``GenerateRequest``; 0 / None / "" leave a field to the server's defaults.
 
-    ``sampler`` and ``output_format`` take names ("euler", "ddim", "webp", ...) or enum values.
+    ``sampler``, ``output_format`` and ``priority`` take names ("euler", "ddim", "webp",
+    "batch", ...) or enum values.
     """
     req = pb.GenerateRequest(
         model=model,
@@ -157,6 +160,7 @@ def build_request(
         output_format=_FORMATS[output_format.lower()] if isinstance(output_format, str) else output_format,
         output_quality=output_quality,
         request_id=request_id,
+        priority=_PRIORITIES[priority.lower()] if isinstance(priority, str) else priority,
     )
     if guidance_scale is not None:
         req.guidance_scale = guidance_scale

@@ -178,6 +178,7 @@ class StepServer:
                 max_queue=self.config.max_queue,
                 max_batch_delay_s=self.config.max_batch_delay_ms / 1000.0,
                 accelerator_cost_per_hour=self.config.accelerator_cost_per_hour,
+                batch_priority_delay_s=self.config.batch_priority_delay_s,
             ),
             observers=observers,
         )

@@ -41,6 +41,11 @@ class ServerConfig:
     max_batch_size: int = _opt(16, "most images one model denoises in one batched forward")
     max_batch_delay_ms: int = _opt(50, "request-level batching only: longest a batch waits to fill, in ms")
     max_queue: int = _opt(256, "most waiting requests; beyond it Generate answers RESOURCE_EXHAUSTED")
+    batch_priority_delay_s: float = _opt(
+        60.0,
+        "PRIORITY_BATCH requests are served as if they arrived this many seconds later than they did: "
+        "interactive ones go first, but never ones that arrived more than this after (aging)",
+    )
     device: str = _opt("auto", "torch device: auto (cuda if available), cpu, cuda, cuda:1, ...")
     dtype: str = _opt(
         "auto", "weights dtype: auto (float16 on GPU, float32 on CPU), float32, float16, bfloat16"
@@ -98,6 +103,10 @@ class ServerConfig:
             self.dtype in ("auto", "float32", "float16", "bfloat16"), f"--dtype {self.dtype!r}: unknown dtype"
         )
         need(self.threads >= 0, f"--threads {self.threads}: must be >= 0")
+        need(
+            0 <= self.batch_priority_delay_s <= 86_400,
+            f"--batch-priority-delay-s {self.batch_priority_delay_s}: must be 0..86400",
+        )
         need(
             self.accelerator_cost_per_hour >= 0,
             f"--accelerator-cost-per-hour {self.accelerator_cost_per_hour}: must be >= 0",

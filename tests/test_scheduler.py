@@ -6,7 +6,7 @@ import pytest
 
 from stepserve.server.engine.request import RequestState, RequestStatus
 from stepserve.server.engine.scheduler import RequestLevelScheduler, StepLevelScheduler, make_scheduler
-from stepserve.server.engine.types import GenerationParams, Sampler
+from stepserve.server.engine.types import GenerationParams, Priority, Sampler
 
 
 def req(
@@ -18,6 +18,7 @@ def req(
     model: str = "m",
     size: int = 64,
     deadline: float | None = None,
+    priority: Priority = Priority.INTERACTIVE,
 ) -> RequestState:
     p = GenerationParams(
         request_id=rid,
@@ -32,6 +33,7 @@ def req(
         sampler=Sampler.EULER,
         num_images=images,
         deadline=deadline,
+        priority=priority,
     )
     return RequestState(params=p, arrival_time=t)
 
@@ -168,3 +170,46 @@ def test_make_scheduler_rejects_unknown_mode() -> None:
     assert isinstance(make_scheduler("step", {"m": 1}, 0), StepLevelScheduler)
     with pytest.raises(ValueError, match="unknown batching mode"):
         make_scheduler("static", {"m": 1}, 0)
+
+
+def test_interactive_requests_go_before_waiting_batch_requests() -> None:
+    s = StepLevelScheduler({"m": 1}, {Priority.INTERACTIVE: 0.0, Priority.BATCH: 60.0})
+    s.add(req("running", 0.0, steps=100))
+    run_step(s, 0.0)
+    s.add(req("batch-1", 1.0, priority=Priority.BATCH))
+    s.add(req("batch-2", 2.0, priority=Priority.BATCH))
+    s.add(req("inter-1", 3.0))
+    s.add(req("inter-2", 50.0))
+    # Interactive first (in arrival order), batch after (in arrival order).
+    assert ids(s.waiting) == ["inter-1", "inter-2", "batch-1", "batch-2"]
+    assert s.queue_positions() == {"inter-1": 0, "inter-2": 1, "batch-1": 2, "batch-2": 3}
+
+
+def test_batch_requests_age_so_interactive_traffic_cannot_starve_them() -> None:
+    """A batch request that arrived at t is overtaken only by interactive requests that arrive
+    before t + delay: under an endless interactive stream it still gets served."""
+    s = StepLevelScheduler({"m": 1}, {Priority.INTERACTIVE: 0.0, Priority.BATCH: 10.0})
+    s.add(req("batch", 0.0, steps=1, priority=Priority.BATCH))
+    served: list[str] = []
+    t = 0.0
+    i = 0
+    while "batch" not in served:
+        assert t < 100, "the batch request starved"
+        s.add(req(f"i{i}", t, steps=1))  # a new interactive request every step
+        i += 1
+        plan = run_step(s, t)
+        served += ids(plan.batch)
+        t += 1.0
+    # It waited behind exactly the interactive requests that arrived before its 10 s delay ran
+    # out (i0..i9 at t = 0..9); i10, arriving at t = 10, ties and queues behind the older one.
+    assert served.index("batch") == 10
+    assert served[:10] == [f"i{k}" for k in range(10)]
+
+
+def test_equal_keys_keep_arrival_order_across_classes() -> None:
+    s = StepLevelScheduler({"m": 1}, {Priority.INTERACTIVE: 0.0, Priority.BATCH: 5.0})
+    s.add(req("running", 0.0, steps=100))
+    run_step(s, 0.0)
+    s.add(req("b", 0.0, priority=Priority.BATCH))  # key 5.0
+    s.add(req("i", 5.0))  # key 5.0, arrived later
+    assert ids(s.waiting) == ["b", "i"]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from stepserve.v1 import image_generation_pb2 as pb
 
-from ..engine.types import GenerationParams, ImageFormat, ModelInfo, Sampler
+from ..engine.types import GenerationParams, ImageFormat, ModelInfo, Priority, Sampler
 from .errors import ApiError, FieldViolation, invalid_argument, not_found
 
 SAMPLER_FROM_PROTO: dict[int, Sampler] = {
@@ -36,6 +36,11 @@ FORMAT_TO_PROTO = {
     ImageFormat.PNG: pb.IMAGE_FORMAT_PNG,
     ImageFormat.JPEG: pb.IMAGE_FORMAT_JPEG,
     ImageFormat.WEBP: pb.IMAGE_FORMAT_WEBP,
+}
+PRIORITY_FROM_PROTO: dict[int, Priority] = {
+    pb.PRIORITY_UNSPECIFIED: Priority.INTERACTIVE,
+    pb.PRIORITY_INTERACTIVE: Priority.INTERACTIVE,
+    pb.PRIORITY_BATCH: Priority.BATCH,
 }
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/@+=-]{1,128}$")
 
@@ -141,6 +146,9 @@ def validate_generate(
     quality = req.output_quality or 90
     check(1 <= quality <= 100, "output_quality", f"{quality} is outside 1..100")
 
+    priority = PRIORITY_FROM_PROTO.get(req.priority)
+    check(priority is not None, "priority", f"{req.priority} is not a known Priority value")
+
     request_id = req.request_id or uuid.uuid4().hex
     check(
         bool(_REQUEST_ID.match(request_id)),
@@ -158,7 +166,7 @@ def validate_generate(
 
     if bad:
         raise invalid_argument(bad)
-    assert fmt is not None
+    assert fmt is not None and priority is not None
     return GenerationParams(
         request_id=request_id,
         model=name,
@@ -176,6 +184,7 @@ def validate_generate(
         output_format=fmt,
         output_quality=quality,
         deadline=deadline,
+        priority=priority,
     )
 
 

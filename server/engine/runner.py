@@ -25,6 +25,7 @@ from .types import (
     FailedEvent,
     FinishReason,
     GenerationParams,
+    Priority,
     ProgressEvent,
     QueuedEvent,
     ResultEvent,
@@ -60,6 +61,8 @@ class EngineConfig:
     max_queue: int = 256
     max_batch_delay_s: float = 0.05
     accelerator_cost_per_hour: float = 0.0
+    # Batch-priority requests are served as if they arrived this much later (aging bound).
+    batch_priority_delay_s: float = 60.0
 
 
 class Engine:
@@ -76,7 +79,10 @@ class Engine:
         self.config = config
         self.clock = clock
         self.scheduler: BaseScheduler = make_scheduler(
-            config.batching, {n: m.info.max_batch_size for n, m in models.items()}, config.max_batch_delay_s
+            config.batching,
+            {n: m.info.max_batch_size for n, m in models.items()},
+            config.max_batch_delay_s,
+            {Priority.INTERACTIVE: 0.0, Priority.BATCH: config.batch_priority_delay_s},
         )
         self._cv = threading.Condition()
         self._inbox: deque[tuple[str, Any, Any]] = deque()

@@ -17,9 +17,16 @@ Two policies share the bookkeeping in :class:`BaseScheduler`:
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .request import BucketKey, RequestState, RequestStatus
+from .types import Priority
+
+# How much later than an interactive request a batch request counts as having arrived
+# (see :meth:`BaseScheduler.queue_key`).
+DEFAULT_PRIORITY_DELAY_S: dict[Priority, float] = {Priority.INTERACTIVE: 0.0, Priority.BATCH: 60.0}
 
 
 @dataclass
@@ -39,9 +46,15 @@ class StepPlan:
 class BaseScheduler:
     """Waiting queue, running set, cancellation and deadlines, per-model capacity."""
 
-    def __init__(self, capacity: dict[str, int]) -> None:
+    def __init__(
+        self, capacity: dict[str, int], priority_delay_s: Mapping[Priority, float] | None = None
+    ) -> None:
         # Most images each model may have in its running set (its max batch size).
         self.capacity = dict(capacity)
+        self.priority_delay_s = dict(
+            DEFAULT_PRIORITY_DELAY_S if priority_delay_s is None else priority_delay_s
+        )
+        # Waiting requests in service order (ascending queue_key; ties keep arrival order).
         self.waiting: list[RequestState] = []
         self.running: dict[str, RequestState] = {}
         self._pending_aborts: dict[str, RequestStatus] = {}
@@ -56,7 +69,17 @@ class BaseScheduler:
                 f"model {req.model!r} can batch ({self.capacity[req.model]})"
             )
         req.status = RequestStatus.WAITING
-        self.waiting.append(req)
+        keys = [self.queue_key(r) for r in self.waiting]
+        self.waiting.insert(bisect.bisect_right(keys, self.queue_key(req)), req)
+
+    def queue_key(self, req: RequestState) -> float:
+        """Service order of waiting requests: arrival time, plus a delay for lower priority.
+
+        A batch request arriving at t is served as if it arrived at t + delay: interactive
+        requests arriving before then go first, later ones queue behind it. That is aging: no
+        request waits behind newcomers for more than its class's delay, so none starves.
+        """
+        return req.arrival_time + self.priority_delay_s.get(req.params.priority, 0.0)
 
     def abort(self, request_id: str, status: RequestStatus) -> None:
         """Mark a request to be dropped at the next step boundary."""
@@ -198,8 +221,13 @@ class StepLevelScheduler(BaseScheduler):
 class RequestLevelScheduler(BaseScheduler):
     """Classic dynamic batching: a formed batch runs to completion before the next forms."""
 
-    def __init__(self, capacity: dict[str, int], max_delay_s: float) -> None:
-        super().__init__(capacity)
+    def __init__(
+        self,
+        capacity: dict[str, int],
+        max_delay_s: float,
+        priority_delay_s: Mapping[Priority, float] | None = None,
+    ) -> None:
+        super().__init__(capacity, priority_delay_s)
         # Longest a request waits for its batch to fill before the batch starts anyway.
         self.max_delay_s = max_delay_s
 
@@ -225,12 +253,17 @@ class RequestLevelScheduler(BaseScheduler):
         return chosen
 
 
-def make_scheduler(mode: str, capacity: dict[str, int], max_delay_s: float) -> BaseScheduler:
+def make_scheduler(
+    mode: str,
+    capacity: dict[str, int],
+    max_delay_s: float,
+    priority_delay_s: Mapping[Priority, float] | None = None,
+) -> BaseScheduler:
     """``mode`` is ``"step"`` (continuous batching) or ``"request"`` (classic dynamic batching)."""
     if mode == "step":
-        return StepLevelScheduler(capacity)
+        return StepLevelScheduler(capacity, priority_delay_s)
     if mode == "request":
-        return RequestLevelScheduler(capacity, max_delay_s)
+        return RequestLevelScheduler(capacity, max_delay_s, priority_delay_s)
     raise ValueError(f"unknown batching mode {mode!r} (expected 'step' or 'request')")
 
 

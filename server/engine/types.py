@@ -30,6 +30,13 @@ class ImageFormat(str, enum.Enum):
     WEBP = "webp"
 
 
+class Priority(str, enum.Enum):
+    """Scheduling class: interactive requests are served before batch ones (with aging)."""
+
+    INTERACTIVE = "interactive"
+    BATCH = "batch"
+
+
 class FinishReason(str, enum.Enum):
     """How a request ended; mapped once to gRPC status codes at the API edge."""
 
@@ -61,6 +68,7 @@ class GenerationParams:
     output_quality: int = 90
     # Absolute time (engine clock, seconds) after which the request is dropped; None = never.
     deadline: float | None = None
+    priority: Priority = Priority.INTERACTIVE
     # A server-internal request (model warm-up): served like any other but not counted in
     # request metrics nor traced.
     internal: bool = False

@@ -79,6 +79,33 @@ IMAGE_FORMAT_WEBP: ImageFormat.ValueType  # 3
 """Lossy WebP."""
 Global___ImageFormat: _TypeAlias = ImageFormat  # noqa: Y015
 
+class _Priority:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PriorityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Priority.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PRIORITY_UNSPECIFIED: _Priority.ValueType  # 0
+    """Not set: treated as PRIORITY_INTERACTIVE."""
+    PRIORITY_INTERACTIVE: _Priority.ValueType  # 1
+    """A caller is waiting for the image (the default)."""
+    PRIORITY_BATCH: _Priority.ValueType  # 2
+    """Offline or bulk work that can yield to interactive requests."""
+
+class Priority(_Priority, metaclass=_PriorityEnumTypeWrapper):
+    """Priority is a request's scheduling class. Waiting requests are served interactive first,
+    but a batch request is never overtaken by interactive requests that arrived more than the
+    server's --batch-priority-delay-s after it (aging), so it cannot wait forever.
+    """
+
+PRIORITY_UNSPECIFIED: Priority.ValueType  # 0
+"""Not set: treated as PRIORITY_INTERACTIVE."""
+PRIORITY_INTERACTIVE: Priority.ValueType  # 1
+"""A caller is waiting for the image (the default)."""
+PRIORITY_BATCH: Priority.ValueType  # 2
+"""Offline or bulk work that can yield to interactive requests."""
+Global___Priority: _TypeAlias = Priority  # noqa: Y015
+
 @_typing.final
 class GenerateRequest(_message.Message):
     """GenerateRequest describes one text-to-image generation of one or more images."""
@@ -100,6 +127,7 @@ class GenerateRequest(_message.Message):
     OUTPUT_FORMAT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     OUTPUT_QUALITY_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Registry name of the model to run (see ListModels); empty selects the server's default."""
     prompt: _builtins.str
@@ -138,6 +166,8 @@ class GenerateRequest(_message.Message):
     """
     output_quality: _builtins.int
     """Quality of JPEG and WebP output, 1-100; 0 selects the default (90). Ignored for PNG."""
+    priority: Global___Priority.ValueType
+    """Scheduling class; PRIORITY_UNSPECIFIED means PRIORITY_INTERACTIVE."""
     def __init__(
         self,
         *,
@@ -156,10 +186,11 @@ class GenerateRequest(_message.Message):
         output_format: Global___ImageFormat.ValueType = ...,
         request_id: _builtins.str = ...,
         output_quality: _builtins.int = ...,
+        priority: Global___Priority.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "guidance_scale", b"guidance_scale", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "guidance_scale", b"guidance_scale", "height_px", b"height_px", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "output_format", b"output_format", "output_quality", b"output_quality", "preview_every_n_steps", b"preview_every_n_steps", "preview_max_size_px", b"preview_max_size_px", "prompt", b"prompt", "request_id", b"request_id", "sampler", b"sampler", "seed", b"seed", "steps", b"steps", "width_px", b"width_px"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "guidance_scale", b"guidance_scale", "height_px", b"height_px", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "output_format", b"output_format", "output_quality", b"output_quality", "preview_every_n_steps", b"preview_every_n_steps", "preview_max_size_px", b"preview_max_size_px", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "sampler", b"sampler", "seed", b"seed", "steps", b"steps", "width_px", b"width_px"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance_scale: _TypeAlias = _typing.Literal["guidance_scale"]  # noqa: Y015
     _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
