@@ -179,6 +179,7 @@ class StepServer:
                 max_batch_delay_s=self.config.max_batch_delay_ms / 1000.0,
                 accelerator_cost_per_hour=self.config.accelerator_cost_per_hour,
                 batch_priority_delay_s=self.config.batch_priority_delay_s,
+                reject_unmeetable_deadlines=self.config.reject_unmeetable_deadlines,
             ),
             observers=observers,
         )

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
+from stepserve.server.engine.faults import NO_FAULTS, Faults
 from stepserve.server.engine.runner import EngineStoppedError, QueueFullError
 from stepserve.server.engine.types import (
     FailedEvent,
@@ -119,6 +122,24 @@ def test_deadline_ends_the_request_at_the_next_step(harness) -> None:  # noqa: A
     assert len(harness.rec.forwards) == 3
 
 
+def test_unmeetable_deadline_is_refused_before_any_work(harness) -> None:  # noqa: ANN001
+    now = harness.clock.now
+    harness.submit(params("busy", steps=20))
+    harness.step()
+    harness.engine._step_time["tiny"] = 0.5  # seconds per step, as if measured
+    # 10 steps need about 5 s; 1 s is not enough. 30 s is.
+    harness.submit(params("hopeless", steps=10, deadline=now + 1.0))
+    harness.submit(params("fine", steps=10, deadline=now + 30.0))
+    harness.step()
+    failed = harness.failure("hopeless")
+    assert failed.reason is FinishReason.UNMEETABLE_DEADLINE
+    assert failed.retry_after_s == pytest.approx(5.0)
+    assert "cannot be met" in failed.message
+    assert not any("hopeless" in ids for ids, _ in harness.rec.forwards)
+    harness.run_until_idle()
+    assert isinstance(harness.events["fine"][-1], ResultEvent)
+
+
 def test_full_queue_rejects_with_retry_hint(tiny_adapter) -> None:  # noqa: ANN001
     h = Harness({"tiny": tiny_adapter}, max_queue=2)
     h.submit(params("a"))
@@ -132,27 +153,72 @@ def test_full_queue_rejects_with_retry_hint(tiny_adapter) -> None:  # noqa: ANN0
     assert isinstance(h.events["c"][-1], ResultEvent)
 
 
-def test_failing_step_fails_its_batch_and_engine_keeps_serving(harness, tiny_adapter) -> None:  # noqa: ANN001
-    original = tiny_adapter.denoise_step
-    calls = {"n": 0}
+@pytest.fixture
+def faults(tiny_adapter):  # noqa: ANN001, ANN201
+    """Turn on injected faults for the tiny adapter (test-only hooks), off again afterwards."""
+    yield lambda spec: setattr(tiny_adapter, "faults", Faults.parse(spec))
+    tiny_adapter.faults = NO_FAULTS
 
-    def boom(reqs):  # noqa: ANN001, ANN202
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("injected fault")
-        return original(reqs)
 
-    tiny_adapter.denoise_step = boom
-    try:
-        harness.submit(params("x", steps=3))
-        harness.run_until_idle()
-        assert harness.failure("x").reason is FinishReason.ERROR
-        assert "injected fault" in harness.failure("x").message
-        harness.submit(params("y", steps=2))
-        harness.run_until_idle()
-        assert isinstance(harness.events["y"][-1], ResultEvent)
-    finally:
-        tiny_adapter.denoise_step = original
+def solo_images(harness, p) -> list:  # noqa: ANN001
+    """The images ``p`` gets when it runs alone."""
+    harness.submit(p)
+    harness.run_until_idle()
+    return harness.result(p.request_id).images
+
+
+def test_a_poisoned_request_fails_alone_and_its_batchmates_are_undisturbed(harness, faults) -> None:  # noqa: ANN001
+    a, c = params("a", steps=4, seed=1), params("c", steps=4, seed=3, guidance_scale=1.0)
+    want = {"a": solo_images(harness, a), "c": solo_images(harness, c)}
+    faults("request_error=POISON")
+    for p in (
+        replace(a, request_id="a2"),
+        params("b", prompt="POISON pill", steps=4),
+        replace(c, request_id="c2"),
+    ):
+        harness.submit(p)
+    harness.run_until_idle()
+    failed = harness.failure("b")
+    assert failed.reason is FinishReason.ERROR and "injected failure of request b" in failed.message
+    for rid in ("a", "c"):
+        np.testing.assert_array_equal(harness.result(rid + "2").images[0], want[rid][0])
+    # b failed in its first step, and its batchmates went on to finish.
+    assert not [e for e in harness.events["b"] if isinstance(e, ProgressEvent)]
+    assert harness.engine.in_flight() == 0 and not harness.engine.scheduler.has_unfinished()
+
+
+def test_a_request_that_breaks_the_shared_forward_is_isolated_by_halving(harness, faults) -> None:  # noqa: ANN001
+    ps = [params(f"r{i}", steps=3, seed=i) for i in range(4)]
+    want = {p.request_id: solo_images(harness, p) for p in ps}
+    faults("forward_error=BREAKS")
+    for p in ps:
+        harness.submit(replace(p, request_id=p.request_id + "-batched"))
+    harness.submit(params("bad", prompt="this BREAKS the forward", steps=3))
+    harness.run_until_idle()
+    assert "injected forward failure" in harness.failure("bad").message
+    for rid, images in want.items():
+        np.testing.assert_array_equal(harness.result(rid + "-batched").images[0], images[0])
+
+
+def test_out_of_memory_splits_the_batch_lowers_the_cap_and_keeps_serving(harness, faults) -> None:  # noqa: ANN001
+    ps = [params(f"r{i}", steps=3, seed=10 + i) for i in range(4)]  # guided: 2 rows per image
+    want = {p.request_id: solo_images(harness, p) for p in ps}
+    assert harness.engine.scheduler.capacity["tiny"] == 16
+    faults("oom_above_rows=2")  # the "accelerator" holds one guided image per forward
+    for p in ps:
+        harness.submit(replace(p, request_id=p.request_id + "-batched"))
+    harness.run_until_idle()
+    for rid, images in want.items():
+        np.testing.assert_array_equal(harness.result(rid + "-batched").images[0], images[0])
+    assert harness.engine.scheduler.capacity["tiny"] == 1
+    # After the cap was lowered, every forward holds one image: no more failed attempts.
+    assert all(len(ids) == 1 for ids, _ in harness.rec.forwards[-8:])
+    # A request that cannot fit even alone fails with a clear message; the engine goes on.
+    harness.submit(params("big", steps=2, num_images=2))
+    harness.submit(params("after", steps=2))
+    harness.run_until_idle()
+    assert "out of accelerator memory even alone" in harness.failure("big").message
+    assert isinstance(harness.events["after"][-1], ResultEvent)
 
 
 def test_draining_engine_refuses_new_requests(tiny_adapter) -> None:  # noqa: ANN001

@@ -171,8 +171,13 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
                     return
                 elif isinstance(event, FailedEvent):
                     done = True
-                    code = FAILURE_CODES[event.reason]
-                    await context.abort(code, f"request {rid}: {event.message}")
+                    if event.reason is FinishReason.UNMEETABLE_DEADLINE:
+                        error = resource_exhausted(
+                            f"request {rid}: {event.message}", event.retry_after_s or 1.0, subject="deadline"
+                        )
+                        await _abort(context, error)
+                    else:
+                        await context.abort(FAILURE_CODES[event.reason], f"request {rid}: {event.message}")
                     return
         finally:
             if not done:

@@ -19,6 +19,7 @@ class RequestStatus(enum.Enum):
     FINISHED_DEADLINE = "finished_deadline"
     FINISHED_ERROR = "finished_error"
     FINISHED_SHUTDOWN = "finished_shutdown"
+    FINISHED_REJECTED = "finished_rejected"
 
     @property
     def is_finished(self) -> bool:
@@ -36,6 +37,7 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_DEADLINE: FinishReason.DEADLINE,
     RequestStatus.FINISHED_ERROR: FinishReason.ERROR,
     RequestStatus.FINISHED_SHUTDOWN: FinishReason.SHUTDOWN,
+    RequestStatus.FINISHED_REJECTED: FinishReason.UNMEETABLE_DEADLINE,
 }
 
 BucketKey = tuple[str, int, int]
@@ -62,6 +64,8 @@ class RequestState:
     forwards: int = 0
     batch_images_sum: int = 0
     first_preview_time: float | None = None
+    # Scheduler step counter of this request's last forward (-1 = none yet).
+    last_step: int = -1
     work: Any = field(default=None, repr=False)
     # The caller's trace context (an OpenTelemetry SpanContext, or None when not traced) and
     # per-request state that observers keep (open spans); the engine never looks inside.

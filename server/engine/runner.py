@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .models.base import ModelAdapter
+from .models.base import ModelAdapter, RequestStepFailures
 from .observer import EngineObserver, ObserverGroup
 from .request import RequestState, RequestStatus
 from .scheduler import BaseScheduler, StepPlan, make_scheduler
@@ -63,6 +63,8 @@ class EngineConfig:
     accelerator_cost_per_hour: float = 0.0
     # Batch-priority requests are served as if they arrived this much later (aging bound).
     batch_priority_delay_s: float = 60.0
+    # Refuse at admission a request whose deadline the current load cannot meet.
+    reject_unmeetable_deadlines: bool = True
 
 
 class Engine:
@@ -249,9 +251,38 @@ class Engine:
         for kind, a, b in items:
             if kind == "submit":
                 self.scheduler.add(a)
+                if self.config.reject_unmeetable_deadlines:
+                    self._refuse_if_unmeetable(a)
             else:
                 self.scheduler.abort(a, b)
         return True
+
+    def estimated_finish_s(self, req: RequestState) -> float:
+        """Seconds until a just-queued request would finish at the current load: the wait for
+        a slot plus its own steps, at the model's recent step time (an optimistic estimate:
+        it assumes the batch does not grow)."""
+        step = self._step_time[req.model]
+        pos = self.scheduler.queue_positions()[req.request_id]
+        info = self.models[req.model].info
+        return (
+            self.scheduler.estimated_wait(pos, req.model, step, info.default_steps) + req.params.steps * step
+        )
+
+    def _refuse_if_unmeetable(self, req: RequestState) -> None:
+        deadline = req.params.deadline
+        if deadline is None:
+            return
+        now = self.clock()
+        need = self.estimated_finish_s(req)
+        if now + need <= deadline:
+            return
+        self.scheduler.finish(req, RequestStatus.FINISHED_REJECTED, now)
+        msg = (
+            f"the deadline ({max(0.0, deadline - now):.2f}s left) cannot be met at the current load: "
+            f"about {need:.2f}s to finish; retry with a longer deadline or later"
+        )
+        logger.info("request %s refused: %s", req.request_id, msg, extra=req.log_extra)
+        self._emit_final(req, FailedEvent(FinishReason.UNMEETABLE_DEADLINE, msg, retry_after_s=need))
 
     def _execute(self, plan: StepPlan) -> None:
         now = self.clock()
@@ -304,31 +335,14 @@ class Engine:
         self.observer.prompts_encoded(reqs, dt)
 
     def _step(self, plan: StepPlan) -> None:
-        batch = plan.batch
-        model = batch[0].model
+        model = plan.batch[0].model
         adapter = self.models[model]
-        t0 = time.perf_counter()
-        try:
-            rows = adapter.denoise_step(batch)
-            adapter.synchronize()
-        except Exception as e:
-            logger.exception("denoising step for %d request(s) of %s failed", len(batch), model)
-            for req in batch:
-                self._fail(req, f"the denoising step failed: {e}")
+        stepped = self._forward(adapter, plan.batch)
+        if not stepped:
             return
-        dt = time.perf_counter() - t0
-        self.busy_s += dt
-        self.forwards += 1
-        self.last_batch_rows = rows
-        self._step_time[model] = 0.8 * self._step_time[model] + 0.2 * dt
-        images = sum(r.params.num_images for r in batch)
-        self._charge(batch, dt, [r.params.rows for r in batch])
-        for req in batch:
-            req.forwards += 1
-            req.batch_images_sum += images
+        plan.batch = stepped
         finished = self.scheduler.update(plan)
-        self.observer.batch_stepped(batch, rows, dt)
-        for req in batch:
+        for req in stepped:
             preview = None
             if req.params.preview_every:
                 p0 = time.perf_counter()
@@ -347,6 +361,81 @@ class Engine:
             self._emit(req, ProgressEvent(req.steps_done, req.total_steps, elapsed, preview))
         if finished:
             self._finish(model, finished)
+
+    def _forward(self, adapter: ModelAdapter, batch: list[RequestState]) -> list[RequestState]:
+        """Run one batched step for ``batch``; returns the requests that advanced.
+
+        Faults stay with the requests that cause them: a request whose own update fails is
+        failed alone (the adapter reports it with RequestStepFailures); a failure of the shared
+        forward is retried in two halves, down to single requests, so only a request that
+        breaks the forward by itself fails. Out of memory also lowers the model's batch cap.
+        The time of every attempt is charged to the requests in it.
+        """
+        model = batch[0].model
+        t0 = time.perf_counter()
+        failures: dict[str, BaseException] = {}
+        try:
+            rows = adapter.denoise_step(batch)
+            adapter.synchronize()
+        except RequestStepFailures as e:
+            rows, failures = e.rows, e.failures
+        except Exception as e:
+            dt = time.perf_counter() - t0
+            self.busy_s += dt
+            self._charge(batch, dt, [r.params.rows for r in batch])
+            oom = adapter.is_out_of_memory(e)
+            if oom:
+                adapter.recover_from_oom()
+                self._lower_capacity(model, sum(r.params.num_images for r in batch), e)
+            if len(batch) == 1:
+                what = "ran out of accelerator memory even alone" if oom else f"failed: {e}"
+                logger.exception("denoising step of request %s %s", batch[0].request_id, what)
+                self._fail(batch[0], f"the denoising step {what}")
+                return []
+            logger.warning(
+                "batched step of %d requests of %s failed (%s: %s); retrying in halves",
+                len(batch),
+                model,
+                type(e).__name__,
+                e,
+            )
+            half = len(batch) // 2
+            return self._forward(adapter, batch[:half]) + self._forward(adapter, batch[half:])
+        dt = time.perf_counter() - t0
+        self.busy_s += dt
+        self._charge(batch, dt, [r.params.rows for r in batch])
+        for req in batch:
+            if req.request_id in failures:
+                err = failures[req.request_id]
+                logger.error("step of request %s failed: %s", req.request_id, err, extra=req.log_extra)
+                self._fail(req, f"the denoising step failed: {type(err).__name__}: {err}")
+        stepped = [r for r in batch if r.request_id not in failures]
+        if not rows or not stepped:
+            return stepped
+        self.forwards += 1
+        self.last_batch_rows = rows
+        self._step_time[model] = 0.8 * self._step_time[model] + 0.2 * dt
+        images = sum(r.params.num_images for r in batch)
+        for req in stepped:
+            req.forwards += 1
+            req.batch_images_sum += images
+        self.observer.batch_stepped(stepped, rows, dt)
+        return stepped
+
+    def _lower_capacity(self, model: str, images: int, exc: BaseException) -> None:
+        """After out of memory with ``images`` in one forward, cap the model's batches below it."""
+        cap = self.scheduler.capacity[model]
+        new = max(1, min(cap, images // 2))
+        if new < cap:
+            self.scheduler.capacity[model] = new
+            logger.warning(
+                "out of accelerator memory with %d images in one forward of %s: batch cap %d -> %d (%s)",
+                images,
+                model,
+                cap,
+                new,
+                exc,
+            )
 
     def _finish(self, model: str, reqs: list[RequestState]) -> None:
         adapter = self.models[model]

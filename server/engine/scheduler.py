@@ -49,8 +49,10 @@ class BaseScheduler:
     def __init__(
         self, capacity: dict[str, int], priority_delay_s: Mapping[Priority, float] | None = None
     ) -> None:
-        # Most images each model may have in its running set (its max batch size).
+        # Most images each model may have in its running set (its max batch size); the engine
+        # lowers it after an out-of-memory error. max_images stays the configured limit.
         self.capacity = dict(capacity)
+        self.max_images = dict(capacity)
         self.priority_delay_s = dict(
             DEFAULT_PRIORITY_DELAY_S if priority_delay_s is None else priority_delay_s
         )
@@ -63,10 +65,10 @@ class BaseScheduler:
 
     # -- intake -------------------------------------------------------------------------
     def add(self, req: RequestState) -> None:
-        if req.params.num_images > self.capacity[req.model]:
+        if req.params.num_images > self.max_images[req.model]:
             raise ValueError(
                 f"request {req.request_id} asks for {req.params.num_images} images, more than "
-                f"model {req.model!r} can batch ({self.capacity[req.model]})"
+                f"model {req.model!r} can batch ({self.max_images[req.model]})"
             )
         req.status = RequestStatus.WAITING
         keys = [self.queue_key(r) for r in self.waiting]
@@ -108,6 +110,8 @@ class BaseScheduler:
         if plan.batch:
             self._step_counter += 1
             self._bucket_last_step[plan.batch[0].bucket] = self._step_counter
+            for req in plan.batch:
+                req.last_step = self._step_counter
         return plan
 
     def update(self, plan: StepPlan) -> list[RequestState]:
@@ -192,7 +196,18 @@ class BaseScheduler:
             return (self._bucket_last_step.get(key, -1), min(r.arrival_time for r in members))
 
         _, members = min(buckets.items(), key=priority)
-        return sorted(members, key=lambda r: r.arrival_time)
+        # Normally the whole bucket fits its model's capacity. After the cap was lowered (out
+        # of memory) it may not: then the members stepped least recently go first.
+        cap = self.capacity[members[0].model]
+        chosen: list[RequestState] = []
+        used = 0
+        for req in sorted(members, key=lambda r: (r.last_step, r.arrival_time)):
+            if chosen and used + req.params.num_images > cap:
+                break
+            chosen.append(req)
+            used += req.params.num_images
+        picked = {id(r) for r in chosen}
+        return [r for r in sorted(members, key=lambda r: r.arrival_time) if id(r) in picked]
 
 
 class StepLevelScheduler(BaseScheduler):
@@ -205,7 +220,9 @@ class StepLevelScheduler(BaseScheduler):
         for req in list(self.waiting):
             if req.model in blocked:
                 continue
-            if used[req.model] + req.params.num_images <= self.capacity[req.model]:
+            # A request larger than a lowered cap still runs, alone.
+            fits = used[req.model] + req.params.num_images <= self.capacity[req.model]
+            if fits or used[req.model] == 0:
                 used[req.model] += req.params.num_images
                 admitted.append(req)
             else:
@@ -240,7 +257,7 @@ class RequestLevelScheduler(BaseScheduler):
         chosen: list[RequestState] = []
         used = 0
         for req in candidates:
-            if used + req.params.num_images > cap:
+            if chosen and used + req.params.num_images > cap:  # the head runs even if over a lowered cap
                 break
             chosen.append(req)
             used += req.params.num_images

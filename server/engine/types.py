@@ -45,6 +45,8 @@ class FinishReason(str, enum.Enum):
     DEADLINE = "deadline"
     ERROR = "error"
     SHUTDOWN = "shutdown"
+    # Refused at admission: its deadline cannot be met at the current load.
+    UNMEETABLE_DEADLINE = "unmeetable_deadline"
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,8 @@ class FailedEvent:
 
     reason: FinishReason
     message: str
+    # When retrying may succeed (for refusals caused by load).
+    retry_after_s: float | None = None
 
 
 EngineEvent = QueuedEvent | ProgressEvent | ResultEvent | FailedEvent

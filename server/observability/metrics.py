@@ -54,7 +54,7 @@ class Outcome(enum.Enum):
 
     OK = "ok"
     INVALID = "invalid"  # INVALID_ARGUMENT or NOT_FOUND: the caller's mistake
-    REJECTED = "rejected"  # RESOURCE_EXHAUSTED: the queue was full
+    REJECTED = "rejected"  # RESOURCE_EXHAUSTED: the queue was full or the deadline unmeetable
     UNAVAILABLE = "unavailable"  # not ready, draining, or shut down before finishing
     CANCELLED = "cancelled"  # the caller cancelled or went away
     DEADLINE = "deadline"  # the caller's deadline passed
@@ -67,6 +67,7 @@ OUTCOME_OF_REASON = {
     FinishReason.DEADLINE: Outcome.DEADLINE,
     FinishReason.ERROR: Outcome.ERROR,
     FinishReason.SHUTDOWN: Outcome.UNAVAILABLE,
+    FinishReason.UNMEETABLE_DEADLINE: Outcome.REJECTED,
 }
 
 
@@ -223,10 +224,14 @@ class EngineCollector(Collector):
             labels=["model"],
         )
         cap = GaugeMetricFamily(
-            "stepserve_max_batch_size", "Most images one batched forward may hold.", labels=["model"]
+            "stepserve_max_batch_size",
+            "Most images one batched forward may hold now (lowered after an out-of-memory error).",
+            labels=["model"],
         )
         load = engine.load_by_model() if engine is not None else {}
-        for model, size in self._max_batch.items():
+        # The live cap: the engine lowers it after running out of accelerator memory.
+        caps = dict(engine.scheduler.capacity) if engine is not None else self._max_batch
+        for model, size in caps.items():
             waiting, running = load.get(model, (0, 0))
             queue.add_metric([model], waiting)
             active.add_metric([model], running)

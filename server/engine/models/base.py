@@ -5,11 +5,24 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
+from ..faults import NO_FAULTS, Faults
+
 if TYPE_CHECKING:
     import torch
 
     from ..request import RequestState
     from ..types import ModelInfo, RGBArray
+
+
+class RequestStepFailures(Exception):
+    """Raised by :meth:`ModelAdapter.denoise_step` when some requests' own parts of the step
+    failed: the step ran (``rows`` rows) for every request not in ``failures``, which maps
+    request ids to their errors. The engine fails those requests and keeps the others."""
+
+    def __init__(self, rows: int, failures: dict[str, BaseException]) -> None:
+        super().__init__(f"{len(failures)} request(s) failed their step: {sorted(failures)}")
+        self.rows = rows
+        self.failures = failures
 
 
 class ModelAdapter(ABC):
@@ -21,6 +34,8 @@ class ModelAdapter(ABC):
 
     info: ModelInfo
     device: torch.device
+    # Test-only fault injection (see ..faults); no-ops unless a test turns them on.
+    faults: Faults = NO_FAULTS
 
     @abstractmethod
     def prepare(self, reqs: list[RequestState]) -> None:
@@ -29,7 +44,12 @@ class ModelAdapter(ABC):
     @abstractmethod
     def denoise_step(self, reqs: list[RequestState]) -> int:
         """Run one batched denoiser forward for ``reqs`` (one bucket) and advance each
-        request's samplers by one step. Returns the number of rows in the forward."""
+        request's samplers by one step. Returns the number of rows in the forward.
+
+        Must be transactional per request: an exception from the shared forward leaves every
+        request as it was (the engine may retry them in smaller batches), and a failure in one
+        request's own update is reported with :class:`RequestStepFailures` after the others
+        have been advanced."""
 
     @abstractmethod
     def decode(self, reqs: list[RequestState]) -> list[list[RGBArray]]:
@@ -47,6 +67,14 @@ class ModelAdapter(ABC):
     def release(self, req: RequestState) -> None:
         """Free the request's tensors."""
         req.work = None
+
+    def is_out_of_memory(self, exc: BaseException) -> bool:
+        """Whether ``exc`` means the accelerator ran out of memory (so a smaller batch may fit)."""
+        return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+    def recover_from_oom(self) -> None:
+        """Release cached accelerator memory after an out-of-memory error."""
+        return None
 
     def synchronize(self) -> None:
         """Wait for queued accelerator work (so wall-clock timings are real).

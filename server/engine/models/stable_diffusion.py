@@ -25,7 +25,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..batch_invariance import make_rowwise_linears
 from ..samplers import SAMPLER_CLASSES, SchedulerFactory, sampler_for_class_name
 from ..types import ModelInfo, Sampler
-from .base import ModelAdapter
+from .base import ModelAdapter, RequestStepFailures
 
 if TYPE_CHECKING:
     from ..request import RequestState
@@ -203,50 +203,90 @@ class StableDiffusionAdapter(ModelAdapter):
 
     @torch.inference_mode()
     def denoise_step(self, reqs: list[RequestState]) -> int:
-        xs: list[torch.Tensor] = []
-        ts: list[torch.Tensor] = []
-        cs: list[torch.Tensor] = []
+        failures: dict[str, BaseException] = {}
+        # 1. Each request's model inputs (no state changes besides the schedulers' idempotent
+        # step-index initialisation), so a failed forward can be retried.
+        inputs: list[tuple[RequestState, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]] = []
         for req in reqs:
-            w: RequestWork = req.work
-            for im in w.images:
-                t = im.scheduler.timesteps[req.steps_done]
-                x_in = im.scheduler.scale_model_input(im.latents, t)
-                if w.negative_embeds is not None:
-                    xs += [x_in, x_in]
-                    cs += [w.negative_embeds, w.prompt_embeds]
-                    ts += [t, t]
-                else:
-                    xs.append(x_in)
-                    cs.append(w.prompt_embeds)
-                    ts.append(t)
+            try:
+                inputs.append((req, *self._step_inputs(req)))
+            except Exception as e:
+                failures[req.request_id] = e
+        xs = [x for _, rx, _, _ in inputs for x in rx]
+        cs = [c for _, _, rc, _ in inputs for c in rc]
+        ts = [t for _, _, _, rt in inputs for t in rt]
         rows = len(xs)
-        pad = self.batch_invariant and rows == 1
-        x = torch.cat(xs + xs[:1] if pad else xs)
-        c = torch.cat(cs + cs[:1] if pad else cs)
-        t_all = torch.stack([t.to(torch.float32) for t in (ts + ts[:1] if pad else ts)])
-        out = self.unet(x, t_all, encoder_hidden_states=c, return_dict=False)[0]
-
-        r = 0
-        for req in reqs:
-            w = req.work
-            want_preview = req.preview_due()
-            for i, im in enumerate(w.images):
-                t = im.scheduler.timesteps[req.steps_done]
-                if w.negative_embeds is not None:
-                    uncond, cond = out[r : r + 1], out[r + 1 : r + 2]
-                    noise = uncond + w.guidance_scale * (cond - uncond)
-                    x_in = x[r : r + 1]
-                    r += 2
-                else:
-                    noise = out[r : r + 1]
-                    x_in = x[r : r + 1]
-                    r += 1
-                if want_preview and i == 0:
-                    w.preview_x0 = self._x0_estimate(x_in, noise, t)
-                im.latents = im.scheduler.step(
-                    noise, t, im.latents, generator=im.generator, return_dict=False
-                )[0]
+        if rows:
+            # 2. One batched forward for everyone (a failure here fails the whole call).
+            self.faults.before_forward([r for r, *_ in inputs], rows)
+            pad = self.batch_invariant and rows == 1
+            x = torch.cat(xs + xs[:1] if pad else xs)
+            c = torch.cat(cs + cs[:1] if pad else cs)
+            t_all = torch.stack([t.to(torch.float32) for t in (ts + ts[:1] if pad else ts)])
+            out = self.unet(x, t_all, encoder_hidden_states=c, return_dict=False)[0]
+            # 3. Each request's own update: guidance, sampler step, preview estimate.
+            r = 0
+            for req, rx, _, _ in inputs:
+                n = len(rx)
+                try:
+                    self.faults.before_request_update(req)
+                    self._update(req, x[r : r + n], out[r : r + n])
+                except Exception as e:
+                    failures[req.request_id] = e
+                r += n
+        if failures:
+            raise RequestStepFailures(rows, failures)
         return rows
+
+    def _step_inputs(
+        self, req: RequestState
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """The request's rows of the batched forward: inputs, text embeddings, timesteps."""
+        w: RequestWork = req.work
+        xs: list[torch.Tensor] = []
+        cs: list[torch.Tensor] = []
+        ts: list[torch.Tensor] = []
+        for im in w.images:
+            t = im.scheduler.timesteps[req.steps_done]
+            x_in = im.scheduler.scale_model_input(im.latents, t)
+            if w.negative_embeds is not None:
+                xs += [x_in, x_in]
+                cs += [w.negative_embeds, w.prompt_embeds]
+                ts += [t, t]
+            else:
+                xs.append(x_in)
+                cs.append(w.prompt_embeds)
+                ts.append(t)
+        return xs, cs, ts
+
+    def _update(self, req: RequestState, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Apply guidance and advance each of the request's images one sampler step, given its
+        rows of the forward's input and output. An exception here fails this request only."""
+        w: RequestWork = req.work
+        want_preview = req.preview_due()
+        new_latents = []
+        preview = None
+        r = 0
+        for i, im in enumerate(w.images):
+            t = im.scheduler.timesteps[req.steps_done]
+            if w.negative_embeds is not None:
+                uncond, cond = out[r : r + 1], out[r + 1 : r + 2]
+                noise = uncond + w.guidance_scale * (cond - uncond)
+                x_in = x[r : r + 1]
+                r += 2
+            else:
+                noise = out[r : r + 1]
+                x_in = x[r : r + 1]
+                r += 1
+            if want_preview and i == 0:
+                preview = self._x0_estimate(x_in, noise, t)
+            new_latents.append(
+                im.scheduler.step(noise, t, im.latents, generator=im.generator, return_dict=False)[0]
+            )
+        for im, lat in zip(w.images, new_latents, strict=True):
+            im.latents = lat
+        if preview is not None:
+            w.preview_x0 = preview
 
     def _x0_estimate(self, x_in: torch.Tensor, model_out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The model's current estimate of the clean latents (x_in is the DDPM-scaled x_t)."""
@@ -309,6 +349,13 @@ class StableDiffusionAdapter(ModelAdapter):
         y = target.permute(0, 2, 3, 1).reshape(-1, 3)
         sol = torch.linalg.lstsq(x, y).solution
         return sol[:-1], sol[-1]
+
+    def is_out_of_memory(self, exc: BaseException) -> bool:
+        return isinstance(exc, torch.OutOfMemoryError) or super().is_out_of_memory(exc)
+
+    def recover_from_oom(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
