@@ -25,6 +25,8 @@ from stepserve.v1 import image_generation_pb2_grpc as pb_grpc
 from .api.servicer import ImageGenerationServicer
 from .api.validation import Limits
 from .config import ServerConfig
+from .engine.faults import ENV as FAULTS_ENV
+from .engine.faults import Faults
 from .engine.models import DEFAULT_MODEL_NAME, ModelAdapter, default_model_path, load_model
 from .engine.observer import EngineObserver
 from .engine.runner import Engine, EngineConfig
@@ -165,6 +167,11 @@ class StepServer:
             self.models = self._preloaded
         else:
             self.models = await asyncio.to_thread(load_models, self.config)
+        faults = Faults.from_env()
+        if faults:
+            logger.warning("%s is set: injecting faults (testing only): %s", FAULTS_ENV, faults)
+            for adapter in self.models.values():
+                adapter.faults = faults
         observers: list[EngineObserver] = [
             MetricsObserver(self.metrics, self.config.accelerator_cost_per_hour)
         ]

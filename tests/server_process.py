@@ -28,7 +28,7 @@ def client(target: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def start_server(
-    model_dir: Path, log: Path, *extra: str, metrics_port: int = 0
+    model_dir: Path, log: Path, *extra: str, metrics_port: int = 0, env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Serve ``model_dir`` as model ``tiny``; returns once health says SERVING."""
     port = free_port()
@@ -49,7 +49,7 @@ def start_server(
             ],
             stdout=fh,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
         )
     target = f"127.0.0.1:{port}"
     ready = client(target, "health", "--wait", "120")

@@ -1,4 +1,5 @@
-"""SIGTERM on a real server process: drain in-flight work, refuse new work, exit 0."""
+"""A real server process: SIGTERM drains in-flight work, refuses new work and exits 0; an engine
+that dies takes health down, ends every stream and exits non-zero."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stepserve.client import ImageClient, StepserveError
 
@@ -63,3 +65,30 @@ def test_requests_past_the_drain_timeout_end_with_unavailable(tiny_sd_dir: Path,
     assert "result" not in out
     err = out["error"]
     assert err.code == grpc.StatusCode.UNAVAILABLE and "shut down" in err.message, err
+
+
+def test_engine_death_ends_every_stream_and_exits_non_zero(tiny_sd_dir: Path, tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    proc, target = start_server(tiny_sd_dir, log, env={"STEPSERVE_FAULTS": "crash=KILL-THE-ENGINE"})
+    started, out = threading.Event(), {}
+    t = threading.Thread(target=run_long_request, args=(target, 150, started, out))
+    t.start()
+    assert started.wait(60)
+    with grpc.insecure_channel(target) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+        with ImageClient(target, service_config={}) as c:
+            try:
+                c.generate("KILL-THE-ENGINE", steps=2)
+                killer = None
+            except StepserveError as e:
+                killer = e
+        assert killer is not None and killer.code == grpc.StatusCode.INTERNAL, killer
+        # The in-flight stream is ended with a status, not left hanging.
+        t.join(30)
+        assert not t.is_alive()
+        assert "result" not in out and out["error"].code == grpc.StatusCode.INTERNAL, out
+        assert "engine failed" in out["error"].message
+    # The orchestrator sees a failed process and restarts it.
+    assert proc.wait(60) == 1, log.read_text()
+    assert "reporting NOT_SERVING" in log.read_text()
