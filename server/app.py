@@ -20,9 +20,8 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from stepserve import __version__
 from stepserve.v1 import image_generation_pb2 as pb
-from stepserve.v1 import image_generation_pb2_grpc as pb_grpc
 
-from .api.servicer import ImageGenerationServicer
+from .api.servicer import ImageGenerationServicer, add_to_server
 from .api.validation import Limits
 from .config import ServerConfig
 from .engine.faults import ENV as FAULTS_ENV
@@ -128,7 +127,7 @@ class StepServer:
                 ("grpc.keepalive_permit_without_calls", 1),
             ],
         )
-        pb_grpc.add_ImageGenerationServiceServicer_to_server(self.servicer, self.server)
+        add_to_server(self.servicer, self.server)
         add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (

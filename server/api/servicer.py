@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 from opentelemetry import trace
 
 from stepserve.v1 import image_generation_pb2 as pb
@@ -50,6 +52,52 @@ FAILURE_CODES = {
     FinishReason.ERROR: grpc.StatusCode.INTERNAL,
     FinishReason.SHUTDOWN: grpc.StatusCode.UNAVAILABLE,
 }
+
+
+@dataclass(frozen=True)
+class MalformedRequest:
+    """What the deserializer hands the servicer for bytes that are not a valid request
+    message (so the caller gets INVALID_ARGUMENT, not grpc's UNKNOWN)."""
+
+    type_name: str
+    error: str
+
+    def to_error(self) -> ApiError:
+        return ApiError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {self.type_name}: {self.error}"
+        )
+
+
+def _lenient(cls: type[Message]) -> Callable[[bytes], Message | MalformedRequest]:
+    def deserialize(data: bytes) -> Message | MalformedRequest:
+        try:
+            return cls.FromString(data)
+        except DecodeError as e:
+            return MalformedRequest(cls.DESCRIPTOR.full_name, str(e))
+
+    return deserialize
+
+
+def add_to_server(servicer: ImageGenerationServicer, server: grpc.aio.Server) -> None:
+    """Register every method of the service, like the generated ``add_..._to_server``, but
+    with deserializers that turn malformed bytes into :class:`MalformedRequest`."""
+    service = pb.DESCRIPTOR.services_by_name["ImageGenerationService"]
+    handlers = {}
+    for method in service.methods:
+        request_cls = getattr(pb, method.input_type.name)
+        response_cls = getattr(pb, method.output_type.name)
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=_lenient(request_cls),
+            response_serializer=response_cls.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 def model_info_proto(info: ModelInfo, is_default: bool) -> pb.ModelInfo:
@@ -101,6 +149,8 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
+        if isinstance(request, MalformedRequest):
+            await _abort(context, request.to_error())
         if not self._infos:
             await _abort(context, unavailable("the server is loading its models", 1.0))
         names = sorted(self._infos, key=lambda n: (n != self.default_model, n))
@@ -112,10 +162,12 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         try:
+            if isinstance(request, MalformedRequest):
+                raise request.to_error()
             params = self._admit(request, context)
         except ApiError as e:
             outcome = Outcome.UNAVAILABLE if e.code == grpc.StatusCode.UNAVAILABLE else Outcome.INVALID
-            self.metrics.count_refused(self._model_label(request.model), outcome)
+            self.metrics.count_refused(self._model_label(getattr(request, "model", "")), outcome)
             await _abort(context, e)
             return
         rid = params.request_id
