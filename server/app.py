@@ -6,7 +6,8 @@ import asyncio
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import torch
@@ -21,6 +22,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from stepserve import __version__
 from stepserve.v1 import image_generation_pb2 as pb
 
+from .api.auth import BearerTokenAuth, load_tokens
 from .api.servicer import ImageGenerationServicer, add_to_server
 from .api.validation import Limits
 from .config import ServerConfig
@@ -113,19 +115,35 @@ class StepServer:
         self.servicer = ImageGenerationServicer(
             default_model_name(config), Limits(max_work=config.max_work), self.pool, self.metrics, tracer
         )
-        interceptors = []
+        interceptors: list[grpc.aio.ServerInterceptor] = []
         if tracer_provider is not None:
             interceptors.append(aio_server_interceptor(tracer_provider=tracer_provider))  # type: ignore[no-untyped-call]
+        if config.auth_token_file:
+            interceptors.append(
+                BearerTokenAuth(
+                    load_tokens(config.auth_token_file),
+                    [s.strip() for s in config.auth_public_services.split(",") if s.strip()],
+                    default_model_name(config),
+                    on_denied=lambda code: self.metrics.auth_failures.labels(code.name).inc(),
+                )
+            )
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+            ("grpc.max_send_message_length", MAX_SEND_BYTES),
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+        if config.max_connection_age_s > 0:
+            options += [
+                ("grpc.max_connection_age_ms", int(config.max_connection_age_s * 1000)),
+                # Streams open when the age is reached get as long as a drain to finish.
+                ("grpc.max_connection_age_grace_ms", int(max(config.drain_timeout_s, 1.0) * 1000)),
+            ]
         self.server = grpc.aio.server(
             interceptors=interceptors,
-            options=[
-                ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
-                ("grpc.max_send_message_length", MAX_SEND_BYTES),
-                ("grpc.keepalive_time_ms", 60_000),
-                ("grpc.keepalive_timeout_ms", 20_000),
-                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-                ("grpc.keepalive_permit_without_calls", 1),
-            ],
+            options=options,
         )
         add_to_server(self.servicer, self.server)
         add_HealthServicer_to_server(self.health, self.server)
@@ -148,7 +166,11 @@ class StepServer:
 
     async def start(self) -> int:
         """Listen (health says NOT_SERVING until :meth:`load` finishes); returns the port."""
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        if self.config.tls_cert:
+            self.port = self.server.add_secure_port(address, self._tls_credentials())
+        else:
+            self.port = self.server.add_insecure_port(address)
         await self._set_health(False)
         await self.server.start()
         logger.info("stepserve listening on %s:%d", self.config.host, self.port)
@@ -157,6 +179,15 @@ class StepServer:
             self.metrics_port = self._metrics_http.server_port
             logger.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
         return self.port
+
+    def _tls_credentials(self) -> grpc.ServerCredentials:
+        c = self.config
+        ca = Path(c.tls_client_ca).read_bytes() if c.tls_client_ca else None
+        return grpc.ssl_server_credentials(
+            [(Path(c.tls_key).read_bytes(), Path(c.tls_cert).read_bytes())],
+            root_certificates=ca,
+            require_client_auth=ca is not None,
+        )
 
     async def load(self) -> None:
         """Load models, start the engine, warm up, then report SERVING."""

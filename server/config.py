@@ -74,6 +74,24 @@ class ServerConfig:
         "how denoising steps appear in traces: events (one span event per step), spans (one child "
         "span per step), or none",
     )
+    auth_token_file: str = _opt(
+        "",
+        "file of bearer tokens, one per line, each optionally followed by the models it may use "
+        "(comma-separated); empty: no authentication",
+    )
+    auth_public_services: str = _opt(
+        "grpc.health.v1.Health",
+        "comma-separated gRPC services callable without a token (add "
+        "grpc.reflection.v1alpha.ServerReflection to expose reflection)",
+    )
+    tls_cert: str = _opt("", "PEM certificate chain for TLS (with --tls-key); empty: plaintext")
+    tls_key: str = _opt("", "PEM private key for TLS")
+    tls_client_ca: str = _opt("", "PEM CA bundle: require client certificates signed by it (mutual TLS)")
+    max_connection_age_s: float = _opt(
+        300.0,
+        "close each client connection after this long (gracefully, in-flight calls get "
+        "--drain-timeout-s), so clients re-resolve and rebalance across replicas; 0 = never",
+    )
     log_format: str = _opt("text", "log format: text or json")
     log_level: str = _opt("INFO", "log level: DEBUG, INFO, WARNING, ERROR")
 
@@ -130,6 +148,19 @@ class ServerConfig:
         )
         need(
             self.log_format in ("text", "json"), f"--log-format {self.log_format!r}: must be 'text' or 'json'"
+        )
+        need(bool(self.tls_cert) == bool(self.tls_key), "--tls-cert and --tls-key go together")
+        need(not self.tls_client_ca or bool(self.tls_cert), "--tls-client-ca needs --tls-cert and --tls-key")
+        for flag, path in (
+            ("--tls-cert", self.tls_cert),
+            ("--tls-key", self.tls_key),
+            ("--tls-client-ca", self.tls_client_ca),
+            ("--auth-token-file", self.auth_token_file),
+        ):
+            need(not path or Path(path).is_file(), f"{flag} {path}: no such file")
+        need(
+            self.max_connection_age_s >= 0,
+            f"--max-connection-age-s {self.max_connection_age_s}: must be >= 0",
         )
         names = [n for n, _ in self.model_specs()]
         need(len(names) == len(set(names)), f"--model names must be unique, got {names}")

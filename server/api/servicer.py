@@ -195,8 +195,9 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
             await _abort(context, unavailable(str(e), retry_after_s=1.0))
             return
         logger.info(
-            "request %s accepted: model=%s %dx%d steps=%d sampler=%s images=%d",
+            "request %s accepted from %s: model=%s %dx%d steps=%d sampler=%s images=%d",
             rid,
+            context.peer(),
             params.model,
             params.width,
             params.height,

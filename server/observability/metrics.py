@@ -139,6 +139,9 @@ class Metrics:
             "stepserve_accelerator_charged_seconds",
             "Accelerator seconds attributed to requests (successful or not).",
         )
+        self.auth_failures = counter(
+            "stepserve_auth_failures", "Calls refused by authentication (code: the status sent).", ("code",)
+        )
         self.build_info = Gauge(
             "stepserve_build_info", "Always 1; labels name the version.", ("version",), registry=r
         )
