@@ -40,7 +40,10 @@ class ServerConfig:
     )
     max_batch_size: int = _opt(16, "most images one model denoises in one batched forward")
     max_batch_delay_ms: int = _opt(50, "request-level batching only: longest a batch waits to fill, in ms")
-    max_queue: int = _opt(256, "most waiting requests; beyond it Generate answers RESOURCE_EXHAUSTED")
+    max_queue: int = _opt(
+        256,
+        "most requests waiting beyond the free batch slots; beyond it Generate answers RESOURCE_EXHAUSTED",
+    )
     reject_unmeetable_deadlines: bool = _opt(
         True,
         "refuse at once (RESOURCE_EXHAUSTED, RetryInfo) a request whose deadline the current load "

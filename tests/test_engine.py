@@ -142,11 +142,15 @@ def test_unmeetable_deadline_is_refused_before_any_work(harness) -> None:  # noq
 
 def test_full_queue_rejects_with_retry_hint(tiny_adapter) -> None:  # noqa: ANN001
     h = Harness({"tiny": tiny_adapter}, max_queue=2)
+    # Requests that free batch slots will take at the next step do not count as waiting.
+    for i in range(16):
+        h.submit(params(f"fills-{i}"))
     h.submit(params("a"))
     h.submit(params("b"))
     with pytest.raises(QueueFullError) as e:
         h.submit(params("c"))
     assert e.value.retry_after_s > 0
+    assert "2 requests waiting" in str(e.value)
     h.run_until_idle()
     h.submit(params("c"))  # the queue drained: accepted again
     h.run_until_idle()

@@ -91,6 +91,9 @@ class Engine:
         self._sinks: dict[str, EventSink] = {}
         self._queued: dict[str, str] = {}  # request id -> model, for waiting requests
         self._running: dict[str, str] = {}  # request id -> model, for running requests
+        # Batch capacity (images) not taken by running requests, per model: requests that will
+        # fill it at the next step boundary do not count against max_queue.
+        self._free_images = {n: m.info.max_batch_size for n, m in models.items()}
         self._draining = False
         self._stop = False
         self.failure: BaseException | None = None
@@ -125,7 +128,7 @@ class Engine:
                 raise EngineStoppedError("the server is shutting down")
             if params.request_id in self._sinks:
                 raise ValueError(f"request id {params.request_id!r} is already in flight")
-            depth = len(self._queued)
+            depth = len(self._queued) - sum(max(0, f) for f in self._free_images.values())
             if depth >= self.config.max_queue:
                 raise QueueFullError(
                     f"the queue is full ({depth} requests waiting, limit {self.config.max_queue})",
@@ -306,6 +309,7 @@ class Engine:
                 for req in plan.admitted:
                     self._queued.pop(req.request_id, None)
                     self._running[req.request_id] = req.model
+                    self._free_images[req.model] -= req.params.num_images
             by_model: dict[str, list[RequestState]] = {}
             for req in plan.admitted:
                 by_model.setdefault(req.model, []).append(req)
@@ -428,6 +432,8 @@ class Engine:
         new = max(1, min(cap, images // 2))
         if new < cap:
             self.scheduler.capacity[model] = new
+            with self._cv:
+                self._free_images[model] -= cap - new
             logger.warning(
                 "out of accelerator memory with %d images in one forward of %s: batch cap %d -> %d (%s)",
                 images,
@@ -536,5 +542,6 @@ class Engine:
         with self._cv:
             self._sinks.pop(req.request_id, None)
             self._queued.pop(req.request_id, None)
-            self._running.pop(req.request_id, None)
+            if self._running.pop(req.request_id, None) is not None:
+                self._free_images[req.model] += req.params.num_images
             self._cv.notify_all()
