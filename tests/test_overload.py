@@ -144,3 +144,49 @@ def test_random_cancellations_do_not_disturb_the_others(server) -> None:  # noqa
     for i in survivors:  # bit-identical to running alone: batchmates leaving changed nothing
         np.testing.assert_array_equal(results[i], alone[i])
     assert_idle_without_leaks(server)
+
+
+def test_unmeetable_deadline_is_refused_at_once_with_retry_info(server) -> None:  # noqa: ANN001
+    with ImageClient(server.target, service_config={}) as c:
+        with pytest.raises(StepserveError) as e:
+            c.generate("a red circle", steps=150, timeout_s=0.3)
+        assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value
+        assert "cannot be met" in e.value.message and e.value.retry_after_s > 0.3
+        # A deadline that leaves room is served.
+        assert len(c.generate("a red circle", steps=2, timeout_s=60).images) == 1
+
+
+def test_interactive_requests_overtake_waiting_batch_requests(small_server) -> None:  # noqa: ANN001
+    """Over the API: a batch request waiting for the only slot is overtaken by an interactive
+    one that arrives after it, and the queue positions each caller sees say so. (Two images
+    each: only one of them fits the batch at a time.)"""
+    positions: dict[str, list[int]] = {"batch": [], "interactive": []}
+    order: list[str] = []
+    queued = {k: threading.Event() for k in positions}
+
+    def run(kind: str) -> None:
+        with ImageClient(small_server.target) as c:
+            for ev in c.generate_stream("p", steps=3, num_images=2, priority=kind, request_id=kind):
+                if ev.WhichOneof("event") == "queued":
+                    positions[kind].append(ev.queued.position)
+                    queued[kind].set()
+                if ev.WhichOneof("event") == "progress" and kind not in order:
+                    order.append(kind)
+
+    with ImageClient(small_server.target) as c:
+        blocker = c.generate_stream("blocker", steps=150, num_images=2)  # fills the batch (cap 2)
+        for ev in blocker:
+            if ev.WhichOneof("event") == "progress":
+                break
+        tb = threading.Thread(target=run, args=("batch",))
+        tb.start()
+        assert queued["batch"].wait(30)
+        ti = threading.Thread(target=run, args=("interactive",))
+        ti.start()
+        assert queued["interactive"].wait(30)
+        blocker.close()
+        tb.join(60)
+        ti.join(60)
+    assert positions["interactive"][0] == 0  # went straight to the front
+    assert positions["batch"][:2] == [0, 1]  # moved back when the interactive one arrived
+    assert order == ["interactive", "batch"]
