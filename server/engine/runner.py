@@ -341,11 +341,14 @@ class Engine:
     def _step(self, plan: StepPlan) -> None:
         model = plan.batch[0].model
         adapter = self.models[model]
-        stepped = self._forward(adapter, plan.batch)
+        forwards: list[tuple[list[RequestState], int, float]] = []
+        stepped = self._forward(adapter, plan.batch, forwards)
         if not stepped:
             return
         plan.batch = stepped
         finished = self.scheduler.update(plan)
+        for members, rows, dt in forwards:  # observers see steps_done after the step
+            self.observer.batch_stepped(members, rows, dt)
         for req in stepped:
             preview = None
             if req.params.preview_every:
@@ -366,8 +369,14 @@ class Engine:
         if finished:
             self._finish(model, finished)
 
-    def _forward(self, adapter: ModelAdapter, batch: list[RequestState]) -> list[RequestState]:
-        """Run one batched step for ``batch``; returns the requests that advanced.
+    def _forward(
+        self,
+        adapter: ModelAdapter,
+        batch: list[RequestState],
+        done: list[tuple[list[RequestState], int, float]],
+    ) -> list[RequestState]:
+        """Run one batched step for ``batch``; returns the requests that advanced, and appends
+        each successful forward's (requests, rows, seconds) to ``done``.
 
         Faults stay with the requests that cause them: a request whose own update fails is
         failed alone (the adapter reports it with RequestStepFailures); a failure of the shared
@@ -404,7 +413,7 @@ class Engine:
                 e,
             )
             half = len(batch) // 2
-            return self._forward(adapter, batch[:half]) + self._forward(adapter, batch[half:])
+            return self._forward(adapter, batch[:half], done) + self._forward(adapter, batch[half:], done)
         dt = time.perf_counter() - t0
         self.busy_s += dt
         self._charge(batch, dt, [r.params.rows for r in batch])
@@ -423,7 +432,7 @@ class Engine:
         for req in stepped:
             req.forwards += 1
             req.batch_images_sum += images
-        self.observer.batch_stepped(stepped, rows, dt)
+        done.append((stepped, rows, dt))
         return stepped
 
     def _lower_capacity(self, model: str, images: int, exc: BaseException) -> None:
