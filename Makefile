@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo serve test test-fast lint format proto proto-check train-tiny clean
+.PHONY: setup demo serve test test-fast lint format proto proto-check deploy-check deploy-rules train-tiny clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,14 +34,14 @@ test-fast: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -x -q
 
 lint: setup
-	$(BIN)/ruff check server client tests models
-	$(BIN)/ruff format --check server client tests models
+	$(BIN)/ruff check server client tests models deploy
+	$(BIN)/ruff format --check server client tests models deploy
 	$(BIN)/buf lint
 	$(BIN)/mypy server client
 
 format: setup
-	$(BIN)/ruff check --fix server client tests models
-	$(BIN)/ruff format server client tests models
+	$(BIN)/ruff check --fix server client tests models deploy
+	$(BIN)/ruff format server client tests models deploy
 
 # Stubs are generated into gen/ and committed; proto-check fails if they are stale.
 proto: setup
@@ -58,6 +58,16 @@ proto-check: setup
 	for f in /tmp/stepserve-proto-check/stepserve/v1/*; do \
 	  diff -q "$$f" "gen/stepserve/v1/$$(basename $$f)" || { echo "stale stubs: run make proto"; exit 1; }; \
 	done
+
+# Render every kustomization, validate it against the Kubernetes schemas offline, lint the
+# Dockerfile, and check ports, probes, drain and autoscaling agree with the server (also run
+# by make test, in tests/test_deploy.py).
+deploy-check: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python deploy/check.py
+
+# Regenerate the Prometheus Operator PrometheusRule from deploy/prometheus/stepserve-rules.yaml.
+deploy-rules: setup
+	$(BIN)/python deploy/check.py --write-rules
 
 # Rebuild the embedded model from scratch (about 40 minutes on 2 CPU cores).
 train-tiny: setup

@@ -41,6 +41,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ImageGenerationService"].full_name
+# Health service name for liveness probes: SERVING from start until the engine dies, and
+# still SERVING while draining (so a liveness probe never kills a pod finishing its streams).
+# "" and SERVICE_NAME are readiness: SERVING only while new requests are welcome.
+LIVENESS_SERVICE = "stepserve.liveness"
 # Requests are small; responses carry images (a few MB at most for SDXL-size PNGs x 8).
 MAX_RECEIVE_BYTES = 1 << 20
 MAX_SEND_BYTES = 64 << 20
@@ -157,12 +161,15 @@ class StepServer:
         )
         self.failed = asyncio.Event()
 
-    async def _set_health(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+    async def _set_health(self, serving: bool, liveness: bool = True) -> None:
+        def status(ok: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
+            return (
+                health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+
         for name in ("", SERVICE_NAME):
-            await self.health.set(name, status)
+            await self.health.set(name, status(serving))
+        await self.health.set(LIVENESS_SERVICE, status(liveness))
 
     async def start(self) -> int:
         """Listen (health says NOT_SERVING until :meth:`load` finishes); returns the port."""
@@ -248,7 +255,7 @@ class StepServer:
         logger.error("engine failed (%s); reporting NOT_SERVING", exc)
         self.servicer.ready = False
         self.failed.set()
-        asyncio.ensure_future(self._set_health(False))
+        asyncio.ensure_future(self._set_health(False, liveness=False))
 
     def _warmup(self, name: str) -> None:
         assert self.engine is not None
@@ -284,7 +291,7 @@ class StepServer:
         within the drain timeout, end the rest with UNAVAILABLE, close the server."""
         timeout = self.config.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
         self.servicer.ready = False
-        await self.health.enter_graceful_shutdown()
+        await self._set_health(False, liveness=not self.failed.is_set())
         if self.engine is not None:
             drained = await asyncio.to_thread(self.engine.drain, timeout)
             if not drained:

@@ -39,6 +39,17 @@ def test_sigterm_lets_in_flight_requests_finish_and_refuses_new_ones(
     assert started.wait(60)
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
+    with grpc.insecure_channel(target) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+
+        def status(service: str) -> int:
+            return health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+
+        # Readiness goes down at once (no new traffic); liveness stays up while draining, so a
+        # liveness probe does not kill the pod before its streams finish.
+        assert status("") == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert status("stepserve.v1.ImageGenerationService") == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert status("stepserve.liveness") == health_pb2.HealthCheckResponse.SERVING
     with ImageClient(target, service_config={}) as c:
         try:
             c.generate("a blue square", steps=2)

@@ -1,0 +1,320 @@
+"""`make deploy-check`: render every kustomization, validate it offline against the Kubernetes
+schemas, lint the Dockerfile, and check that the manifests agree with the server itself.
+
+The ports, drain timeout and every other server setting are written once, in
+deploy/k8s/base/stepserve.env (a ConfigMap of STEPSERVE_* variables); kustomize copies the
+ports into the container ports, probes and Services. This script parses that ConfigMap with the
+server's own settings parser (so a typo or a bad value fails here, not in a pod) and checks that
+everything else the cluster will do agrees with it: probe ports and health service names,
+termination grace vs. drain timeout, Service and NetworkPolicy ports and selectors, scrape
+annotations, autoscaler targets and metrics, and the PrometheusRule vs. deploy/prometheus.
+
+    python deploy/check.py               # check (exit 1 with one line per problem)
+    python deploy/check.py --write-rules # regenerate the PrometheusRule from deploy/prometheus
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "deploy/k8s"
+RULES = ROOT / "deploy/prometheus/stepserve-rules.yaml"
+PROMETHEUS_RULE = K8S / "components/prometheus-operator/prometheusrule.yaml"
+DOCKERFILE = ROOT / "deploy/docker/Dockerfile"
+K8S_VERSION = "1.37.0"
+
+# What gets rendered: every overlay, the base, and the base with the components no overlay uses.
+RENDERS: dict[str, tuple[str, list[str]]] = {
+    "base": ("base", []),
+    "overlays/cpu": ("overlays/cpu", []),
+    "overlays/gpu": ("overlays/gpu", []),
+    "base+hpa+models-init": ("base", ["components/hpa", "components/models-init"]),
+}
+# Custom resources: no upstream schema to validate against; checked by this script instead.
+CUSTOM_KINDS = {
+    ("keda.sh/v1alpha1", "ScaledObject"),
+    ("monitoring.coreos.com/v1", "PodMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+}
+
+
+def _tool(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if found is None:
+        raise SystemExit(f"{name} not found (make setup installs it into .venv)")
+    return found
+
+
+def render(base: str, components: list[str]) -> list[dict[str, Any]]:
+    """``kubectl kustomize`` of deploy/k8s/BASE, with extra components layered on top."""
+    kubectl = _tool("kubectl")
+    if not components:
+        out = subprocess.run(
+            [kubectl, "kustomize", str(K8S / base)], capture_output=True, text=True, check=False
+        )
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "kustomization.yaml").write_text(
+                yaml.safe_dump(
+                    {
+                        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                        "kind": "Kustomization",
+                        "resources": [os.path.relpath(K8S / base, tmp)],  # kustomize wants relative paths
+                        "components": [os.path.relpath(K8S / c, tmp) for c in components],
+                    }
+                )
+            )
+            out = subprocess.run(
+                [kubectl, "kustomize", "--load-restrictor", "LoadRestrictionsNone", tmp],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+    if out.returncode != 0:
+        raise SystemExit(f"kustomize {base} {components}: {out.stderr.strip()}")
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def prometheus_rule() -> dict[str, Any]:
+    """deploy/prometheus/stepserve-rules.yaml as a Prometheus Operator PrometheusRule."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {"name": "stepserve"},
+        "spec": yaml.safe_load(RULES.read_text()),
+    }
+
+
+def _one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any] | None:
+    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    return found[0] if len(found) == 1 else None
+
+
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def exported_metric_names() -> set[str]:
+    from stepserve.server.observability.metrics import EngineCollector, Metrics
+
+    metrics = Metrics(process_collectors=False)
+    metrics.registry.register(EngineCollector(lambda: None, {"m": 1}))
+    return {f.name + s for f in metrics.registry.collect() for s in ("", "_total")}
+
+
+def check_docs(docs: list[dict[str, Any]]) -> list[str]:
+    """Problems in one rendered kustomization (empty when all agree)."""
+    from stepserve.server.app import LIVENESS_SERVICE
+    from stepserve.server.config import ConfigError, ServerConfig, add_arguments, from_args
+
+    problems: list[str] = []
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            problems.append(msg)
+
+    for d in docs:
+        if (d["apiVersion"], d["kind"]) in CUSTOM_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(d, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            problems.append(
+                f"{d['kind']}/{d['metadata']['name']}: {e.message} at {'.'.join(map(str, e.path))}"
+            )
+
+    cms = [
+        d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("stepserve-config")
+    ]
+    dep = _one(docs, "Deployment", "stepserve")
+    if len(cms) != 1 or dep is None:
+        return [*problems, "expected one stepserve-config ConfigMap and one stepserve Deployment"]
+    env = cms[0]["data"]
+    known = {"STEPSERVE_" + k.upper() for k in ServerConfig.__dataclass_fields__}
+    need(not set(env) - known, f"ConfigMap sets unknown settings: {sorted(set(env) - known)}")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    try:
+        cfg = from_args(parser.parse_args([]), environ={k: v for k, v in env.items() if k in known})
+    except (ConfigError, ValueError) as e:
+        return [*problems, f"ConfigMap settings are invalid for the server: {e}"]
+
+    pod = dep["spec"]["template"]
+    labels = pod["metadata"].get("labels", {})
+    spec = pod["spec"]
+    (c,) = [c for c in spec["containers"] if c["name"] == "stepserve"]
+    ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+    need(
+        ports.get("grpc") == cfg.port, f"container port grpc {ports.get('grpc')} != STEPSERVE_PORT {cfg.port}"
+    )
+    need(
+        ports.get("metrics") == (cfg.metrics_port or None),
+        f"container port metrics {ports.get('metrics')} != STEPSERVE_METRICS_PORT {cfg.metrics_port}",
+    )
+    need(
+        any(
+            e.get("configMapRef", {}).get("name") == cms[0]["metadata"]["name"] for e in c.get("envFrom", [])
+        ),
+        "the container does not take its environment from the stepserve-config ConfigMap",
+    )
+    need(_selects(dep["spec"]["selector"]["matchLabels"], labels), "Deployment selector misses its pods")
+
+    probes = {k: c.get(k) for k in ("startupProbe", "readinessProbe", "livenessProbe")}
+    for name, probe in probes.items():
+        need(probe is not None and "grpc" in probe, f"{name}: must be a gRPC health probe")
+        if probe and "grpc" in probe:
+            need(probe["grpc"]["port"] == cfg.port, f"{name} port {probe['grpc']['port']} != {cfg.port}")
+    if all(p and "grpc" in p for p in probes.values()):
+        need(
+            probes["readinessProbe"]["grpc"].get("service", "") == "", "readiness must probe the server ('')"
+        )
+        need(
+            probes["livenessProbe"]["grpc"].get("service") == LIVENESS_SERVICE,
+            f"liveness must probe {LIVENESS_SERVICE!r} (serving while draining)",
+        )
+        start = probes["startupProbe"]
+        budget = start.get("periodSeconds", 10) * start.get("failureThreshold", 3)
+        need(budget >= 300, f"startupProbe allows {budget}s for model load; want >= 300")
+
+    pre = c.get("lifecycle", {}).get("preStop", {})
+    pre_s = pre.get("sleep", {}).get("seconds", 0)
+    grace = spec.get("terminationGracePeriodSeconds", 30)
+    need(
+        grace >= pre_s + cfg.drain_timeout_s + 5,
+        f"terminationGracePeriodSeconds {grace} < preStop {pre_s}s + drain {cfg.drain_timeout_s}s + 5s",
+    )
+    ann = pod["metadata"].get("annotations", {})
+    if ann.get("prometheus.io/scrape") == "true":
+        need(ann.get("prometheus.io/port") == str(cfg.metrics_port), "prometheus.io/port != metrics port")
+
+    sec = c.get("securityContext", {})
+    need(spec.get("securityContext", {}).get("runAsNonRoot") is True, "pod must set runAsNonRoot")
+    need(sec.get("readOnlyRootFilesystem") is True, "container must have a read-only root filesystem")
+    need(sec.get("allowPrivilegeEscalation") is False, "container must forbid privilege escalation")
+    need("ALL" in sec.get("capabilities", {}).get("drop", []), "container must drop ALL capabilities")
+    need(any(m["mountPath"] == "/tmp" for m in c.get("volumeMounts", [])), "/tmp must be a writable volume")
+    if cfg.device.startswith("cuda"):
+        need(
+            "nvidia.com/gpu" in c.get("resources", {}).get("limits", {}), "a cuda device needs nvidia.com/gpu"
+        )
+    for spec_path in (m.split("=", 1)[1] for m in cfg.models):
+        need(
+            any(spec_path.startswith(m["mountPath"] + "/") for m in c.get("volumeMounts", [])),
+            f"model path {spec_path} is on no mounted volume",
+        )
+
+    for svc in (d for d in docs if d["kind"] == "Service"):
+        name = svc["metadata"]["name"]
+        need(_selects(svc["spec"].get("selector", {}), labels), f"Service {name} selects no stepserve pod")
+        for p in svc["spec"]["ports"]:
+            target = p.get("targetPort")
+            need(target in ports, f"Service {name} targets port {target!r}, not a container port name")
+            if p["name"] == "grpc":
+                need(p["port"] == cfg.port, f"Service {name} grpc port {p['port']} != {cfg.port}")
+    need(
+        any(s["spec"].get("clusterIP") == "None" for s in docs if s["kind"] == "Service"),
+        "a headless Service is needed for client-side load balancing",
+    )
+    for kind in ("PodDisruptionBudget", "NetworkPolicy"):
+        obj = _one(docs, kind)
+        sel = (
+            (obj or {})
+            .get("spec", {})
+            .get("selector" if kind == "PodDisruptionBudget" else "podSelector", {})
+        )
+        need(
+            obj is not None and _selects(sel.get("matchLabels", {}), labels),
+            f"{kind} does not select the pods",
+        )
+    netpol = _one(docs, "NetworkPolicy")
+    if netpol is not None:
+        opened = {p["port"] for rule in netpol["spec"].get("ingress", []) for p in rule.get("ports", [])}
+        need(
+            opened == {cfg.port, cfg.metrics_port},
+            f"NetworkPolicy opens {opened}, server listens on { {cfg.port, cfg.metrics_port} }",
+        )
+
+    exported = exported_metric_names()
+    for so in (d for d in docs if d["kind"] == "ScaledObject"):
+        need(
+            so["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"],
+            "ScaledObject targets another Deployment",
+        )
+        for trig in so["spec"]["triggers"]:
+            names = set(re.findall(r"\bstepserve_[a-z_]+", trig["metadata"].get("query", "")))
+            need(
+                bool(names) and names <= exported,
+                f"ScaledObject query uses unknown metrics {names - exported}",
+            )
+            need(float(trig["metadata"]["threshold"]) > 0, "ScaledObject threshold must be > 0")
+    for hpa in (d for d in docs if d["kind"] == "HorizontalPodAutoscaler"):
+        need(
+            hpa["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"], "HPA targets another Deployment"
+        )
+        for m in hpa["spec"]["metrics"]:
+            name = m.get("pods", {}).get("metric", {}).get("name")
+            need(name in exported, f"HPA metric {name} is not exported by the server")
+    for pm in (d for d in docs if d["kind"] == "PodMonitor"):
+        need(_selects(pm["spec"]["selector"]["matchLabels"], labels), "PodMonitor does not select the pods")
+        for ep in pm["spec"]["podMetricsEndpoints"]:
+            need(ports.get(ep["port"]) == cfg.metrics_port, f"PodMonitor scrapes port {ep['port']!r}")
+    for pr in (d for d in docs if d["kind"] == "PrometheusRule"):
+        need(pr["spec"] == prometheus_rule()["spec"], "PrometheusRule is stale: run make deploy-rules")
+    return problems
+
+
+def check_dockerfile() -> list[str]:
+    from stepserve.server.config import ServerConfig
+
+    problems = []
+    out = subprocess.run([_tool("hadolint"), str(DOCKERFILE)], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        problems.append(f"hadolint: {out.stdout.strip()} {out.stderr.strip()}")
+    exposed = {
+        int(p)
+        for line in DOCKERFILE.read_text().splitlines()
+        if line.startswith("EXPOSE")
+        for p in line.split()[1:]
+    }
+    defaults = ServerConfig()
+    if exposed != {defaults.port, defaults.metrics_port}:
+        problems.append(f"Dockerfile EXPOSE {exposed} != the server's default ports")
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--write-rules", action="store_true", help="regenerate the PrometheusRule")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.write_rules:
+        header = "# Generated by `make deploy-rules` from deploy/prometheus/stepserve-rules.yaml.\n"
+        PROMETHEUS_RULE.write_text(header + yaml.safe_dump(prometheus_rule(), sort_keys=False, width=200))
+        print(f"wrote {PROMETHEUS_RULE.relative_to(ROOT)}")
+        return 0
+    problems = check_dockerfile()
+    for label, (base, comps) in RENDERS.items():
+        docs = render(base, comps)
+        problems += [f"{label}: {p}" for p in check_docs(docs)]
+        print(f"{label}: {len(docs)} objects rendered and checked")
+    for p in problems:
+        print("PROBLEM", p)
+    print("deploy-check:", "FAILED" if problems else "ok")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""deploy/: the manifests render, validate and agree with the server (deploy/check.py), and the
+check catches the mistakes it exists for."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("deploy_check", ROOT / "deploy/check.py")
+assert spec is not None and spec.loader is not None
+check = importlib.util.module_from_spec(spec)
+sys.modules["deploy_check"] = check
+spec.loader.exec_module(check)
+
+
+def test_every_render_passes_deploy_check(capsys: pytest.CaptureFixture[str]) -> None:
+    assert check.main([]) == 0, capsys.readouterr().out
+    out = capsys.readouterr().out
+    for label in check.RENDERS:
+        assert f"{label}:" in out
+
+
+@pytest.fixture(scope="module")
+def gpu_docs() -> list[dict[str, Any]]:
+    return check.render("overlays/gpu", [])
+
+
+def _container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    return dep["spec"]["template"]["spec"]["containers"][0]
+
+
+def _configmap(docs: list[dict[str, Any]]) -> dict[str, str]:
+    return next(d for d in docs if d["kind"] == "ConfigMap")["data"]
+
+
+def mutate(docs, fn) -> list[str]:  # noqa: ANN001
+    docs = copy.deepcopy(docs)
+    fn(docs)
+    return check.check_docs(docs)
+
+
+@pytest.mark.parametrize(
+    ("what", "fn", "expect"),
+    [
+        (
+            "grace shorter than the drain",
+            lambda d: next(x for x in d if x["kind"] == "Deployment")["spec"]["template"]["spec"].update(
+                terminationGracePeriodSeconds=20
+            ),
+            "terminationGracePeriodSeconds",
+        ),
+        (
+            "a port typed by hand",
+            lambda d: _container(d)["ports"][0].update(containerPort=8080),
+            "container port grpc",
+        ),
+        (
+            "liveness probing readiness",
+            lambda d: _container(d)["livenessProbe"]["grpc"].pop("service"),
+            "liveness must probe",
+        ),
+        ("a misspelt setting", lambda d: _configmap(d).update(STEPSERVE_PORTT="1"), "unknown settings"),
+        (
+            "a setting the server rejects",
+            lambda d: _configmap(d).update(STEPSERVE_MAX_BATCH_SIZE="0"),
+            "invalid",
+        ),
+        (
+            "an autoscaler on a metric that does not exist",
+            lambda d: next(x for x in d if x["kind"] == "ScaledObject")["spec"]["triggers"][0][
+                "metadata"
+            ].update(query="sum(stepserve_queue_length)"),
+            "unknown metrics",
+        ),
+        (
+            "a field Kubernetes does not know",
+            lambda d: _container(d).update(imagePullPolice="Always"),
+            "Deployment/stepserve",
+        ),
+        (
+            "a writable root filesystem",
+            lambda d: _container(d)["securityContext"].update(readOnlyRootFilesystem=False),
+            "read-only root filesystem",
+        ),
+        (
+            "a GPU model without a GPU",
+            lambda d: _container(d)["resources"]["limits"].pop("nvidia.com/gpu"),
+            "nvidia.com/gpu",
+        ),
+        (
+            "a model path on no volume",
+            lambda d: _configmap(d).update(STEPSERVE_MODELS="sd15=/data/sd15"),
+            "on no mounted volume",
+        ),
+    ],
+)
+def test_deploy_check_catches(gpu_docs, what: str, fn, expect: str) -> None:  # noqa: ANN001
+    assert check.check_docs(gpu_docs) == []
+    problems = mutate(gpu_docs, fn)
+    assert any(expect in p for p in problems), (what, problems)
