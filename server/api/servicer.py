@@ -167,6 +167,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
             params = self._admit(request, context)
         except ApiError as e:
             outcome = Outcome.UNAVAILABLE if e.code == grpc.StatusCode.UNAVAILABLE else Outcome.INVALID
+            logger.info("request refused from %s: %s: %s", context.peer(), e.code.name, e.message)
             self.metrics.count_refused(self._model_label(getattr(request, "model", "")), outcome)
             await _abort(context, e)
             return
@@ -191,6 +192,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
             await _abort(context, resource_exhausted(str(e), e.retry_after_s))
             return
         except EngineStoppedError as e:
+            logger.info("request %s refused: %s", rid, e)
             self.metrics.count_refused(params.model, Outcome.UNAVAILABLE)
             await _abort(context, unavailable(str(e), retry_after_s=1.0))
             return
