@@ -7,6 +7,7 @@
 """
 
 from .client import (
+    DEFAULT_SERVICE_CONFIG,
     AsyncImageClient,
     GeneratedImage,
     GenerationResult,
@@ -18,6 +19,7 @@ from .client import (
 from .errors import FieldViolation, StepserveError
 
 __all__ = [
+    "DEFAULT_SERVICE_CONFIG",
     "AsyncImageClient",
     "FieldViolation",
     "GeneratedImage",
