@@ -86,6 +86,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         output_format=fmt,
         request_id=args.request_id,
         priority=args.priority or 0,
+        preset=args.preset or 0,
+        karras_sigmas=args.karras,
     )
     bar = ProgressBar(sys.stderr)
     previews = Path(args.previews) if args.previews else None
@@ -139,10 +141,14 @@ def cmd_models(args: argparse.Namespace) -> int:
         samplers = ", ".join(
             pb.Sampler.Name(s).removeprefix("SAMPLER_").lower() for s in m.supported_samplers
         )
+        presets = ", ".join(
+            f"{pb.Preset.Name(p.preset).removeprefix('PRESET_').lower()} {p.steps}" for p in m.presets
+        )
         print(
             f"{m.name}{' (default)' if m.is_default else ''}: {m.family}, "
             f"{m.default_width_px}x{m.default_height_px}, {m.default_steps} steps, "
-            f"guidance {m.default_guidance_scale:g}, max batch {m.max_batch_size}, samplers: {samplers}"
+            f"guidance {m.default_guidance_scale:g}{' (embedded)' if m.guidance_embedded else ''}, "
+            f"max batch {m.max_batch_size}, samplers: {samplers}, presets: {presets}"
         )
     return 0
 
@@ -196,7 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     g.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT")
     g.add_argument(
-        "--sampler", choices=["euler", "euler_ancestral", "ddim", "dpm_solver_multistep"], default=None
+        "--sampler", choices=["euler", "euler_ancestral", "ddim", "dpm_solver_multistep", "lcm"], default=None
+    )
+    g.add_argument(
+        "--preset", choices=["draft", "standard", "high"], default=None, help="steps by quality level"
+    )
+    g.add_argument(
+        "--karras", action="store_true", help="Karras noise schedule (euler, dpm_solver_multistep)"
     )
     g.add_argument("--num-images", type=int, default=0)
     g.add_argument(

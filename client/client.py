@@ -43,7 +43,9 @@ _SAMPLERS = {
     "ddim": pb.SAMPLER_DDIM,
     "dpm_solver_multistep": pb.SAMPLER_DPM_SOLVER_MULTISTEP,
     "dpmpp_2m": pb.SAMPLER_DPM_SOLVER_MULTISTEP,
+    "lcm": pb.SAMPLER_LCM,
 }
+_PRESETS = {"draft": pb.PRESET_DRAFT, "standard": pb.PRESET_STANDARD, "high": pb.PRESET_HIGH}
 _FORMATS = {
     "png": pb.IMAGE_FORMAT_PNG,
     "jpeg": pb.IMAGE_FORMAT_JPEG,
@@ -140,11 +142,13 @@ def build_request(
     output_quality: int = 0,
     request_id: str = "",
     priority: str | int = 0,
+    preset: str | int = 0,
+    karras_sigmas: bool = False,
 ) -> pb.GenerateRequest:
     """A ``GenerateRequest``; 0 / None / "" leave a field to the server's defaults.
 
-    ``sampler``, ``output_format`` and ``priority`` take names ("euler", "ddim", "webp",
-    "batch", ...) or enum values.
+    ``sampler``, ``output_format``, ``priority`` and ``preset`` take names ("euler", "ddim",
+    "webp", "batch", "draft", ...) or enum values.
     """
     req = pb.GenerateRequest(
         model=model,
@@ -161,6 +165,8 @@ def build_request(
         output_quality=output_quality,
         request_id=request_id,
         priority=_PRIORITIES[priority.lower()] if isinstance(priority, str) else priority,
+        preset=_PRESETS[preset.lower()] if isinstance(preset, str) else preset,
+        karras_sigmas=karras_sigmas,
     )
     if guidance_scale is not None:
         req.guidance_scale = guidance_scale

@@ -66,10 +66,16 @@ def load_models(config: ServerConfig) -> dict[str, ModelAdapter]:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype)
     models: dict[str, ModelAdapter] = {}
+    overrides = config.model_overrides()
     for name, path in specs:
         logger.info("loading model %s from %s on %s", name, path, device)
         models[name] = load_model(
-            name, path, device=device, dtype=dtype, max_batch_size=config.max_batch_size
+            name,
+            path,
+            device=device,
+            dtype=dtype,
+            max_batch_size=config.max_batch_size,
+            overrides=overrides.get(name),
         )
     return models
 

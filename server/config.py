@@ -9,14 +9,37 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+# Per-model serving settings --model-option may set (also the keys of a model's stepserve.json).
+MODEL_OPTION_KEYS = {
+    "default_steps",
+    "default_guidance_scale",
+    "default_sampler",
+    "default_width",
+    "default_height",
+    "min_size",
+    "max_size",
+    "max_steps",
+    "max_images_per_request",
+}
+PRESET_KEYS = {"presets.draft", "presets.standard", "presets.high"}
+
+
+def _scalar(raw: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
+
 
 class ConfigError(ValueError):
     """A setting is out of range; the message names the setting and its value."""
 
 
-def _opt(default: Any, help: str) -> Any:
+def _opt(default: Any, help: str, metavar: str = "") -> Any:
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
+        return field(default_factory=lambda: list(default), metadata={"help": help, "metavar": metavar})
     return field(default=default, metadata={"help": help})
 
 
@@ -31,6 +54,14 @@ class ServerConfig:
         [],
         "model to serve as NAME=PATH, a local diffusers pipeline directory (repeatable; "
         "env: comma-separated); none serves the embedded tiny-shapes model",
+        "NAME=PATH",
+    )
+    model_options: list[str] = _opt(
+        [],
+        "override a model's serving setting as NAME.KEY=VALUE (repeatable; env: comma-separated); keys: "
+        + ", ".join(sorted(MODEL_OPTION_KEYS))
+        + ", presets.draft|standard|high; beats the model directory's stepserve.json",
+        "NAME.KEY=VALUE",
     )
     default_model: str = _opt("", "model an empty GenerateRequest.model selects (default: the first --model)")
     batching: str = _opt(
@@ -108,6 +139,23 @@ class ServerConfig:
             out.append((name, Path(path)))
         return out
 
+    def model_overrides(self) -> dict[str, dict[str, Any]]:
+        """``--model-option`` values by model name, as a stepserve.json-shaped dict."""
+        out: dict[str, dict[str, Any]] = {}
+        for opt in self.model_options:
+            target, sep, raw = opt.partition("=")
+            name, dot, key = target.partition(".")
+            if not sep or not dot or not name:
+                raise ConfigError(f"--model-option {opt!r}: expected NAME.KEY=VALUE")
+            if key not in MODEL_OPTION_KEYS | PRESET_KEYS:
+                raise ConfigError(f"--model-option {opt!r}: unknown key {key!r}")
+            settings = out.setdefault(name, {})
+            if key.startswith("presets."):
+                settings.setdefault("presets", {})[key.split(".", 1)[1]] = int(raw)
+            else:
+                settings[key] = _scalar(raw)
+        return out
+
     def validate(self) -> ServerConfig:
         """Check every bound; raises :class:`ConfigError` naming the bad value."""
 
@@ -167,6 +215,14 @@ class ServerConfig:
         )
         names = [n for n, _ in self.model_specs()]
         need(len(names) == len(set(names)), f"--model names must be unique, got {names}")
+        try:
+            for name in self.model_overrides():
+                need(
+                    name in (names or ["tiny-shapes"]),
+                    f"--model-option for {name!r}, which is not a --model name",
+                )
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
         if self.default_model and names:
             need(
                 self.default_model in names,
@@ -203,8 +259,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
         elif isinstance(default, list):
+            singular = "--" + f.name.removesuffix("s").replace("_", "-")  # --model, --model-option
             parser.add_argument(
-                "--model", dest=f.name, action="append", default=None, metavar="NAME=PATH", help=help_text
+                singular,
+                dest=f.name,
+                action="append",
+                default=None,
+                metavar=f.metadata["metavar"],
+                help=help_text,
             )
         else:
             parser.add_argument(flag, dest=f.name, type=type(default), default=None, help=help_text)

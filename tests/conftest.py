@@ -14,7 +14,7 @@ from stepserve.server.config import ServerConfig  # noqa: E402
 from stepserve.server.engine.models import load_model  # noqa: E402
 
 from .server_thread import ServerThread  # noqa: E402
-from .tiny_pipelines import build_tiny_sd  # noqa: E402
+from .tiny_pipelines import build_tiny_lcm, build_tiny_sd, build_tiny_sd2, build_tiny_sdxl  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -32,6 +32,21 @@ def tiny_sd_vpred_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_sd(
         tmp_path_factory.mktemp("models") / "tiny-sd-v", prediction_type="v_prediction", seed=1
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_sd2(tmp_path_factory.mktemp("models") / "tiny-sd2")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_lcm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_lcm(tmp_path_factory.mktemp("models") / "tiny-lcm")
 
 
 @pytest.fixture(scope="session")

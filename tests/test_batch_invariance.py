@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from stepserve.server.engine.batch_invariance import make_rowwise_linears
+from stepserve.server.engine.samplers import GENERAL_SAMPLERS
 from stepserve.server.engine.types import ResultEvent, Sampler
 
 from .engine_helpers import Harness, params
 
-SAMPLERS = list(Sampler)
+SAMPLERS = list(GENERAL_SAMPLERS)
 
 
 def _others(n: int) -> list:  # noqa: ANN401

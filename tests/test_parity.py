@@ -13,12 +13,12 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from stepserve.server.engine.models import load_model
-from stepserve.server.engine.samplers import SAMPLER_CLASSES
+from stepserve.server.engine.samplers import GENERAL_SAMPLERS, SAMPLER_CLASSES
 from stepserve.server.engine.types import Sampler
 
 from .engine_helpers import Harness, params
 
-SAMPLERS = list(Sampler)
+SAMPLERS = list(GENERAL_SAMPLERS)
 
 
 def reference(path: Path, p, seeds: list[int]) -> list[np.ndarray]:  # noqa: ANN001

@@ -83,3 +83,179 @@ def build_tiny_sd(
     )
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def _tiny_clip(tok, hidden: int, max_tokens: int, *, projection_dim: int | None = None):  # noqa: ANN001, ANN202
+    from transformers import CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=max_tokens,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        hidden_act="gelu",
+        projection_dim=projection_dim or hidden,
+    )
+    return CLIPTextModelWithProjection(cfg) if projection_dim else CLIPTextModel(cfg)
+
+
+def _tiny_vae(sample_size: int, **kw: object) -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=sample_size,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def build_tiny_sd2(path: Path, *, seed: int = 2, max_tokens: int = 16) -> Path:
+    """SD-2.x-768-shaped: v-prediction, linear attention projections, per-block head dims,
+    upcast attention, a wider (OpenCLIP-like) text width and a larger native size (48x48
+    here, as 768 is to 512)."""
+    torch.manual_seed(seed)
+    tok = build_tokenizer(WORDS, max_tokens)
+    unet = UNet2DConditionModel(
+        sample_size=24,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1,
+        cross_attention_dim=48,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        upcast_attention=True,
+        norm_num_groups=8,
+    )
+    sched = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="v_prediction",
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=_tiny_vae(48),
+        text_encoder=_tiny_clip(tok, 48, max_tokens),
+        tokenizer=tok,
+        unet=unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def build_tiny_sdxl(
+    path: Path, *, seed: int = 3, max_tokens: int = 16, time_cond_proj_dim: int | None = None
+) -> Path:
+    """SDXL-shaped: two text encoders (the second with a projection, giving the pooled
+    embedding), penultimate-layer hidden states concatenated as cross-attention context,
+    "text_time" added conditioning (pooled text + original size, crop, target size), linear
+    projections and more transformer layers in the deeper block, as in SDXL."""
+    from diffusers import StableDiffusionXLPipeline
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer(WORDS, max_tokens)
+    tok2 = build_tokenizer(WORDS, max_tokens)
+    text = _tiny_clip(tok, 32, max_tokens)
+    text2 = _tiny_clip(tok2, 32, max_tokens, projection_dim=16)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 16,
+        cross_attention_dim=64,
+        norm_num_groups=8,
+        time_cond_proj_dim=time_cond_proj_dim,
+    )
+    sched = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=_tiny_vae(32, force_upcast=True),
+        text_encoder=text,
+        text_encoder_2=text2,
+        tokenizer=tok,
+        tokenizer_2=tok2,
+        unet=unet,
+        scheduler=sched,
+        force_zeros_for_empty_prompt=True,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def build_tiny_lcm(path: Path, *, seed: int = 4, max_tokens: int = 16) -> Path:
+    """An LCM-distilled SD-1.x-shaped pipeline: the UNet takes the guidance scale as an
+    embedding (time_cond_proj_dim) instead of classifier-free guidance, with LCMScheduler."""
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer(WORDS, max_tokens)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        layers_per_block=1,
+        cross_attention_dim=32,
+        attention_head_dim=4,
+        norm_num_groups=8,
+        time_cond_proj_dim=32,
+    )
+    sched = LCMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+        original_inference_steps=50,
+    )
+    pipe = LatentConsistencyModelPipeline(
+        vae=_tiny_vae(32),
+        text_encoder=_tiny_clip(tok, 32, max_tokens),
+        tokenizer=tok,
+        unet=unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    # Few-step serving defaults, as a real LCM checkpoint's stepserve.json would set them.
+    (path / "stepserve.json").write_text('{"default_steps": 4, "default_guidance_scale": 1.5}')
+    return path

@@ -38,7 +38,7 @@ from ..logging_setup import request_id_var
 from ..observability.metrics import UNKNOWN_MODEL, Metrics, Outcome
 from . import imaging
 from .errors import ApiError, resource_exhausted, unavailable
-from .validation import FORMAT_TO_PROTO, SAMPLER_TO_PROTO, Limits, validate_generate
+from .validation import FORMAT_TO_PROTO, PRESET_TO_PROTO, SAMPLER_TO_PROTO, Limits, validate_generate
 
 if TYPE_CHECKING:
     from ..engine.models.base import ModelAdapter
@@ -116,6 +116,12 @@ def model_info_proto(info: ModelInfo, is_default: bool) -> pb.ModelInfo:
         max_size_px=info.max_size,
         max_steps=info.max_steps,
         max_images_per_request=info.max_images_per_request,
+        presets=[
+            pb.PresetSteps(preset=PRESET_TO_PROTO[preset], steps=steps)
+            for preset, steps in sorted(info.preset_steps.items(), key=lambda kv: PRESET_TO_PROTO[kv[0]])
+        ],
+        karras_samplers=[SAMPLER_TO_PROTO[s] for s in info.karras_samplers],
+        guidance_embedded=info.guidance_embedded,
     )
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from stepserve.v1 import image_generation_pb2 as pb
 
-from ..engine.types import GenerationParams, ImageFormat, ModelInfo, Priority, Sampler
+from ..engine.types import GenerationParams, ImageFormat, ModelInfo, Preset, Priority, Sampler
 from .errors import ApiError, FieldViolation, invalid_argument, not_found
 
 SAMPLER_FROM_PROTO: dict[int, Sampler] = {
@@ -24,7 +24,14 @@ SAMPLER_FROM_PROTO: dict[int, Sampler] = {
     pb.SAMPLER_EULER_ANCESTRAL: Sampler.EULER_ANCESTRAL,
     pb.SAMPLER_DDIM: Sampler.DDIM,
     pb.SAMPLER_DPM_SOLVER_MULTISTEP: Sampler.DPM_SOLVER_MULTISTEP,
+    pb.SAMPLER_LCM: Sampler.LCM,
 }
+PRESET_FROM_PROTO: dict[int, Preset] = {
+    pb.PRESET_DRAFT: Preset.DRAFT,
+    pb.PRESET_STANDARD: Preset.STANDARD,
+    pb.PRESET_HIGH: Preset.HIGH,
+}
+PRESET_TO_PROTO = {v: k for k, v in PRESET_FROM_PROTO.items()}
 SAMPLER_TO_PROTO = {v: k for k, v in SAMPLER_FROM_PROTO.items()}
 FORMAT_FROM_PROTO: dict[int, ImageFormat] = {
     pb.IMAGE_FORMAT_UNSPECIFIED: ImageFormat.PNG,
@@ -104,6 +111,12 @@ def validate_generate(
             check(False, field, f"{v} is outside model {name!r}'s range {info.min_size}..{info.max_size}")
 
     steps = req.steps or info.default_steps
+    if req.preset != pb.PRESET_UNSPECIFIED:
+        preset = PRESET_FROM_PROTO.get(req.preset)
+        if preset is None:
+            check(False, "preset", f"{req.preset} is not a known Preset value")
+        elif not req.steps:  # explicit steps win over a preset
+            steps = info.preset_steps.get(preset, steps)
     check(steps <= info.max_steps, "steps", f"{steps} is more than the limit of {info.max_steps}")
 
     guidance = info.default_guidance_scale
@@ -126,6 +139,13 @@ def validate_generate(
             check(False, "sampler", f"{pb.Sampler.Name(req.sampler)} is not supported by model {name!r}")
         else:
             sampler = chosen
+    if req.karras_sigmas and sampler not in info.karras_samplers:
+        names = ", ".join(s.value for s in info.karras_samplers) or "none"
+        check(
+            False,
+            "karras_sigmas",
+            f"sampler {sampler.value} has no Karras schedule (samplers with one: {names})",
+        )
 
     num_images = req.num_images or 1
     check(
@@ -185,6 +205,8 @@ def validate_generate(
         output_quality=quality,
         deadline=deadline,
         priority=priority,
+        karras=req.karras_sigmas,
+        cfg=guidance > 1.0 and not info.guidance_embedded,
     )
 
 

@@ -10,6 +10,7 @@ built once and deep-copied per image.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections import OrderedDict
 from typing import Any
 
@@ -18,6 +19,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
 )
 
 from .types import Sampler
@@ -31,7 +33,16 @@ SAMPLER_CLASSES: dict[Sampler, Any] = {
     Sampler.EULER_ANCESTRAL: EulerAncestralDiscreteScheduler,
     Sampler.DDIM: DDIMScheduler,
     Sampler.DPM_SOLVER_MULTISTEP: DPMSolverMultistepScheduler,
+    Sampler.LCM: LCMScheduler,
 }
+# The general-purpose samplers (any model not distilled for a sampler of its own).
+GENERAL_SAMPLERS = (Sampler.EULER, Sampler.EULER_ANCESTRAL, Sampler.DDIM, Sampler.DPM_SOLVER_MULTISTEP)
+# Samplers whose diffusers class takes ``use_karras_sigmas``.
+KARRAS_SAMPLERS = tuple(
+    s
+    for s, cls in SAMPLER_CLASSES.items()
+    if "use_karras_sigmas" in inspect.signature(cls.__init__).parameters
+)
 
 
 def sampler_for_class_name(name: str) -> Sampler | None:
@@ -42,8 +53,12 @@ def sampler_for_class_name(name: str) -> Sampler | None:
     return None
 
 
-def make_scheduler(base_config: Any, sampler: Sampler) -> DiffusersScheduler:
+def make_scheduler(base_config: Any, sampler: Sampler, karras: bool = False) -> DiffusersScheduler:
     """A fresh diffusers scheduler of ``sampler``'s class configured like the model's own."""
+    if karras:
+        if sampler not in KARRAS_SAMPLERS:
+            raise ValueError(f"{sampler.value} has no Karras sigmas option")
+        return SAMPLER_CLASSES[sampler].from_config(base_config, use_karras_sigmas=True)
     return SAMPLER_CLASSES[sampler].from_config(base_config)
 
 
@@ -53,14 +68,14 @@ class SchedulerFactory:
     def __init__(self, base_config: Any, device: str = "cpu", max_templates: int = 64) -> None:
         self._device = device
         self._base_config = base_config
-        self._templates: OrderedDict[tuple[Sampler, int], DiffusersScheduler] = OrderedDict()
+        self._templates: OrderedDict[tuple[Sampler, int, bool], DiffusersScheduler] = OrderedDict()
         self._max = max_templates
 
-    def create(self, sampler: Sampler, steps: int) -> DiffusersScheduler:
-        key = (sampler, steps)
+    def create(self, sampler: Sampler, steps: int, karras: bool = False) -> DiffusersScheduler:
+        key = (sampler, steps, karras)
         tpl = self._templates.get(key)
         if tpl is None:
-            tpl = make_scheduler(self._base_config, sampler)
+            tpl = make_scheduler(self._base_config, sampler, karras)
             tpl.set_timesteps(steps, device=self._device)
             self._templates[key] = tpl
             if len(self._templates) > self._max:

@@ -20,6 +20,15 @@ class Sampler(str, enum.Enum):
     EULER_ANCESTRAL = "euler_ancestral"
     DDIM = "ddim"
     DPM_SOLVER_MULTISTEP = "dpm_solver_multistep"
+    LCM = "lcm"
+
+
+class Preset(str, enum.Enum):
+    """Quality presets: each model maps them to a number of steps."""
+
+    DRAFT = "draft"
+    STANDARD = "standard"
+    HIGH = "high"
 
 
 class ImageFormat(str, enum.Enum):
@@ -71,14 +80,20 @@ class GenerationParams:
     # Absolute time (engine clock, seconds) after which the request is dropped; None = never.
     deadline: float | None = None
     priority: Priority = Priority.INTERACTIVE
+    # Karras noise schedule for the sampler (samplers in ModelInfo.karras_samplers only).
+    karras: bool = False
+    # Whether classifier-free guidance runs; None: when guidance_scale > 1. Validation sets it
+    # False for models that embed the guidance scale instead (ModelInfo.guidance_embedded).
+    cfg: bool | None = None
     # A server-internal request (model warm-up): served like any other but not counted in
     # request metrics nor traced.
     internal: bool = False
 
     @property
     def uses_guidance(self) -> bool:
-        """Classifier-free guidance runs (and doubles the rows) only when the scale is > 1."""
-        return self.guidance_scale > 1.0
+        """Classifier-free guidance runs (and doubles the rows) only when the scale is > 1
+        and the model does not take the scale as an embedding."""
+        return self.guidance_scale > 1.0 if self.cfg is None else self.cfg
 
     @property
     def rows(self) -> int:
@@ -110,6 +125,12 @@ class ModelInfo:
     max_steps: int = 150
     max_images_per_request: int = 8
     max_prompt_tokens: int = 77
+    # Steps each quality preset selects.
+    preset_steps: dict[Preset, int] = field(default_factory=dict)
+    # Samplers that can use the Karras noise schedule.
+    karras_samplers: tuple[Sampler, ...] = ()
+    # The model takes the guidance scale as an input embedding (LCM): no CFG rows.
+    guidance_embedded: bool = False
 
 
 @dataclass

@@ -35,6 +35,8 @@ class _SamplerEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Sampler.Value
     """DDIM (Song et al. 2020) with eta = 0, deterministic."""
     SAMPLER_DPM_SOLVER_MULTISTEP: _Sampler.ValueType  # 4
     """DPM-Solver++ 2M multistep (Lu et al. 2022), deterministic."""
+    SAMPLER_LCM: _Sampler.ValueType  # 5
+    """Latent consistency (Luo et al. 2023): for LCM-distilled models only, 2-8 steps."""
 
 class Sampler(_Sampler, metaclass=_SamplerEnumTypeWrapper):
     """Sampler selects the diffusion sampler (a diffusers scheduler) used for one request."""
@@ -49,7 +51,39 @@ SAMPLER_DDIM: Sampler.ValueType  # 3
 """DDIM (Song et al. 2020) with eta = 0, deterministic."""
 SAMPLER_DPM_SOLVER_MULTISTEP: Sampler.ValueType  # 4
 """DPM-Solver++ 2M multistep (Lu et al. 2022), deterministic."""
+SAMPLER_LCM: Sampler.ValueType  # 5
+"""Latent consistency (Luo et al. 2023): for LCM-distilled models only, 2-8 steps."""
 Global___Sampler: _TypeAlias = Sampler  # noqa: Y015
+
+class _Preset:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PresetEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Preset.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PRESET_UNSPECIFIED: _Preset.ValueType  # 0
+    """No preset: steps come from GenerateRequest.steps or the model's default."""
+    PRESET_DRAFT: _Preset.ValueType  # 1
+    """Fewest steps that still give a usable image."""
+    PRESET_STANDARD: _Preset.ValueType  # 2
+    """The model's default number of steps."""
+    PRESET_HIGH: _Preset.ValueType  # 3
+    """More steps, for final renders."""
+
+class Preset(_Preset, metaclass=_PresetEnumTypeWrapper):
+    """Preset is a quality level that picks the number of steps for the chosen model (see
+    ModelInfo.presets), as hosted image services offer.
+    """
+
+PRESET_UNSPECIFIED: Preset.ValueType  # 0
+"""No preset: steps come from GenerateRequest.steps or the model's default."""
+PRESET_DRAFT: Preset.ValueType  # 1
+"""Fewest steps that still give a usable image."""
+PRESET_STANDARD: Preset.ValueType  # 2
+"""The model's default number of steps."""
+PRESET_HIGH: Preset.ValueType  # 3
+"""More steps, for final renders."""
+Global___Preset: _TypeAlias = Preset  # noqa: Y015
 
 class _ImageFormat:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -128,6 +162,8 @@ class GenerateRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     OUTPUT_QUALITY_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    PRESET_FIELD_NUMBER: _builtins.int
+    KARRAS_SIGMAS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Registry name of the model to run (see ListModels); empty selects the server's default."""
     prompt: _builtins.str
@@ -168,6 +204,12 @@ class GenerateRequest(_message.Message):
     """Quality of JPEG and WebP output, 1-100; 0 selects the default (90). Ignored for PNG."""
     priority: Global___Priority.ValueType
     """Scheduling class; PRIORITY_UNSPECIFIED means PRIORITY_INTERACTIVE."""
+    preset: Global___Preset.ValueType
+    """Quality preset choosing the number of steps; ignored when steps is set."""
+    karras_sigmas: _builtins.bool
+    """Use the Karras et al. (2022) noise schedule (sigmas) with the sampler; only for samplers
+    listed in ModelInfo.karras_samplers.
+    """
     def __init__(
         self,
         *,
@@ -187,10 +229,12 @@ class GenerateRequest(_message.Message):
         request_id: _builtins.str = ...,
         output_quality: _builtins.int = ...,
         priority: Global___Priority.ValueType = ...,
+        preset: Global___Preset.ValueType = ...,
+        karras_sigmas: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "guidance_scale", b"guidance_scale", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "guidance_scale", b"guidance_scale", "height_px", b"height_px", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "output_format", b"output_format", "output_quality", b"output_quality", "preview_every_n_steps", b"preview_every_n_steps", "preview_max_size_px", b"preview_max_size_px", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "sampler", b"sampler", "seed", b"seed", "steps", b"steps", "width_px", b"width_px"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "guidance_scale", b"guidance_scale", "height_px", b"height_px", "karras_sigmas", b"karras_sigmas", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "output_format", b"output_format", "output_quality", b"output_quality", "preset", b"preset", "preview_every_n_steps", b"preview_every_n_steps", "preview_max_size_px", b"preview_max_size_px", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "sampler", b"sampler", "seed", b"seed", "steps", b"steps", "width_px", b"width_px"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance_scale: _TypeAlias = _typing.Literal["guidance_scale"]  # noqa: Y015
     _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
@@ -488,6 +532,9 @@ class ModelInfo(_message.Message):
     MAX_SIZE_PX_FIELD_NUMBER: _builtins.int
     MAX_STEPS_FIELD_NUMBER: _builtins.int
     MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _builtins.int
+    PRESETS_FIELD_NUMBER: _builtins.int
+    KARRAS_SAMPLERS_FIELD_NUMBER: _builtins.int
+    GUIDANCE_EMBEDDED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Registry name, as used in GenerateRequest.model."""
     family: _builtins.str
@@ -514,9 +561,21 @@ class ModelInfo(_message.Message):
     """Most denoising steps one request may ask for."""
     max_images_per_request: _builtins.int
     """Most images one request may ask for."""
+    guidance_embedded: _builtins.bool
+    """True for models that take the guidance scale as an input embedding (LCM-distilled): such
+    models never run classifier-free guidance, so a request adds one row per image.
+    """
     @_builtins.property
     def supported_samplers(self) -> _containers.RepeatedScalarFieldContainer[Global___Sampler.ValueType]:
         """Samplers this model accepts."""
+
+    @_builtins.property
+    def presets(self) -> _containers.RepeatedCompositeFieldContainer[Global___PresetSteps]:
+        """Steps each quality preset selects for this model."""
+
+    @_builtins.property
+    def karras_samplers(self) -> _containers.RepeatedScalarFieldContainer[Global___Sampler.ValueType]:
+        """Samplers that accept GenerateRequest.karras_sigmas."""
 
     def __init__(
         self,
@@ -535,11 +594,40 @@ class ModelInfo(_message.Message):
         max_size_px: _builtins.int = ...,
         max_steps: _builtins.int = ...,
         max_images_per_request: _builtins.int = ...,
+        presets: _abc.Iterable[Global___PresetSteps] | None = ...,
+        karras_samplers: _abc.Iterable[Global___Sampler.ValueType] | None = ...,
+        guidance_embedded: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_guidance_scale", b"default_guidance_scale", "default_height_px", b"default_height_px", "default_sampler", b"default_sampler", "default_steps", b"default_steps", "default_width_px", b"default_width_px", "family", b"family", "is_default", b"is_default", "max_batch_size", b"max_batch_size", "max_images_per_request", b"max_images_per_request", "max_size_px", b"max_size_px", "max_steps", b"max_steps", "min_size_px", b"min_size_px", "name", b"name", "supported_samplers", b"supported_samplers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_guidance_scale", b"default_guidance_scale", "default_height_px", b"default_height_px", "default_sampler", b"default_sampler", "default_steps", b"default_steps", "default_width_px", b"default_width_px", "family", b"family", "guidance_embedded", b"guidance_embedded", "is_default", b"is_default", "karras_samplers", b"karras_samplers", "max_batch_size", b"max_batch_size", "max_images_per_request", b"max_images_per_request", "max_size_px", b"max_size_px", "max_steps", b"max_steps", "min_size_px", b"min_size_px", "name", b"name", "presets", b"presets", "supported_samplers", b"supported_samplers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
+
+@_typing.final
+class PresetSteps(_message.Message):
+    """PresetSteps is the number of steps a preset selects for a model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRESET_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    preset: Global___Preset.ValueType
+    """The preset."""
+    steps: _builtins.int
+    """Denoising steps it selects."""
+    def __init__(
+        self,
+        *,
+        preset: Global___Preset.ValueType = ...,
+        steps: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["preset", b"preset", "steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PresetSteps: _TypeAlias = PresetSteps  # noqa: Y015

@@ -1,10 +1,16 @@
-"""Stable Diffusion 1.x/2.x (and the embedded ``tiny-shapes`` model) as a ModelAdapter.
+"""The Stable Diffusion family as ModelAdapters: SD 1.x/2.x (and the embedded ``tiny-shapes``
+model), SDXL, and latent-consistency (LCM) distilled models.
 
-Numerics follow ``diffusers.StableDiffusionPipeline.__call__`` step for step (prompt
-encoding, latent initialisation, ``scale_model_input``, classifier-free guidance as
-``uncond + g * (cond - uncond)``, ``scheduler.step``, VAE decode and post-processing), so a
-request's image matches the reference pipeline run with the same seed, sampler, steps and
-guidance; the parity tests hold it to that.
+Numerics follow each family's diffusers pipeline ``__call__`` step for step (prompt encoding,
+latent initialisation, ``scale_model_input``, classifier-free guidance as
+``uncond + g * (cond - uncond)`` or the guidance-scale embedding of distilled models, added
+conditioning, ``scheduler.step``, VAE decode and post-processing), so a request's image matches
+the reference pipeline run with the same seed, sampler, steps and guidance; the parity tests
+hold each family to that.
+
+One class per family; they differ only in what they load, how they encode prompts (SDXL: two
+encoders, penultimate hidden states, a pooled embedding) and which extra per-row inputs the
+UNet takes (SDXL: ``text_embeds`` and ``time_ids``; distilled models: ``timestep_cond``).
 """
 
 from __future__ import annotations
@@ -23,8 +29,14 @@ import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..batch_invariance import make_rowwise_linears
-from ..samplers import SAMPLER_CLASSES, SchedulerFactory, sampler_for_class_name
-from ..types import ModelInfo, Sampler
+from ..samplers import (
+    GENERAL_SAMPLERS,
+    KARRAS_SAMPLERS,
+    SAMPLER_CLASSES,
+    SchedulerFactory,
+    sampler_for_class_name,
+)
+from ..types import ModelInfo, Preset, Sampler
 from .base import ModelAdapter, RequestStepFailures
 
 if TYPE_CHECKING:
@@ -46,6 +58,31 @@ class ImageState:
     generator: torch.Generator
     scheduler: Any  # a diffusers scheduler instance (see samplers.DiffusersScheduler)
     latents: torch.Tensor
+    # What to decode when it differs from the latents (LCM decodes its last x0 estimate).
+    final: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """A text's encoding: cross-attention context, and (SDXL) the pooled embedding."""
+
+    embeds: torch.Tensor  # 1 x tokens x width
+    pooled: torch.Tensor | None = None  # 1 x projection width
+
+
+# Extra UNet inputs of one forward row, by name: "timestep_cond", or SDXL's added conditioning
+# "text_embeds" and "time_ids" (passed as added_cond_kwargs). Each is 1 x ...
+RowExtras = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of a batched forward: input latents, timestep, text context, extra inputs."""
+
+    x: torch.Tensor
+    t: torch.Tensor
+    context: torch.Tensor
+    extras: RowExtras
 
 
 @dataclass
@@ -53,9 +90,11 @@ class RequestWork:
     """A request's tensors."""
 
     images: list[ImageState]
-    prompt_embeds: torch.Tensor
-    negative_embeds: torch.Tensor | None
+    positive: Conditioning
+    negative: Conditioning | None  # None: no classifier-free guidance
     guidance_scale: float
+    extras: RowExtras  # for the positive row
+    negative_extras: RowExtras
     preview_x0: torch.Tensor | None = None
 
 
@@ -63,6 +102,16 @@ class StableDiffusionAdapter(ModelAdapter):
     """Runs a diffusers ``StableDiffusionPipeline`` directory one batched step at a time."""
 
     family = "stable-diffusion"
+    pipeline_class = "StableDiffusionPipeline"
+
+    def _load_pipeline(self, dtype: torch.dtype) -> Any:
+        import diffusers
+
+        cls = getattr(diffusers, self.pipeline_class)
+        kwargs: dict[str, Any] = {}
+        if "safety_checker" in cls._optional_components:
+            kwargs = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+        return cls.from_pretrained(str(self.path), local_files_only=True, torch_dtype=dtype, **kwargs)
 
     def __init__(
         self,
@@ -76,25 +125,18 @@ class StableDiffusionAdapter(ModelAdapter):
         embed_cache_size: int = 1024,
         overrides: dict[str, Any] | None = None,
     ) -> None:
-        from diffusers import StableDiffusionPipeline
-
         self.name = name
         self.path = Path(path)
         self.device = torch.device(device)
         if dtype is None:
             dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.dtype = dtype
-        self.pipe = StableDiffusionPipeline.from_pretrained(  # type: ignore[no-untyped-call]
-            str(self.path),
-            local_files_only=True,
-            torch_dtype=dtype,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        ).to(self.device)
+        self.pipe = self._load_pipeline(dtype).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.unet = self.pipe.unet.eval()
         self.vae = self.pipe.vae.eval()
+        if dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False):
+            self.vae.to(torch.float32)  # this VAE overflows in float16 (SDXL): decode in float32
         self.text_encoder = self.pipe.text_encoder.eval()
         self.tokenizer = self.pipe.tokenizer
         # Validation counts tokens on the event loop while the engine thread encodes; fast
@@ -116,6 +158,8 @@ class StableDiffusionAdapter(ModelAdapter):
         self.vae_scale_factor = self.pipe.vae_scale_factor
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self.latent_channels = int(self.unet.config.in_channels)
+        # Distilled models (LCM) take the guidance scale as an embedding and run no CFG.
+        self.guidance_embed_dim: int | None = self.unet.config.get("time_cond_proj_dim")
 
         settings: dict[str, Any] = {}
         settings_path = self.path / SETTINGS_FILE
@@ -124,25 +168,40 @@ class StableDiffusionAdapter(ModelAdapter):
         settings.update(overrides or {})
         native = int(self.unet.config.sample_size) * self.vae_scale_factor
         default_sampler = settings.get("default_sampler")
+        own_sampler = sampler_for_class_name(type(self.pipe.scheduler).__name__)
+        samplers = (Sampler.LCM,) if own_sampler is Sampler.LCM else GENERAL_SAMPLERS
+        default_steps = int(settings.get("default_steps", 30))
+        max_steps = int(settings.get("max_steps", 150))
+        presets = {
+            Preset.DRAFT: max(1, round(default_steps * 0.4)),
+            Preset.STANDARD: default_steps,
+            Preset.HIGH: min(max_steps, default_steps * 2),
+        }
+        presets.update({Preset(k): int(v) for k, v in settings.get("presets", {}).items()})
         self.info = ModelInfo(
             name=name,
             family=self.family,
             default_width=int(settings.get("default_width", native)),
             default_height=int(settings.get("default_height", native)),
-            default_steps=int(settings.get("default_steps", 30)),
+            default_steps=default_steps,
             default_guidance_scale=float(settings.get("default_guidance_scale", 7.5)),
-            default_sampler=Sampler(default_sampler)
-            if default_sampler
-            else (sampler_for_class_name(type(self.pipe.scheduler).__name__) or Sampler.EULER),
-            samplers=tuple(SAMPLER_CLASSES),
+            default_sampler=Sampler(default_sampler) if default_sampler else (own_sampler or Sampler.EULER),
+            samplers=samplers,
             max_batch_size=max_batch_size,
             min_size=int(settings.get("min_size", 8 * self.vae_scale_factor)),
             max_size=int(settings.get("max_size", 2 * native)),
-            max_steps=int(settings.get("max_steps", 150)),
+            max_steps=max_steps,
             max_images_per_request=min(max_batch_size, int(settings.get("max_images_per_request", 8))),
             max_prompt_tokens=int(self.tokenizer.model_max_length) - 2,
+            preset_steps=presets,
+            karras_samplers=tuple(k for k in KARRAS_SAMPLERS if k in samplers),
+            guidance_embedded=self.guidance_embed_dim is not None,
         )
-        self._embed_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        if self.info.default_sampler not in samplers:
+            raise ValueError(
+                f"model {name}: default sampler {self.info.default_sampler.value} is not one of its own"
+            )
+        self._embed_cache: OrderedDict[str, Conditioning] = OrderedDict()
         self._embed_cache_size = embed_cache_size
         self._latent_rgb = self._fit_latent_rgb(settings.get("latent_rgb_factors"))
 
@@ -151,24 +210,12 @@ class StableDiffusionAdapter(ModelAdapter):
         return len(self._count_tokenizer(text, add_special_tokens=False).input_ids)
 
     @torch.inference_mode()
-    def _encode(self, texts: list[str]) -> list[torch.Tensor]:
-        """Embeddings (1 x tokens x width each) as the reference pipeline computes them."""
+    def _encode(self, texts: list[str]) -> list[Conditioning]:
+        """Encodings of ``texts`` (cached, least recently used evicted), computed in one batch."""
         missing = [t for t in dict.fromkeys(texts) if t not in self._embed_cache]
         if missing:
-            enc = self.tokenizer(
-                missing,
-                padding="max_length",
-                max_length=self.tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            )
-            mask = None
-            if getattr(self.text_encoder.config, "use_attention_mask", False):
-                mask = enc.attention_mask.to(self.device)
-            emb = self.text_encoder(enc.input_ids.to(self.device), attention_mask=mask)[0]
-            emb = emb.to(dtype=self.dtype)
-            for i, t in enumerate(missing):
-                self._embed_cache[t] = emb[i : i + 1]
+            for t, cond in zip(missing, self._encode_batch(missing), strict=True):
+                self._embed_cache[t] = cond
         out = []
         for t in texts:
             self._embed_cache.move_to_end(t)
@@ -177,87 +224,116 @@ class StableDiffusionAdapter(ModelAdapter):
             self._embed_cache.popitem(last=False)
         return out
 
+    def _tokens(self, tokenizer: Any, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = tokenizer(
+            texts,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        return enc.input_ids.to(self.device), enc.attention_mask.to(self.device)
+
+    def _encode_batch(self, texts: list[str]) -> list[Conditioning]:
+        """SD 1.x/2.x: the text encoder's last hidden state."""
+        ids, attention = self._tokens(self.tokenizer, texts)
+        mask = attention if getattr(self.text_encoder.config, "use_attention_mask", False) else None
+        emb = self.text_encoder(ids, attention_mask=mask)[0].to(dtype=self.dtype)
+        return [Conditioning(emb[i : i + 1]) for i in range(len(texts))]
+
+    def _negative(self, req: RequestState, positive: Conditioning) -> Conditioning:
+        """The unconditional side of classifier-free guidance: the negative prompt's encoding
+        (the empty prompt's when there is none)."""
+        return self._encode([req.params.negative_prompt])[0]
+
+    def _row_extras(self, req: RequestState, cond: Conditioning) -> RowExtras:
+        """Extra UNet inputs of one of the request's rows with text conditioning ``cond``."""
+        if self.guidance_embed_dim is None:
+            return {}
+        w = torch.tensor([req.params.guidance_scale - 1.0])
+        emb = self.pipe.get_guidance_scale_embedding(w, embedding_dim=self.guidance_embed_dim)
+        return {"timestep_cond": emb.to(self.device, self.dtype)}
+
     # -- engine operations ---------------------------------------------------------------
     @torch.inference_mode()
     def prepare(self, reqs: list[RequestState]) -> None:
-        texts: list[str] = []
-        for req in reqs:
-            texts.append(req.params.prompt)
-            if req.params.uses_guidance:
-                texts.append(req.params.negative_prompt)
-        embeds = iter(self._encode(texts))
-        for req in reqs:
+        positives = self._encode([r.params.prompt for r in reqs])
+        for req, pos in zip(reqs, positives, strict=True):
             p = req.params
-            pos = next(embeds)
-            neg = next(embeds) if p.uses_guidance else None
+            neg = self._negative(req, pos) if p.uses_guidance else None
             h, w = p.height // self.vae_scale_factor, p.width // self.vae_scale_factor
             images = []
             for seed in p.seeds:
                 gen = torch.Generator(device=self.device).manual_seed(seed)
-                sched = self.schedulers.create(p.sampler, p.steps)
+                sched = self.schedulers.create(p.sampler, p.steps, p.karras)
                 lat = randn_tensor(
                     (1, self.latent_channels, h, w), generator=gen, device=self.device, dtype=self.dtype
                 )
                 images.append(ImageState(seed, gen, sched, lat * sched.init_noise_sigma))
-            req.work = RequestWork(images, pos, neg, p.guidance_scale)
+            req.work = RequestWork(
+                images,
+                pos,
+                neg,
+                p.guidance_scale,
+                self._row_extras(req, pos),
+                self._row_extras(req, neg) if neg is not None else {},
+            )
 
     @torch.inference_mode()
     def denoise_step(self, reqs: list[RequestState]) -> int:
         failures: dict[str, BaseException] = {}
         # 1. Each request's model inputs (no state changes besides the schedulers' idempotent
         # step-index initialisation), so a failed forward can be retried.
-        inputs: list[tuple[RequestState, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]] = []
+        inputs: list[tuple[RequestState, list[Row]]] = []
         for req in reqs:
             try:
-                inputs.append((req, *self._step_inputs(req)))
+                inputs.append((req, self._step_inputs(req)))
             except Exception as e:
                 failures[req.request_id] = e
-        xs = [x for _, rx, _, _ in inputs for x in rx]
-        cs = [c for _, _, rc, _ in inputs for c in rc]
-        ts = [t for _, _, _, rt in inputs for t in rt]
-        rows = len(xs)
+        rows = [row for _, rr in inputs for row in rr]
         if rows:
             # 2. One batched forward for everyone (a failure here fails the whole call).
-            self.faults.before_forward([r for r, *_ in inputs], rows)
-            pad = self.batch_invariant and rows == 1
-            x = torch.cat(xs + xs[:1] if pad else xs)
-            c = torch.cat(cs + cs[:1] if pad else cs)
-            t_all = torch.stack([t.to(torch.float32) for t in (ts + ts[:1] if pad else ts)])
-            out = self.unet(x, t_all, encoder_hidden_states=c, return_dict=False)[0]
+            self.faults.before_forward([r for r, _ in inputs], len(rows))
+            if self.batch_invariant and len(rows) == 1:
+                rows = rows + rows  # a 1-row forward takes other conv kernels: pad to 2
+            x = torch.cat([r.x for r in rows])
+            t_all = torch.stack([r.t.to(torch.float32) for r in rows])
+            extras = {k: torch.cat([r.extras[k] for r in rows]) for k in rows[0].extras}
+            timestep_cond = extras.pop("timestep_cond", None)
+            out = self.unet(
+                x,
+                t_all,
+                encoder_hidden_states=torch.cat([r.context for r in rows]),
+                timestep_cond=timestep_cond,
+                added_cond_kwargs=extras or None,
+                return_dict=False,
+            )[0]
             # 3. Each request's own update: guidance, sampler step, preview estimate.
-            r = 0
-            for req, rx, _, _ in inputs:
-                n = len(rx)
+            i = 0
+            for req, rr in inputs:
+                n = len(rr)
                 try:
                     self.faults.before_request_update(req)
-                    self._update(req, x[r : r + n], out[r : r + n])
+                    self._update(req, x[i : i + n], out[i : i + n])
                 except Exception as e:
                     failures[req.request_id] = e
-                r += n
+                i += n
+        n_rows = sum(len(rr) for _, rr in inputs)
         if failures:
-            raise RequestStepFailures(rows, failures)
-        return rows
+            raise RequestStepFailures(n_rows, failures)
+        return n_rows
 
-    def _step_inputs(
-        self, req: RequestState
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """The request's rows of the batched forward: inputs, text embeddings, timesteps."""
+    def _step_inputs(self, req: RequestState) -> list[Row]:
+        """The request's rows of the batched forward: per image, (uncond, cond) with CFG."""
         w: RequestWork = req.work
-        xs: list[torch.Tensor] = []
-        cs: list[torch.Tensor] = []
-        ts: list[torch.Tensor] = []
+        rows: list[Row] = []
         for im in w.images:
             t = im.scheduler.timesteps[req.steps_done]
             x_in = im.scheduler.scale_model_input(im.latents, t)
-            if w.negative_embeds is not None:
-                xs += [x_in, x_in]
-                cs += [w.negative_embeds, w.prompt_embeds]
-                ts += [t, t]
-            else:
-                xs.append(x_in)
-                cs.append(w.prompt_embeds)
-                ts.append(t)
-        return xs, cs, ts
+            if w.negative is not None:
+                rows.append(Row(x_in, t, w.negative.embeds, w.negative_extras))
+            rows.append(Row(x_in, t, w.positive.embeds, w.extras))
+        return rows
 
     def _update(self, req: RequestState, x: torch.Tensor, out: torch.Tensor) -> None:
         """Apply guidance and advance each of the request's images one sampler step, given its
@@ -269,7 +345,7 @@ class StableDiffusionAdapter(ModelAdapter):
         r = 0
         for i, im in enumerate(w.images):
             t = im.scheduler.timesteps[req.steps_done]
-            if w.negative_embeds is not None:
+            if w.negative is not None:
                 uncond, cond = out[r : r + 1], out[r + 1 : r + 2]
                 noise = uncond + w.guidance_scale * (cond - uncond)
                 x_in = x[r : r + 1]
@@ -300,15 +376,25 @@ class StableDiffusionAdapter(ModelAdapter):
             out = model_out
         return out
 
+    def _unscale(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents -> the VAE decoder's input (scaling factor, and SDXL-style mean/std if set)."""
+        z = z.to(self.vae.dtype)
+        mean, std = self.vae.config.get("latents_mean"), self.vae.config.get("latents_std")
+        if mean is not None and std is not None:
+            m = torch.tensor(mean).view(1, -1, 1, 1).to(z)
+            s = torch.tensor(std).view(1, -1, 1, 1).to(z)
+            return z * s / self.scaling_factor + m
+        return z / self.scaling_factor
+
     @torch.inference_mode()
     def decode(self, reqs: list[RequestState]) -> list[list[RGBArray]]:
-        lat = [im.latents for req in reqs for im in req.work.images]
+        lat = [im.final if im.final is not None else im.latents for req in reqs for im in req.work.images]
         if self.batch_invariant:
             # Conv kernels differ between batch 1 and larger batches; decode one at a time.
-            decoded = [self.vae.decode(z / self.scaling_factor, return_dict=False)[0] for z in lat]
+            decoded = [self.vae.decode(self._unscale(z), return_dict=False)[0] for z in lat]
             images = torch.cat(decoded)
         else:
-            images = self.vae.decode(torch.cat(lat) / self.scaling_factor, return_dict=False)[0]
+            images = self.vae.decode(self._unscale(torch.cat(lat)), return_dict=False)[0]
         arr = self.pipe.image_processor.postprocess(images, output_type="np")
         u8 = (arr * 255).round().astype(np.uint8)
         out: list[list[RGBArray]] = []
@@ -341,7 +427,7 @@ class StableDiffusionAdapter(ModelAdapter):
         g = torch.Generator().manual_seed(0)
         colors = torch.rand(8, 3, 4, 4, generator=g)
         imgs = F.interpolate(colors, scale_factor=16, mode="nearest")
-        enc = self.vae.encode((imgs * 2 - 1).to(self.device, self.dtype)).latent_dist.mean
+        enc = self.vae.encode((imgs * 2 - 1).to(self.device, self.vae.dtype)).latent_dist.mean
         lat = (enc * self.scaling_factor).float().cpu()
         target = F.interpolate(imgs, size=lat.shape[-2:], mode="area")
         x = lat.permute(0, 2, 3, 1).reshape(-1, lat.shape[1])
@@ -360,3 +446,55 @@ class StableDiffusionAdapter(ModelAdapter):
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+class StableDiffusionXLAdapter(StableDiffusionAdapter):
+    """SDXL (``StableDiffusionXLPipeline``): two text encoders and size conditioning."""
+
+    family = "stable-diffusion-xl"
+    pipeline_class = "StableDiffusionXLPipeline"
+
+    def _encode_batch(self, texts: list[str]) -> list[Conditioning]:
+        """Both encoders' penultimate hidden states, concatenated; the pooled embedding from
+        the second (projection) encoder, as ``StableDiffusionXLPipeline.encode_prompt``."""
+        hidden = []
+        pooled = None
+        for tokenizer, encoder in (
+            (self.tokenizer, self.text_encoder),
+            (self.pipe.tokenizer_2, self.pipe.text_encoder_2),
+        ):
+            if encoder is None:
+                continue
+            ids, _ = self._tokens(tokenizer, texts)
+            out = encoder(ids, output_hidden_states=True)
+            if out[0].ndim == 2:
+                pooled = out[0]
+            hidden.append(out.hidden_states[-2])
+        emb = torch.cat(hidden, dim=-1).to(self.dtype)
+        assert pooled is not None, "SDXL needs a projection text encoder for the pooled embedding"
+        pooled = pooled.to(self.dtype)
+        return [Conditioning(emb[i : i + 1], pooled[i : i + 1]) for i in range(len(texts))]
+
+    def _negative(self, req: RequestState, positive: Conditioning) -> Conditioning:
+        # As the reference: no negative prompt means zeros, for models configured so.
+        if not req.params.negative_prompt and self.pipe.config.get("force_zeros_for_empty_prompt", True):
+            assert positive.pooled is not None
+            return Conditioning(torch.zeros_like(positive.embeds), torch.zeros_like(positive.pooled))
+        return super()._negative(req, positive)
+
+    def _row_extras(self, req: RequestState, cond: Conditioning) -> RowExtras:
+        p = req.params
+        # original size, crop top-left, target size: the image as asked for, uncropped.
+        time_ids = torch.tensor(
+            [[p.height, p.width, 0, 0, p.height, p.width]], device=self.device, dtype=self.dtype
+        )
+        assert cond.pooled is not None
+        return {**super()._row_extras(req, cond), "text_embeds": cond.pooled, "time_ids": time_ids}
+
+
+class LatentConsistencyAdapter(StableDiffusionAdapter):
+    """LCM-distilled Stable Diffusion (``LatentConsistencyModelPipeline``): few steps with the
+    LCM sampler, guidance as an input embedding instead of classifier-free guidance."""
+
+    family = "latent-consistency"
+    pipeline_class = "LatentConsistencyModelPipeline"
