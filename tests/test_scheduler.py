@@ -213,3 +213,16 @@ def test_equal_keys_keep_arrival_order_across_classes() -> None:
     s.add(req("b", 0.0, priority=Priority.BATCH))  # key 5.0
     s.add(req("i", 5.0))  # key 5.0, arrived later
     assert ids(s.waiting) == ["b", "i"]
+
+
+def test_models_share_the_accelerator_in_turns() -> None:
+    """Two busy models alternate forwards (each bucket in turn), each with its own capacity:
+    a model with a long queue does not starve the other."""
+    s = StepLevelScheduler({"xl": 2, "lcm": 4})
+    for i in range(6):
+        s.add(req(f"xl{i}", t=0.0, model="xl", steps=5))
+    s.add(req("lcm0", t=0.5, model="lcm", steps=2))
+    models = [run_step(s, float(i)).batch[0].model for i in range(6)]
+    assert models[:4] == ["xl", "lcm", "xl", "lcm"]  # lcm0's 2 steps interleave with xl's
+    assert models[4:] == ["xl", "xl"]
+    assert ids(s.waiting)[:1] == ["xl2"]  # xl's own capacity (2) bounds its batch
