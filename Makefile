@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo serve test test-fast lint format proto proto-check deploy-check deploy-rules train-tiny clean
+.PHONY: setup demo serve test test-fast lint format proto proto-check deploy-check deploy-rules bench bench-quick train-tiny clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,14 +34,14 @@ test-fast: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -x -q
 
 lint: setup
-	$(BIN)/ruff check server client tests models deploy
-	$(BIN)/ruff format --check server client tests models deploy
+	$(BIN)/ruff check server client tests models deploy bench
+	$(BIN)/ruff format --check server client tests models deploy bench
 	$(BIN)/buf lint
 	$(BIN)/mypy server client
 
 format: setup
-	$(BIN)/ruff check --fix server client tests models deploy
-	$(BIN)/ruff format server client tests models deploy
+	$(BIN)/ruff check --fix server client tests models deploy bench
+	$(BIN)/ruff format server client tests models deploy bench
 
 # Stubs are generated into gen/ and committed; proto-check fails if they are stale.
 proto: setup
@@ -68,6 +68,15 @@ deploy-check: setup
 # Regenerate the Prometheus Operator PrometheusRule from deploy/prometheus/stepserve-rules.yaml.
 deploy-rules: setup
 	$(BIN)/python deploy/check.py --write-rules
+
+# Benchmark: sequential diffusers reference vs request-level vs step-level batching vs the
+# compute limit, same model and requests (about 25 minutes; bench-quick about 12). Writes
+# bench/results/<date>-<host>-<profile>.json and .png. make test runs a smoke profile.
+bench: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py --profile full
+
+bench-quick: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py --profile quick
 
 # Rebuild the embedded model from scratch (about 40 minutes on 2 CPU cores).
 train-tiny: setup

@@ -80,14 +80,16 @@ def test_image_i_of_a_request_equals_a_single_image_request_with_seed_plus_i(tin
     assert not np.array_equal(multi[0], multi[1])
 
 
-def test_rowwise_linear_matches_per_row_computation() -> None:
+@pytest.mark.parametrize(("k", "n", "bias"), [(64, 256, True), (320, 1280, True), (1280, 320, False)])
+def test_rowwise_linear_rows_equal_one_row_linear_at_every_batch_size(k: int, n: int, bias: bool) -> None:
     torch.manual_seed(0)
-    lin = torch.nn.Sequential(torch.nn.Linear(64, 256))
-    x = torch.randn(9, 64)
-    ref = [lin(x[i : i + 1]) for i in range(9)]
+    lin = torch.nn.Sequential(torch.nn.Linear(k, n, bias=bias))
+    x = torch.randn(33, k)
+    ref = [lin(x[i : i + 1]) for i in range(33)]  # plain nn.Linear, one row at a time
     make_rowwise_linears(lin)
-    out = lin(x)
-    for i in range(9):
-        assert torch.equal(out[i : i + 1], ref[i])
+    for m in (1, 2, 3, 5, 8, 16, 33):
+        out = lin(x[:m])
+        for i in range(m):
+            assert torch.equal(out[i : i + 1], ref[i]), (m, i)
     # Same parameters, same state dict: only the class changed.
-    assert set(lin.state_dict()) == {"0.weight", "0.bias"}
+    assert set(lin.state_dict()) == ({"0.weight", "0.bias"} if bias else {"0.weight"})

@@ -1,0 +1,88 @@
+"""The sequential reference: a plain diffusers StableDiffusionPipeline behind the same gRPC API,
+called one request at a time (what most users start with; the diffusers server examples do
+this). Same model, same seeds and samplers as stepserve; no batching, no previews.
+
+    python bench/reference_server.py --port 50090 [--model PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import torch
+from diffusers import StableDiffusionPipeline
+
+from stepserve.server.engine.models import default_model_path
+from stepserve.server.engine.samplers import SAMPLER_CLASSES
+from stepserve.server.engine.types import Sampler
+from stepserve.v1 import image_generation_pb2 as pb
+from stepserve.v1 import image_generation_pb2_grpc as pb_grpc
+
+SAMPLERS = {
+    pb.SAMPLER_EULER: Sampler.EULER,
+    pb.SAMPLER_EULER_ANCESTRAL: Sampler.EULER_ANCESTRAL,
+    pb.SAMPLER_DDIM: Sampler.DDIM,
+    pb.SAMPLER_DPM_SOLVER_MULTISTEP: Sampler.DPM_SOLVER_MULTISTEP,
+}
+
+
+class Reference(pb_grpc.ImageGenerationServiceServicer):  # type: ignore[misc]
+    def __init__(self, path: str) -> None:
+        self.pipe = StableDiffusionPipeline.from_pretrained(
+            path, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+        self.pipe.set_progress_bar_config(disable=True)
+        self.config = self.pipe.scheduler.config
+        self.lock = asyncio.Lock()
+
+    def _run(self, req: pb.GenerateRequest) -> bytes:
+        sampler = SAMPLERS.get(req.sampler, Sampler.EULER)
+        self.pipe.scheduler = SAMPLER_CLASSES[sampler].from_config(self.config)
+        image = self.pipe(
+            req.prompt,
+            num_inference_steps=req.steps or 20,
+            guidance_scale=req.guidance_scale if req.HasField("guidance_scale") else 7.5,
+            generator=torch.Generator().manual_seed(req.seed),
+        ).images[0]
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return buf.getvalue()
+
+    async def Generate(  # noqa: N802
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        t0 = time.perf_counter()
+        async with self.lock:  # one generation at a time
+            waited = time.perf_counter() - t0
+            png = await asyncio.to_thread(self._run, request)
+        usage = pb.Usage(steps=request.steps or 20, queue_ms=int(waited * 1000), mean_batch_size=1)
+        result = pb.Result(
+            images=[pb.Image(data=png, format=pb.IMAGE_FORMAT_PNG, seed=request.seed)], usage=usage
+        )
+        yield pb.GenerateResponse(request_id=request.request_id, result=result)
+
+
+async def serve(port: int, path: str) -> None:
+    server = grpc.aio.server()
+    pb_grpc.add_ImageGenerationServiceServicer_to_server(Reference(path), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--model", default=str(default_model_path()))
+    args = ap.parse_args()
+    asyncio.run(serve(args.port, args.model))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,381 @@
+"""`make bench`: stepserve against what users would run instead, side by side, one run, one
+machine, one model (the embedded tiny-shapes), same requests and seeds. Reports ratios.
+
+Modes:
+  reference  a plain diffusers pipeline behind gRPC, one request at a time (bench/reference_server.py)
+  request    stepserve --batching request (classic dynamic batching)
+  step       stepserve (step-level continuous batching, the default)
+  compute    the same adapter's batched forwards, decodes and text encodes in a tight loop, no
+             server, at the batch sizes the server reached (how close to the hardware we are)
+
+Workloads, from real gRPC clients in a separate process (bench/loadgen.py):
+  lone        one request at a time (20 steps): end-to-end latency, the cost of the service
+  saturation  N closed-loop streams (N = 1, 4, 16, 32), 20 steps: images/s
+  mixed       Poisson arrivals (fixed seed), steps from {4, 10, 20, 30, 50}, samplers mixed, at
+              50/80/100% of step-level capacity, previews every step: p50/p95/p99 latency, time
+              to first preview, throughput
+
+    python bench/run.py [--profile full|quick|smoke] [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+PROFILES: dict[str, dict[str, Any]] = {
+    # seconds per closed-loop run, per open-loop run; stream counts; load fractions; lone requests
+    "full": {"sat_s": 40, "mixed_s": 90, "streams": [1, 4, 16, 32], "loads": [0.5, 0.8, 1.0], "lone": 7},
+    "quick": {"sat_s": 20, "mixed_s": 40, "streams": [1, 4, 16, 32], "loads": [0.5, 0.8, 1.0], "lone": 5},
+    # CI: every mode and workload once, briefly (about a minute of load plus start-ups).
+    "smoke": {"sat_s": 3, "mixed_s": 4, "streams": [1, 4], "loads": [0.8], "lone": 1},
+}
+MODES = ("step", "request", "reference")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def percentile(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+class Server:
+    def __init__(self, mode: str, log: Path) -> None:
+        self.port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        if mode == "reference":
+            cmd = [sys.executable, str(ROOT / "bench/reference_server.py"), "--port", str(self.port)]
+        else:
+            cmd = [
+                str(BIN / "stepserve"),
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--metrics-port",
+                "0",
+                "--batching",
+                mode,
+                "--max-queue",
+                "100000",
+                "--log-level",
+                "WARNING",
+            ]
+        self.log = log.open("w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        end = time.monotonic() + 300
+        while time.monotonic() < end:
+            assert self.proc.poll() is None, "server exited during start-up"
+            records = loadgen(
+                self.target, ["--streams", "1", "--duration", "0.01", "--steps", "2"], quiet=True
+            )
+            if records and records[0].get("ok"):
+                return
+            time.sleep(1)
+        raise RuntimeError("server did not become ready")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(120)
+        self.log.close()
+
+
+def loadgen(target: str, args: list[str], quiet: bool = False) -> list[dict[str, Any]]:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench/loadgen.py"), "--target", target, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ},
+        check=False,
+    )
+    if out.returncode != 0:
+        if quiet:
+            return []
+        raise RuntimeError(out.stderr[-2000:])
+    return list(json.loads(out.stdout))
+
+
+def summarize(records: list[dict[str, Any]], window: tuple[float, float] | None = None) -> dict[str, Any]:
+    ok = [r for r in records if r.get("ok")]
+    lat = [r["end"] - r["start"] for r in ok]
+    out: dict[str, Any] = {
+        "requests": len(records),
+        "ok": len(ok),
+        "errors": len(records) - len(ok),
+        "latency_p50_s": percentile(lat, 0.5),
+        "latency_p95_s": percentile(lat, 0.95),
+        "latency_p99_s": percentile(lat, 0.99),
+        "mean_batch": statistics.fmean(r["mean_batch"] for r in ok) if ok else None,
+    }
+    ttfp = [r["first_preview"] - r["start"] for r in ok if "first_preview" in r]
+    out["ttfp_p50_s"] = percentile(ttfp, 0.5)
+    out["ttfp_p95_s"] = percentile(ttfp, 0.95)
+    # Time to first preview after leaving the queue, in units of that request's own step time.
+    rel = []
+    for r in ok:
+        if "first_preview" in r:
+            run = r["end"] - r["start"] - r["queue_s"]
+            if run > 0:
+                rel.append((r["first_preview"] - r["start"] - r["queue_s"]) / (run / r["steps"]))
+    out["ttfp_after_queue_steps_p50"] = percentile(rel, 0.5)
+    out["ttfp_after_queue_steps_p95"] = percentile(rel, 0.95)
+    if window is not None:
+        lo, hi = window
+        done = [r for r in ok if lo <= r["end"] <= hi]
+        out["images_per_s"] = len(done) / (hi - lo)
+    else:
+        span = max((r["end"] for r in ok), default=0) - min((r["start"] for r in records), default=0)
+        out["images_per_s"] = len(ok) / span if span > 0 else None
+    return out
+
+
+def compute_limit(batch_sizes: list[int], steps: int = 20) -> dict[str, float]:
+    """Images/s of the adapter's own batched work in a tight loop: text encode, `steps` batched
+    forwards (with sampler steps), decode, for B requests at once; no server, no gRPC."""
+    import torch
+
+    from stepserve.server.engine.models import default_model_path, load_model
+    from stepserve.server.engine.request import RequestState
+    from stepserve.server.engine.types import GenerationParams, Sampler
+
+    adapter = load_model("tiny-shapes", default_model_path(), max_batch_size=max(batch_sizes))
+    out = {}
+    for b in batch_sizes:
+        best = float("inf")
+        for rep in range(3):
+            reqs = [
+                RequestState(
+                    GenerationParams(
+                        request_id=f"{rep}-{i}",
+                        model="tiny-shapes",
+                        prompt=f"a small red circle {i}",  # distinct prompts: real encodes
+                        negative_prompt="",
+                        width=32,
+                        height=32,
+                        steps=steps,
+                        guidance_scale=7.5,
+                        seed=i,
+                        sampler=Sampler.EULER,
+                    ),
+                    arrival_time=0.0,
+                )
+                for i in range(b)
+            ]
+            adapter._embed_cache.clear()
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                adapter.prepare(reqs)
+                for s in range(steps):
+                    adapter.denoise_step(reqs)
+                    for r in reqs:
+                        r.steps_done = s + 1
+                adapter.decode(reqs)
+            best = min(best, time.perf_counter() - t0)
+        out[str(b)] = b / best
+    return out
+
+
+def run(profile: str, out_dir: Path) -> dict[str, Any]:
+    p = PROFILES[profile]
+    logs = out_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"profile": profile, "modes": {}}
+    capacity_rps = None
+    for mode in MODES:
+        print(f"== {mode}", flush=True)
+        srv = Server(mode, logs / f"{mode}.log")
+        res: dict[str, Any] = {}
+        try:
+            lone = [
+                loadgen(srv.target, ["--streams", "1", "--duration", "0.001", "--steps", "20"])[0]
+                for _ in range(p["lone"])
+            ]
+            res["lone"] = summarize(lone)
+            print(f"  lone p50 {res['lone']['latency_p50_s']:.3f}s", flush=True)
+            res["saturation"] = {}
+            for n in p["streams"]:
+                d = p["sat_s"]
+                recs = loadgen(srv.target, ["--streams", str(n), "--duration", str(d), "--steps", "20"])
+                res["saturation"][str(n)] = summarize(recs, window=(0.25 * d, d))
+                print(f"  {n} streams: {res['saturation'][str(n)]['images_per_s']:.2f} img/s", flush=True)
+            if mode == "step":
+                # Capacity in requests/s of the mix: step-level steps/s at 16 streams over mean mix steps.
+                top = res["saturation"][str(max(n for n in p["streams"] if n <= 16))]["images_per_s"]
+                capacity_rps = top * 20 / (sum((4, 10, 20, 30, 50)) / 5)
+                results["capacity_rps"] = capacity_rps
+            res["mixed"] = {}
+            assert capacity_rps is not None
+            for frac in p["loads"]:
+                recs = loadgen(
+                    srv.target,
+                    [
+                        "--rate",
+                        str(frac * capacity_rps),
+                        "--duration",
+                        str(p["mixed_s"]),
+                        "--preview",
+                        "--seed",
+                        "7",
+                    ],
+                )
+                res["mixed"][str(frac)] = summarize(recs)
+                m = res["mixed"][str(frac)]
+                print(
+                    f"  mixed {frac:.0%}: p50 {m['latency_p50_s']:.2f}s p99 {m['latency_p99_s']:.2f}s",
+                    flush=True,
+                )
+        finally:
+            srv.stop()
+        results["modes"][mode] = res
+    reached = sorted(
+        {max(1, round(v["mean_batch"] or 1)) for v in results["modes"]["step"]["saturation"].values()}
+    )
+    print(f"== compute limit at batch sizes {reached}", flush=True)
+    results["compute_images_per_s"] = compute_limit(reached)
+    return results
+
+
+def ratios(r: dict[str, Any]) -> dict[str, Any]:
+    step, req, ref = (r["modes"][m] for m in ("step", "request", "reference"))
+    sat16 = step["saturation"].get("16") or step["saturation"][max(step["saturation"], key=int)]
+    b16 = str(max(1, round(sat16["mean_batch"])))
+    limit = r["compute_images_per_s"].get(b16)
+    ref_tp = ref["saturation"]["1"]["images_per_s"]
+    hw_gain = max(r["compute_images_per_s"].values()) / r["compute_images_per_s"].get(
+        "1", min(r["compute_images_per_s"].values())
+    )
+    out: dict[str, Any] = {
+        "saturated_vs_compute_limit": sat16["images_per_s"] / limit if limit else None,
+        "saturated_vs_sequential_reference": sat16["images_per_s"] / ref_tp,
+        "hardware_batch_gain": hw_gain,
+        "lone_latency_vs_reference": step["lone"]["latency_p50_s"] / ref["lone"]["latency_p50_s"],
+    }
+    if "0.8" in step["mixed"]:
+        for q in ("p50", "p99"):
+            out[f"mixed80_{q}_step_vs_request"] = (
+                step["mixed"]["0.8"][f"latency_{q}_s"] / req["mixed"]["0.8"][f"latency_{q}_s"]
+            )
+        out["ttfp_after_queue_steps_p50"] = step["mixed"]["0.8"]["ttfp_after_queue_steps_p50"]
+    targets = {
+        "saturated_vs_compute_limit >= 0.90": (out["saturated_vs_compute_limit"] or 0) >= 0.90,
+        "saturated_vs_reference >= hardware_batch_gain": out["saturated_vs_sequential_reference"] >= hw_gain,
+        "lone_latency_vs_reference <= 1.05": out["lone_latency_vs_reference"] <= 1.05,
+    }
+    if "mixed80_p50_step_vs_request" in out:
+        targets["mixed80 p50 and p99 step <= 0.6 x request"] = (
+            out["mixed80_p50_step_vs_request"] <= 0.6 and out["mixed80_p99_step_vs_request"] <= 0.6
+        )
+        targets["ttfp after queue <= 2 steps (p50)"] = (out["ttfp_after_queue_steps_p50"] or 99) <= 2
+    out["targets_met"] = targets
+    return out
+
+
+def chart(r: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for mode in MODES:
+        m = r["modes"][mode]
+        loads = sorted(m["mixed"], key=float)
+        a.plot(
+            [float(x) * 100 for x in loads],
+            [m["mixed"][x]["latency_p50_s"] for x in loads],
+            "o-",
+            label=f"{mode} p50",
+        )
+        a.plot(
+            [float(x) * 100 for x in loads],
+            [m["mixed"][x]["latency_p99_s"] for x in loads],
+            "x--",
+            label=f"{mode} p99",
+        )
+        ns = sorted(m["saturation"], key=int)
+        b.plot([int(n) for n in ns], [m["saturation"][n]["images_per_s"] for n in ns], "o-", label=mode)
+    limit = r["compute_images_per_s"]
+    b.axhline(
+        max(limit.values()),
+        color="gray",
+        linestyle=":",
+        label=f"compute limit (batch {max(limit, key=limit.get)})",
+    )
+    a.set(
+        xlabel="offered load (% of step-level capacity)",
+        ylabel="latency (s)",
+        title="mixed workload latency",
+        yscale="log",
+    )
+    b.set(
+        xlabel="concurrent streams", ylabel="images/s", title="saturated throughput (20 steps)", xscale="log"
+    )
+    a.legend(fontsize=7)
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", choices=sorted(PROFILES), default="full")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench/results")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    t0 = time.time()
+    r = run(args.profile, args.out)
+    r["ratios"] = ratios(r)
+    r["environment"] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": "cpu",
+        "model": "tiny-shapes (embedded), 32x32, guidance 7.5",
+        "wall_s": round(time.time() - t0),
+        "command": f"python bench/run.py --profile {args.profile}",
+    }
+    stem = f"{datetime.date.today().isoformat()}-{socket.gethostname()}-{args.profile}"
+    (args.out / f"{stem}.json").write_text(json.dumps(r, indent=2) + "\n")
+    try:
+        chart(r, args.out / f"{stem}.png")
+    except ImportError:
+        print("matplotlib not installed: no chart", flush=True)
+    print(json.dumps(r["ratios"], indent=2))
+    print(f"wrote {args.out / stem}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""The benchmark runs end to end (smoke profile: every mode and workload, briefly) and writes
+its results and chart. Figures are not asserted here: speed is measured by `make bench`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_smoke(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench/run.py"), "--profile", "smoke", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (result,) = tmp_path.glob("*-smoke.json")
+    r = json.loads(result.read_text())
+    assert set(r["modes"]) == {"step", "request", "reference"}
+    for mode in r["modes"].values():
+        assert mode["lone"]["ok"] == 1 and mode["lone"]["errors"] == 0
+        assert all(s["errors"] == 0 and s["images_per_s"] > 0 for s in mode["saturation"].values())
+        assert all(m["errors"] == 0 and m["ok"] > 0 for m in mode["mixed"].values())
+    assert r["compute_images_per_s"] and all(v > 0 for v in r["compute_images_per_s"].values())
+    assert set(r["ratios"]["targets_met"]) >= {"lone_latency_vs_reference <= 1.05"}
+    assert r["environment"]["command"] == "python bench/run.py --profile smoke"
+    assert result.with_suffix(".png").stat().st_size > 10_000
