@@ -70,7 +70,7 @@ deploy-rules: setup
 	$(BIN)/python deploy/check.py --write-rules
 
 # Benchmark: sequential diffusers reference vs request-level vs step-level batching vs the
-# compute limit, same model and requests (about 25 minutes; bench-quick about 12). Writes
+# compute limit, same model and requests (about 45 minutes; bench-quick about 25). Writes
 # bench/results/<date>-<host>-<profile>.json and .png. make test runs a smoke profile.
 bench: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py --profile full

@@ -303,23 +303,17 @@ def chart(r: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    colors = {"step": "tab:blue", "request": "tab:orange", "reference": "tab:gray"}
     for mode in MODES:
-        m = r["modes"][mode]
+        m, c = r["modes"][mode], colors[mode]
         loads = sorted(m["mixed"], key=float)
-        a.plot(
-            [float(x) * 100 for x in loads],
-            [m["mixed"][x]["latency_p50_s"] for x in loads],
-            "o-",
-            label=f"{mode} p50",
-        )
-        a.plot(
-            [float(x) * 100 for x in loads],
-            [m["mixed"][x]["latency_p99_s"] for x in loads],
-            "x--",
-            label=f"{mode} p99",
-        )
+        xs = [float(x) * 100 for x in loads]
+        a.plot(xs, [m["mixed"][x]["latency_p50_s"] for x in loads], "o-", color=c, label=f"{mode} p50")
+        a.plot(xs, [m["mixed"][x]["latency_p99_s"] for x in loads], "x--", color=c, label=f"{mode} p99")
         ns = sorted(m["saturation"], key=int)
-        b.plot([int(n) for n in ns], [m["saturation"][n]["images_per_s"] for n in ns], "o-", label=mode)
+        b.plot(
+            [int(n) for n in ns], [m["saturation"][n]["images_per_s"] for n in ns], "o-", color=c, label=mode
+        )
     limit = r["compute_images_per_s"]
     b.axhline(
         max(limit.values()),
@@ -346,7 +340,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", choices=sorted(PROFILES), default="full")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results")
+    ap.add_argument("--chart", type=Path, help="only redraw the chart of this results JSON")
     args = ap.parse_args()
+    if args.chart:
+        chart(json.loads(args.chart.read_text()), args.chart.with_suffix(".png"))
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     import torch
 
