@@ -14,25 +14,21 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from stepserve.client import ImageClient, StepserveError
 from stepserve.server.config import ServerConfig
 from stepserve.server.engine.models import load_model
 from stepserve.server.engine.models.registry import ModelLoadError
-from stepserve.server.engine.samplers import GENERAL_SAMPLERS, SAMPLER_CLASSES
+from stepserve.server.engine.samplers import GENERAL_SAMPLERS
 from stepserve.server.engine.types import Preset, Sampler
 from stepserve.v1 import image_generation_pb2 as pb
 
 from .engine_helpers import Harness, params
+from .reference import reference_images
 from .server_thread import ServerThread
 
 MAX_DIFF = 2  # /255 per pixel, as for SD 1.x (tests/test_parity.py)
-
-
-def to_u8(images: np.ndarray) -> list[np.ndarray]:
-    return [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in images]
 
 
 def served(adapter, p, *, with_other: bool = True) -> list[np.ndarray]:  # noqa: ANN001
@@ -72,32 +68,11 @@ def sd2(tiny_sd2_dir: Path):  # noqa: ANN201
 # -- SDXL ------------------------------------------------------------------------------------
 
 
-def sdxl_reference(path: Path, p, *, karras: bool = False) -> list[np.ndarray]:  # noqa: ANN001
-    from diffusers import StableDiffusionXLPipeline
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(str(path))
-    pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = SAMPLER_CLASSES[p.sampler].from_config(
-        pipe.scheduler.config, **({"use_karras_sigmas": True} if karras else {})
-    )
-    out = pipe(
-        p.prompt,
-        negative_prompt=p.negative_prompt or None,
-        num_inference_steps=p.steps,
-        guidance_scale=p.guidance_scale,
-        height=p.height,
-        width=p.width,
-        generator=torch.Generator().manual_seed(p.seed),
-        output_type="np",
-    ).images
-    return to_u8(out)
-
-
 @pytest.mark.parametrize("sampler", GENERAL_SAMPLERS, ids=[s.value for s in GENERAL_SAMPLERS])
 def test_sdxl_matches_its_pipeline(sdxl, tiny_sdxl_dir: Path, sampler: Sampler) -> None:  # noqa: ANN001
     # Empty negative prompt: SDXL's zeroed unconditional embeddings (force_zeros_for_empty_prompt).
     p = params("p", model="xl", sampler=sampler, steps=5, seed=11, guidance_scale=6.0)
-    assert_close(served(sdxl, p), sdxl_reference(tiny_sdxl_dir, p))
+    assert_close(served(sdxl, p), reference_images(tiny_sdxl_dir, p))
 
 
 def test_sdxl_with_negative_prompt_other_size_and_karras(sdxl, tiny_sdxl_dir: Path) -> None:  # noqa: ANN001
@@ -115,7 +90,7 @@ def test_sdxl_with_negative_prompt_other_size_and_karras(sdxl, tiny_sdxl_dir: Pa
     )
     ours = served(sdxl, p)
     assert ours[0].shape == (32, 48, 3)  # the size conditioning (time_ids) follows the request
-    assert_close(ours, sdxl_reference(tiny_sdxl_dir, p, karras=True))
+    assert_close(ours, reference_images(tiny_sdxl_dir, p))
 
 
 def test_sdxl_reports_its_family_and_added_conditioning_is_per_request(sdxl) -> None:  # noqa: ANN001
@@ -130,29 +105,10 @@ def test_sdxl_reports_its_family_and_added_conditioning_is_per_request(sdxl) -> 
 # -- LCM -------------------------------------------------------------------------------------
 
 
-def lcm_reference(path: Path, p) -> list[np.ndarray]:  # noqa: ANN001
-    from diffusers import LatentConsistencyModelPipeline
-
-    pipe = LatentConsistencyModelPipeline.from_pretrained(
-        str(path), safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
-    pipe.set_progress_bar_config(disable=True)
-    out = pipe(
-        p.prompt,
-        num_inference_steps=p.steps,
-        guidance_scale=p.guidance_scale,
-        height=p.height,
-        width=p.width,
-        generator=torch.Generator().manual_seed(p.seed),
-        output_type="np",
-    ).images
-    return to_u8(out)
-
-
 @pytest.mark.parametrize("guidance", [1.0, 1.5, 8.0])
 def test_lcm_matches_its_pipeline(lcm, tiny_lcm_dir: Path, guidance: float) -> None:  # noqa: ANN001
     p = params("p", model="lcm", sampler=Sampler.LCM, steps=4, seed=21, guidance_scale=guidance, cfg=False)
-    assert_close(served(lcm, p), lcm_reference(tiny_lcm_dir, p))
+    assert_close(served(lcm, p), reference_images(tiny_lcm_dir, p))
 
 
 def test_lcm_embeds_guidance_one_row_per_image_and_few_step_defaults(lcm) -> None:  # noqa: ANN001
@@ -182,24 +138,10 @@ def test_lcm_embeds_guidance_one_row_per_image_and_few_step_defaults(lcm) -> Non
 
 
 def test_sd2_v_prediction_768_style_matches_its_pipeline(sd2, tiny_sd2_dir: Path) -> None:  # noqa: ANN001
-    from diffusers import StableDiffusionPipeline
-
     assert (sd2.info.default_width, sd2.info.default_height) == (48, 48)  # its native size
     assert sd2.prediction_type == "v_prediction"
     p = params("p", model="sd2", sampler=Sampler.EULER, karras=True, steps=5, seed=31, width=48, height=48)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(tiny_sd2_dir), safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
-    pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = SAMPLER_CLASSES[Sampler.EULER].from_config(pipe.scheduler.config, use_karras_sigmas=True)
-    ref = pipe(
-        p.prompt,
-        num_inference_steps=p.steps,
-        guidance_scale=p.guidance_scale,
-        generator=torch.Generator().manual_seed(p.seed),
-        output_type="np",
-    ).images
-    assert_close(served(sd2, p), to_u8(ref))
+    assert_close(served(sd2, p), reference_images(tiny_sd2_dir, p))
 
 
 # -- batch invariance per family --------------------------------------------------------------

@@ -9,36 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from diffusers import StableDiffusionPipeline
 
 from stepserve.server.engine.models import load_model
-from stepserve.server.engine.samplers import GENERAL_SAMPLERS, SAMPLER_CLASSES
+from stepserve.server.engine.samplers import GENERAL_SAMPLERS
 from stepserve.server.engine.types import Sampler
 
 from .engine_helpers import Harness, params
+from .reference import reference_images
 
 SAMPLERS = list(GENERAL_SAMPLERS)
-
-
-def reference(path: Path, p, seeds: list[int]) -> list[np.ndarray]:  # noqa: ANN001
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(path), safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
-    pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = SAMPLER_CLASSES[p.sampler].from_config(pipe.scheduler.config)
-    out = pipe(
-        p.prompt,
-        negative_prompt=p.negative_prompt or None,
-        num_inference_steps=p.steps,
-        guidance_scale=p.guidance_scale,
-        height=p.height,
-        width=p.width,
-        num_images_per_prompt=len(seeds),
-        generator=[torch.Generator().manual_seed(s) for s in seeds],
-        output_type="np",
-    ).images
-    return [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in out]
 
 
 def served(adapter, p) -> list[np.ndarray]:  # noqa: ANN001
@@ -63,14 +42,14 @@ def served(adapter, p) -> list[np.ndarray]:  # noqa: ANN001
 @pytest.mark.parametrize("sampler", SAMPLERS, ids=[s.value for s in SAMPLERS])
 def test_matches_diffusers_pipeline(tiny_adapter, tiny_sd_dir: Path, sampler: Sampler) -> None:  # noqa: ANN001
     p = params("p", sampler=sampler, steps=6, seed=1234, guidance_scale=7.0, negative_prompt="green")
-    ours, ref = served(tiny_adapter, p)[0], reference(tiny_sd_dir, p, p.seeds)[0]
+    ours, ref = served(tiny_adapter, p)[0], reference_images(tiny_sd_dir, p)[0]
     assert ours.shape == ref.shape == (32, 32, 3)
     assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 2
 
 
 def test_matches_without_guidance_and_with_several_images(tiny_adapter, tiny_sd_dir: Path) -> None:  # noqa: ANN001
     p = params("p", sampler=Sampler.EULER_ANCESTRAL, steps=5, seed=77, guidance_scale=1.0, num_images=2)
-    ours, ref = served(tiny_adapter, p), reference(tiny_sd_dir, p, p.seeds)
+    ours, ref = served(tiny_adapter, p), reference_images(tiny_sd_dir, p)
     for a, b in zip(ours, ref, strict=True):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
 
@@ -78,5 +57,5 @@ def test_matches_without_guidance_and_with_several_images(tiny_adapter, tiny_sd_
 def test_matches_for_a_v_prediction_model(tiny_sd_vpred_dir: Path) -> None:
     adapter = load_model("vpred", tiny_sd_vpred_dir)
     p = params("p", model="vpred", sampler=Sampler.DPM_SOLVER_MULTISTEP, steps=6, seed=5)
-    ours, ref = served(adapter, p)[0], reference(tiny_sd_vpred_dir, p, p.seeds)[0]
+    ours, ref = served(adapter, p)[0], reference_images(tiny_sd_vpred_dir, p)[0]
     assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 2

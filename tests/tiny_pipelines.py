@@ -16,6 +16,20 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from models.tiny import data as tiny_data
 from models.tiny.tokenizer import build_tokenizer
 
+# SD 1.x/2.x's training noise schedule and timestep spacing (SDXL and LCM share it).
+SD_SCHEDULE: dict[str, object] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+}
+NO_SAFETY_CHECKER: dict[str, object] = {
+    "safety_checker": None,
+    "feature_extractor": None,
+    "requires_safety_checker": False,
+}
 WORDS = tiny_data.vocabulary_corpus() + ["dog", "cat", "house", "tree", "sky", "sunset", "photo", "of"]
 
 
@@ -25,64 +39,39 @@ def build_tiny_sd(
     """A ~0.3 M parameter SD-1.x-shaped pipeline: 32x32 images, 2x VAE, 16x16x4 latents."""
     torch.manual_seed(seed)
     tok = build_tokenizer(WORDS, max_tokens)
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=max_tokens,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
-    )
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        layers_per_block=1,
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=32,
-    )
+    text = _tiny_clip(tok, 32, max_tokens)
+    unet = _tiny_unet()
+    vae = _tiny_vae(32)
     # SD 1.x's schedule and spacing.
-    sched = EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type=prediction_type,
-        timestep_spacing="leading",
-        steps_offset=1,
-    )
+    sched = EulerDiscreteScheduler(**SD_SCHEDULE, prediction_type=prediction_type)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text,
         tokenizer=tok,
         unet=unet,
         scheduler=sched,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        **NO_SAFETY_CHECKER,
     )
     pipe.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def _tiny_unet(**overrides: object) -> UNet2DConditionModel:
+    """The SD-1.x-shaped toy UNet (16x16x4 latents, 32-wide text context), with overrides."""
+    config: dict[str, object] = {
+        "sample_size": 16,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": (32, 64),
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "layers_per_block": 1,
+        "cross_attention_dim": 32,
+        "attention_head_dim": 4,
+        "norm_num_groups": 8,
+        **overrides,
+    }
+    return UNet2DConditionModel(**config)
 
 
 def _tiny_clip(tok, hidden: int, max_tokens: int, *, projection_dim: int | None = None):  # noqa: ANN001, ANN202
@@ -98,7 +87,6 @@ def _tiny_clip(tok, hidden: int, max_tokens: int, *, projection_dim: int | None 
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        hidden_act="gelu",
         projection_dim=projection_dim or hidden,
     )
     return CLIPTextModelWithProjection(cfg) if projection_dim else CLIPTextModel(cfg)
@@ -125,38 +113,21 @@ def build_tiny_sd2(path: Path, *, seed: int = 2, max_tokens: int = 16) -> Path:
     here, as 768 is to 512)."""
     torch.manual_seed(seed)
     tok = build_tokenizer(WORDS, max_tokens)
-    unet = UNet2DConditionModel(
+    unet = _tiny_unet(
         sample_size=24,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        layers_per_block=1,
         cross_attention_dim=48,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         upcast_attention=True,
-        norm_num_groups=8,
     )
-    sched = EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="v_prediction",
-        timestep_spacing="leading",
-        steps_offset=1,
-    )
+    sched = EulerDiscreteScheduler(**SD_SCHEDULE, prediction_type="v_prediction")
     pipe = StableDiffusionPipeline(
         vae=_tiny_vae(48),
         text_encoder=_tiny_clip(tok, 48, max_tokens),
         tokenizer=tok,
         unet=unet,
         scheduler=sched,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        **NO_SAFETY_CHECKER,
     )
     pipe.save_pretrained(path, safe_serialization=True)
     return path
@@ -176,14 +147,9 @@ def build_tiny_sdxl(
     tok2 = build_tokenizer(WORDS, max_tokens)
     text = _tiny_clip(tok, 32, max_tokens)
     text2 = _tiny_clip(tok2, 32, max_tokens, projection_dim=16)
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
+    unet = _tiny_unet(
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        layers_per_block=1,
         transformer_layers_per_block=(1, 2),
         attention_head_dim=(2, 4),
         use_linear_projection=True,
@@ -191,17 +157,9 @@ def build_tiny_sdxl(
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=6 * 8 + 16,
         cross_attention_dim=64,
-        norm_num_groups=8,
         time_cond_proj_dim=time_cond_proj_dim,
     )
-    sched = EulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        timestep_spacing="leading",
-        steps_offset=1,
-    )
+    sched = EulerDiscreteScheduler(**SD_SCHEDULE)
     pipe = StableDiffusionXLPipeline(
         vae=_tiny_vae(32, force_upcast=True),
         text_encoder=text,
@@ -223,37 +181,15 @@ def build_tiny_lcm(path: Path, *, seed: int = 4, max_tokens: int = 16) -> Path:
 
     torch.manual_seed(seed)
     tok = build_tokenizer(WORDS, max_tokens)
-    unet = UNet2DConditionModel(
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        layers_per_block=1,
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=8,
-        time_cond_proj_dim=32,
-    )
-    sched = LCMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        timestep_spacing="leading",
-        steps_offset=1,
-        original_inference_steps=50,
-    )
+    unet = _tiny_unet(time_cond_proj_dim=32)  # the guidance-scale embedding input
+    sched = LCMScheduler(**SD_SCHEDULE, original_inference_steps=50)
     pipe = LatentConsistencyModelPipeline(
         vae=_tiny_vae(32),
         text_encoder=_tiny_clip(tok, 32, max_tokens),
         tokenizer=tok,
         unet=unet,
         scheduler=sched,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        **NO_SAFETY_CHECKER,
     )
     pipe.save_pretrained(path, safe_serialization=True)
     # Few-step serving defaults, as a real LCM checkpoint's stepserve.json would set them.
