@@ -93,3 +93,31 @@ def test_rowwise_linear_rows_equal_one_row_linear_at_every_batch_size(k: int, n:
             assert torch.equal(out[i : i + 1], ref[i]), (m, i)
     # Same parameters, same state dict: only the class changed.
     assert set(lin.state_dict()) == ({"0.weight", "0.bias"} if bias else {"0.weight"})
+
+
+def test_batched_decode_gives_each_image_the_same_pixels_at_every_batch_size() -> None:
+    """Finished requests are decoded together (padded to an even batch): an image's pixels do
+    not depend on how many others finished in the same step. (The embedded model's VAE: its
+    kernels do differ between odd and even batches on CPU; the tiny random one's do not.)"""
+    from types import SimpleNamespace
+
+    from stepserve.server.engine.models import default_model_path, load_model
+
+    adapter = load_model("tiny-shapes", default_model_path())
+
+    torch.manual_seed(0)
+    lat = torch.randn(5, 4, 16, 16)
+
+    def reqs(idx: list[int]) -> list:
+        return [
+            SimpleNamespace(
+                work=SimpleNamespace(images=[SimpleNamespace(latents=lat[i : i + 1], final=None)])
+            )
+            for i in idx
+        ]
+
+    alone = [adapter.decode(reqs([i]))[0][0] for i in range(5)]
+    for n in (2, 3, 4, 5):
+        together = adapter.decode(reqs(list(range(n))))
+        for i in range(n):
+            np.testing.assert_array_equal(together[i][0], alone[i])
