@@ -286,6 +286,7 @@ class StepServer:
             guidance_scale=info.default_guidance_scale,
             seed=0,
             sampler=info.default_sampler,
+            cfg=info.runs_cfg(info.default_guidance_scale),
         )
         self.engine.submit(params, sink)
         done.wait()

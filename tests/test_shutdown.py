@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stepserve.client import ImageClient, StepserveError
@@ -50,13 +51,9 @@ def test_sigterm_lets_in_flight_requests_finish_and_refuses_new_ones(
         assert status("") == health_pb2.HealthCheckResponse.NOT_SERVING
         assert status("stepserve.v1.ImageGenerationService") == health_pb2.HealthCheckResponse.NOT_SERVING
         assert status("stepserve.liveness") == health_pb2.HealthCheckResponse.SERVING
-    with ImageClient(target, service_config={}) as c:
-        try:
-            c.generate("a blue square", steps=2)
-            refused = None
-        except StepserveError as e:
-            refused = e
-    assert refused is not None and refused.code == grpc.StatusCode.UNAVAILABLE
+    with ImageClient(target, service_config={}) as c, pytest.raises(StepserveError) as refused:
+        c.generate("a blue square", steps=2)
+    assert refused.value.code == grpc.StatusCode.UNAVAILABLE
     t.join(120)
     assert "result" in out, out  # the accepted request was not lost
     assert proc.wait(60) == 0, log.read_text()
@@ -88,13 +85,9 @@ def test_engine_death_ends_every_stream_and_exits_non_zero(tiny_sd_dir: Path, tm
     with grpc.insecure_channel(target) as ch:
         health = health_pb2_grpc.HealthStub(ch)
         assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
-        with ImageClient(target, service_config={}) as c:
-            try:
-                c.generate("KILL-THE-ENGINE", steps=2)
-                killer = None
-            except StepserveError as e:
-                killer = e
-        assert killer is not None and killer.code == grpc.StatusCode.INTERNAL, killer
+        with ImageClient(target, service_config={}) as c, pytest.raises(StepserveError) as killer:
+            c.generate("KILL-THE-ENGINE", steps=2)
+        assert killer.value.code == grpc.StatusCode.INTERNAL, killer.value
         # The in-flight stream is ended with a status, not left hanging.
         t.join(30)
         assert not t.is_alive()

@@ -206,7 +206,7 @@ def validate_generate(
         deadline=deadline,
         priority=priority,
         karras=req.karras_sigmas,
-        cfg=guidance > 1.0 and not info.guidance_embedded,
+        cfg=info.runs_cfg(guidance),
     )
 
 

@@ -353,9 +353,8 @@ class Engine:
             preview = None
             if req.params.preview_every:
                 p0 = time.perf_counter()
-                preview = adapter.preview(req)
+                preview = adapter.preview(req)  # a host array: its copy already waited for the device
                 if preview is not None:
-                    adapter.synchronize()
                     pdt = time.perf_counter() - p0
                     self.busy_s += pdt
                     req.accelerator_s += pdt
@@ -386,37 +385,22 @@ class Engine:
         """
         model = batch[0].model
         t0 = time.perf_counter()
+        rows = 0
         failures: dict[str, BaseException] = {}
+        error: Exception | None = None
         try:
             rows = adapter.denoise_step(batch)
             adapter.synchronize()
         except RequestStepFailures as e:
             rows, failures = e.rows, e.failures
         except Exception as e:
-            dt = time.perf_counter() - t0
-            self.busy_s += dt
-            self._charge(batch, dt, [r.params.rows for r in batch])
-            oom = adapter.is_out_of_memory(e)
-            if oom:
-                adapter.recover_from_oom()
-                self._lower_capacity(model, sum(r.params.num_images for r in batch), e)
-            if len(batch) == 1:
-                what = "ran out of accelerator memory even alone" if oom else f"failed: {e}"
-                logger.exception("denoising step of request %s %s", batch[0].request_id, what)
-                self._fail(batch[0], f"the denoising step {what}")
-                return []
-            logger.warning(
-                "batched step of %d requests of %s failed (%s: %s); retrying in halves",
-                len(batch),
-                model,
-                type(e).__name__,
-                e,
-            )
-            half = len(batch) // 2
-            return self._forward(adapter, batch[:half], done) + self._forward(adapter, batch[half:], done)
+            error = e
+        # Every attempt, failed or not, was spent on these requests.
         dt = time.perf_counter() - t0
         self.busy_s += dt
         self._charge(batch, dt, [r.params.rows for r in batch])
+        if error is not None:
+            return self._retry_failed_forward(adapter, batch, error, done)
         for req in batch:
             if req.request_id in failures:
                 err = failures[req.request_id]
@@ -434,6 +418,35 @@ class Engine:
             req.batch_images_sum += images
         done.append((stepped, rows, dt))
         return stepped
+
+    def _retry_failed_forward(
+        self,
+        adapter: ModelAdapter,
+        batch: list[RequestState],
+        error: Exception,
+        done: list[tuple[list[RequestState], int, float]],
+    ) -> list[RequestState]:
+        """A shared forward failed: fail a lone request, else retry the batch in halves (after
+        out of memory, also lower the model's batch cap)."""
+        model = batch[0].model
+        oom = adapter.is_out_of_memory(error)
+        if oom:
+            adapter.recover_from_oom()
+            self._lower_capacity(model, sum(r.params.num_images for r in batch), error)
+        if len(batch) == 1:
+            what = "ran out of accelerator memory even alone" if oom else f"failed: {error}"
+            logger.error("denoising step of request %s %s", batch[0].request_id, what, exc_info=error)
+            self._fail(batch[0], f"the denoising step {what}")
+            return []
+        logger.warning(
+            "batched step of %d requests of %s failed (%s: %s); retrying in halves",
+            len(batch),
+            model,
+            type(error).__name__,
+            error,
+        )
+        half = len(batch) // 2
+        return self._forward(adapter, batch[:half], done) + self._forward(adapter, batch[half:], done)
 
     def _lower_capacity(self, model: str, images: int, exc: BaseException) -> None:
         """After out of memory with ``images`` in one forward, cap the model's batches below it."""

@@ -132,6 +132,10 @@ class ModelInfo:
     # The model takes the guidance scale as an input embedding (LCM): no CFG rows.
     guidance_embedded: bool = False
 
+    def runs_cfg(self, guidance_scale: float) -> bool:
+        """Whether a request with this guidance scale runs classifier-free guidance here."""
+        return guidance_scale > 1.0 and not self.guidance_embedded
+
 
 @dataclass
 class Usage:
