@@ -3,7 +3,7 @@ record per request as JSON. Run by bench/run.py as a separate process from the s
 
 Two shapes of load:
 - closed loop: ``--streams N --duration S``: N callers, each sending its next request as soon
-  as the previous one finished;
+  as the previous one finished (all with ``--steps``, or each drawn from the mix with ``--mix``);
 - open loop: ``--rate R --duration S``: Poisson arrivals at R requests/s (fixed seed), each
   request drawn from the mix (steps, sampler), sent whether or not earlier ones finished.
 """
@@ -62,9 +62,11 @@ async def one(
 
 
 async def closed_loop(
-    target: str, streams: int, duration: float, steps: int, preview: bool
+    target: str, streams: int, duration: float, steps: int, preview: bool, mix_seed: int | None = None
 ) -> list[dict[str, Any]]:
+    """``mix_seed`` set: each request's steps and sampler are drawn from the mix (seeded)."""
     records: list[dict[str, Any]] = []
+    rng = random.Random(mix_seed)
     t0 = time.perf_counter()
     async with grpc.aio.insecure_channel(target) as ch:
         stub = pb_grpc.ImageGenerationServiceStub(ch)
@@ -72,7 +74,11 @@ async def closed_loop(
 
         async def caller() -> None:  # at least one request each, then until the duration is up
             while True:
-                records.append(await one(stub, next(counter), steps, "euler", preview, t0))
+                if mix_seed is None:
+                    s, sampler = steps, "euler"
+                else:
+                    s, sampler = rng.choice(MIX_STEPS), rng.choice(MIX_SAMPLERS)
+                records.append(await one(stub, next(counter), s, sampler, preview, t0))
                 if time.perf_counter() - t0 >= duration:
                     break
 
@@ -110,11 +116,19 @@ def main() -> None:
     ap.add_argument("--duration", type=float, required=True)
     ap.add_argument("--steps", type=int, default=0, help="closed loop: steps of every request (default 20)")
     ap.add_argument("--preview", action="store_true", help="ask for a preview every step")
+    ap.add_argument("--mix", action="store_true", help="closed loop: draw steps and samplers from the mix")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.streams:
         records = asyncio.run(
-            closed_loop(args.target, args.streams, args.duration, args.steps or 20, args.preview)
+            closed_loop(
+                args.target,
+                args.streams,
+                args.duration,
+                args.steps or 20,
+                args.preview,
+                args.seed if args.mix else None,
+            )
         )
     else:
         records = asyncio.run(

@@ -26,6 +26,10 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert mode["lone"]["ok"] == 1 and mode["lone"]["errors"] == 0
         assert all(s["errors"] == 0 and s["images_per_s"] > 0 for s in mode["saturation"].values())
         assert all(m["errors"] == 0 and m["ok"] > 0 for m in mode["mixed"].values())
+    for name in ("step", "request"):  # the mix's own capacity, measured before the open loops
+        cap = r["modes"][name]["mixed_capacity"]
+        assert cap["errors"] == 0 and cap["images_per_s"] > 0
+    assert r["capacity_rps"] == r["modes"]["step"]["mixed_capacity"]["images_per_s"]
     assert r["compute_images_per_s"] and all(v > 0 for v in r["compute_images_per_s"].values())
     assert set(r["ratios"]["targets_met"]) >= {"lone_latency_vs_reference <= 1.05"}
     assert r["environment"]["command"] == "python bench/run.py --profile smoke"
