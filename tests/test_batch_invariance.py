@@ -6,13 +6,15 @@ On CPU float32 the guarantee is bit-identical pixels (see
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 from stepserve.server.engine.batch_invariance import make_rowwise_linears
 from stepserve.server.engine.samplers import GENERAL_SAMPLERS
-from stepserve.server.engine.types import ResultEvent, Sampler
+from stepserve.server.engine.types import ProgressEvent, ResultEvent, Sampler
 
 from .engine_helpers import Harness, params
 
@@ -43,7 +45,7 @@ def _others(n: int) -> list:  # noqa: ANN401
     return out
 
 
-def _run(adapter, target, others, join_after: int = 0):  # noqa: ANN001, ANN202
+def _serve(adapter, target, others, join_after: int = 0) -> Harness:  # noqa: ANN001
     h = Harness({"tiny": adapter})
     for o in others[: len(others) // 2]:
         h.submit(o)
@@ -52,9 +54,40 @@ def _run(adapter, target, others, join_after: int = 0):  # noqa: ANN001, ANN202
     for o in others[len(others) // 2 :]:
         h.submit(o)
     h.run_until_idle()
+    return h
+
+
+def _run(adapter, target, others, join_after: int = 0):  # noqa: ANN001, ANN202
+    h = _serve(adapter, target, others, join_after)
     res = h.events[target.request_id][-1]
     assert isinstance(res, ResultEvent)
     return res.images
+
+
+def test_previews_are_each_requests_own_alone_or_batched(tiny_adapter) -> None:  # noqa: ANN001
+    """Previews are made for the whole batch at once (one host copy per step): each request
+    still gets its own, the same as alone, and only at the steps it asked for."""
+    target = params("target", steps=5, preview_every=2, sampler=Sampler.DPM_SOLVER_MULTISTEP)
+    others = [replace(o, preview_every=i % 3) for i, o in enumerate(_others(6))]
+
+    def previews(h: Harness, rid: str) -> list:
+        return [(e.step, e.preview) for e in h.events[rid] if isinstance(e, ProgressEvent)]
+
+    def same(a: list, b: list) -> bool:
+        return [s for s, _ in a] == [s for s, _ in b] and all(
+            (x is None and y is None) or (x is not None and y is not None and np.array_equal(x, y))
+            for (_, x), (_, y) in zip(a, b, strict=True)
+        )
+
+    h = _serve(tiny_adapter, target, others, join_after=1)
+    alone = previews(_serve(tiny_adapter, target, []), "target")
+    assert [s for s, p in alone if p is not None] == [2, 4]
+    assert same(previews(h, "target"), alone)
+    for o in others:  # each batchmate got its own previews, at its own steps
+        mine = previews(h, o.request_id)
+        due = [s for s in range(1, o.steps + 1) if o.preview_every and s % o.preview_every == 0]
+        assert [s for s, p in mine if p is not None] == due
+        assert same(mine, previews(_serve(tiny_adapter, o, []), o.request_id))
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS, ids=[s.value for s in SAMPLERS])
@@ -110,9 +143,7 @@ def test_batched_decode_gives_each_image_the_same_pixels_at_every_batch_size() -
 
     def reqs(idx: list[int]) -> list:
         return [
-            SimpleNamespace(
-                work=SimpleNamespace(images=[SimpleNamespace(latents=lat[i : i + 1], final=None)])
-            )
+            SimpleNamespace(work=SimpleNamespace(images=[SimpleNamespace(latents=lat[i : i + 1])]))
             for i in idx
         ]
 

@@ -349,24 +349,32 @@ class Engine:
         finished = self.scheduler.update(plan)
         for members, rows, dt in forwards:  # observers see steps_done after the step
             self.observer.batch_stepped(members, rows, dt)
-        for req in stepped:
-            preview = None
-            if req.params.preview_every:
-                p0 = time.perf_counter()
-                preview = adapter.preview(req)  # a host array: its copy already waited for the device
-                if preview is not None:
-                    pdt = time.perf_counter() - p0
-                    self.busy_s += pdt
-                    req.accelerator_s += pdt
-                    at = self.clock()
-                    if req.first_preview_time is None:
-                        req.first_preview_time = at
-                    if not req.params.internal:
-                        self.observer.preview_made(req, at, pdt)
+        previews = self._previews(adapter, stepped)
+        for req, preview in zip(stepped, previews, strict=True):
             elapsed = self.clock() - req.arrival_time
             self._emit(req, ProgressEvent(req.steps_done, req.total_steps, elapsed, preview))
         if finished:
             self._finish(model, finished)
+
+    def _previews(self, adapter: ModelAdapter, stepped: list[RequestState]) -> list[Any]:
+        """The step's previews (host arrays, or None), made together; their time is split
+        among the requests that got one."""
+        if not any(r.params.preview_every for r in stepped):
+            return [None] * len(stepped)
+        p0 = time.perf_counter()
+        previews = adapter.previews(stepped)
+        made = [r for r, p in zip(stepped, previews, strict=True) if p is not None]
+        if made:
+            dt = time.perf_counter() - p0
+            self.busy_s += dt
+            self._charge(made, dt, [1] * len(made))
+            at = self.clock()
+            for req in made:
+                if req.first_preview_time is None:
+                    req.first_preview_time = at
+                if not req.params.internal:
+                    self.observer.preview_made(req, at, dt / len(made))
+        return previews
 
     def _forward(
         self,

@@ -56,9 +56,11 @@ class ModelAdapter(ABC):
         """Decode finished requests' latents into RGB uint8 images (one list per request)."""
 
     @abstractmethod
-    def preview(self, req: RequestState) -> RGBArray | None:
-        """A cheap RGB preview of the request's first image, if the step just run was due
-        one (``RequestState.preview_due``); None otherwise. Consumes the step's estimate."""
+    def previews(self, reqs: list[RequestState]) -> list[RGBArray | None]:
+        """Cheap RGB previews of the requests' first images, as host arrays, for those whose
+        step just run was due one (``RequestState.preview_due``); None for the others.
+        Consumes the step's estimates. Called once per step for the whole batch, so an
+        accelerator adapter can copy them to the host together."""
 
     @abstractmethod
     def count_prompt_tokens(self, text: str) -> int:

@@ -19,7 +19,7 @@ import copy
 import json
 import logging
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,8 +58,6 @@ class ImageState:
     generator: torch.Generator
     scheduler: Any  # a diffusers scheduler instance (see samplers.DiffusersScheduler)
     latents: torch.Tensor
-    # What to decode when it differs from the latents (LCM decodes its last x0 estimate).
-    final: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +93,9 @@ class RequestWork:
     guidance_scale: float
     extras: RowExtras  # for the positive row
     negative_extras: RowExtras
+    # Per step, (sqrt(alpha_bar), sqrt(1 - alpha_bar)) at its timestep, on the host: the clean
+    # estimate of a preview needs them without reading the device's timestep tensor.
+    x0_coeffs: list[tuple[float, float]] = field(default_factory=list)
     preview_x0: torch.Tensor | None = None
 
 
@@ -277,6 +278,7 @@ class StableDiffusionAdapter(ModelAdapter):
                 p.guidance_scale,
                 self._row_extras(req, pos),
                 self._row_extras(req, neg) if neg is not None else {},
+                self._x0_coeffs(images[0].scheduler) if p.preview_every else [],
             )
 
     @torch.inference_mode()
@@ -355,7 +357,7 @@ class StableDiffusionAdapter(ModelAdapter):
                 x_in = x[r : r + 1]
                 r += 1
             if want_preview and i == 0:
-                preview = self._x0_estimate(x_in, noise, t)
+                preview = self._x0_estimate(x_in, noise, *w.x0_coeffs[req.steps_done])
             new_latents.append(
                 im.scheduler.step(noise, t, im.latents, generator=im.generator, return_dict=False)[0]
             )
@@ -364,10 +366,16 @@ class StableDiffusionAdapter(ModelAdapter):
         if preview is not None:
             w.preview_x0 = preview
 
-    def _x0_estimate(self, x_in: torch.Tensor, model_out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The model's current estimate of the clean latents (x_in is the DDPM-scaled x_t)."""
-        ab = float(np.interp(float(t), np.arange(len(self._alphas_cumprod)), self._alphas_cumprod))
-        a, s = ab**0.5, (1.0 - ab) ** 0.5
+    def _x0_coeffs(self, scheduler: Any) -> list[tuple[float, float]]:
+        """(sqrt(alpha_bar), sqrt(1 - alpha_bar)) at each of a scheduler's timesteps (one host
+        copy of the timesteps at admission, none per step)."""
+        ts = scheduler.timesteps.detach().double().cpu().numpy()
+        ab = np.interp(ts, np.arange(len(self._alphas_cumprod)), self._alphas_cumprod)
+        return [(float(a) ** 0.5, (1.0 - float(a)) ** 0.5) for a in ab]
+
+    def _x0_estimate(self, x_in: torch.Tensor, model_out: torch.Tensor, a: float, s: float) -> torch.Tensor:
+        """The model's current estimate of the clean latents (x_in is the DDPM-scaled x_t,
+        a and s the step's sqrt(alpha_bar) and sqrt(1 - alpha_bar))."""
         if self.prediction_type == "v_prediction":
             out: torch.Tensor = a * x_in - s * model_out
         elif self.prediction_type == "epsilon":
@@ -388,7 +396,7 @@ class StableDiffusionAdapter(ModelAdapter):
 
     @torch.inference_mode()
     def decode(self, reqs: list[RequestState]) -> list[list[RGBArray]]:
-        lat = [im.final if im.final is not None else im.latents for req in reqs for im in req.work.images]
+        lat = [im.latents for req in reqs for im in req.work.images]
         n = len(lat)
         if self.batch_invariant and n % 2:
             # On CPU the VAE's kernels give an image the same bits in every even-sized batch,
@@ -406,13 +414,27 @@ class StableDiffusionAdapter(ModelAdapter):
         return out
 
     @torch.inference_mode()
-    def preview(self, req: RequestState) -> RGBArray | None:
-        if req.work is None or req.work.preview_x0 is None:
-            return None
-        x0, req.work.preview_x0 = req.work.preview_x0, None
+    def previews(self, reqs: list[RequestState]) -> list[RGBArray | None]:
+        """Projected on the device and copied to the host in one transfer: one wait for the
+        device per step, not one per previewing request."""
+        out: list[RGBArray | None] = [None] * len(reqs)
+        due = [i for i, r in enumerate(reqs) if r.work is not None and r.work.preview_x0 is not None]
+        if not due:
+            return out
         wgt, bias = self._latent_rgb
-        rgb = torch.einsum("chw,cr->hwr", x0[0].float().cpu(), wgt) + bias
-        return (rgb.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        rgb = []
+        for i in due:
+            w = reqs[i].work
+            x0, w.preview_x0 = w.preview_x0, None
+            p = torch.einsum("chw,cr->hwr", x0[0].float(), wgt) + bias
+            rgb.append((p.clamp(0, 1) * 255).round().to(torch.uint8))
+        host = torch.cat([p.reshape(-1) for p in rgb]).cpu().numpy()
+        at = 0
+        for i, p in zip(due, rgb, strict=True):
+            n = p.numel()
+            out[i] = host[at : at + n].reshape(p.shape)
+            at += n
+        return out
 
     @torch.inference_mode()
     def _fit_latent_rgb(self, factors: list[list[float]] | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -422,7 +444,7 @@ class StableDiffusionAdapter(ModelAdapter):
         on the VAE's own encodings of flat color patches (a few milliseconds at load).
         """
         if factors is not None:
-            m = torch.tensor(factors, dtype=torch.float32)
+            m = torch.tensor(factors, dtype=torch.float32, device=self.device)
             return m[:-1], m[-1]
         g = torch.Generator().manual_seed(0)
         colors = torch.rand(8, 3, 4, 4, generator=g)
@@ -434,7 +456,7 @@ class StableDiffusionAdapter(ModelAdapter):
         x = torch.cat([x, torch.ones(len(x), 1)], dim=1)
         y = target.permute(0, 2, 3, 1).reshape(-1, 3)
         sol = torch.linalg.lstsq(x, y).solution
-        return sol[:-1], sol[-1]
+        return sol[:-1].to(self.device), sol[-1].to(self.device)
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
         return isinstance(exc, torch.OutOfMemoryError) or super().is_out_of_memory(exc)
