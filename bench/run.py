@@ -37,11 +37,26 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 PROFILES: dict[str, dict[str, Any]] = {
-    # seconds per closed-loop run, per open-loop run; stream counts; load fractions; lone requests
-    "full": {"sat_s": 40, "mixed_s": 90, "streams": [1, 4, 16, 32], "loads": [0.5, 0.8, 1.0], "lone": 7},
-    "quick": {"sat_s": 20, "mixed_s": 40, "streams": [1, 4, 16, 32], "loads": [0.5, 0.8, 1.0], "lone": 5},
+    # seconds per closed-loop run, per open-loop run; stream counts; load fractions; lone
+    # requests per mode, after unmeasured warm-up rounds
+    "full": {
+        "sat_s": 40,
+        "mixed_s": 90,
+        "streams": [1, 4, 16, 32],
+        "loads": [0.5, 0.8, 1.0],
+        "lone": 15,
+        "lone_warmup": 2,
+    },
+    "quick": {
+        "sat_s": 20,
+        "mixed_s": 40,
+        "streams": [1, 4, 16, 32],
+        "loads": [0.5, 0.8, 1.0],
+        "lone": 9,
+        "lone_warmup": 2,
+    },
     # CI: every mode and workload once, briefly (about a minute of load plus start-ups).
-    "smoke": {"sat_s": 3, "mixed_s": 4, "streams": [1, 4], "loads": [0.8], "lone": 1},
+    "smoke": {"sat_s": 3, "mixed_s": 4, "streams": [1, 4], "loads": [0.8], "lone": 1, "lone_warmup": 0},
 }
 MODES = ("step", "request", "reference")
 
@@ -122,6 +137,32 @@ def loadgen(target: str, args: list[str], quiet: bool = False) -> list[dict[str,
     return list(json.loads(out.stdout))
 
 
+def completion_rate(ends: list[float], lo: float, hi: float, together_s: float = 0.05) -> float | None:
+    """Completions per second between two completions inside [lo, hi].
+
+    Not completions in a fixed window divided by its length: streams that start together
+    finish together (a batch of 16 equal requests ends in one step), and a fixed window counts a
+    whole wave in or out, which moves the figure by up to one wave per window (20% in a 20 s
+    run). Here the interval runs from the end of one wave (completions less than
+    ``together_s`` apart are one wave) to the end of a later one, and counts the waves between.
+    """
+    ends = sorted(ends)
+
+    def wave_end(i: int) -> int:  # index of the last completion of the wave holding ends[i]
+        while i + 1 < len(ends) and ends[i + 1] - ends[i] < together_s:
+            i += 1
+        return i
+
+    inside = [i for i, e in enumerate(ends) if lo <= e <= hi]
+    if not inside:
+        return None
+    a = wave_end(inside[0])
+    b = wave_end(inside[-1])
+    if b <= a or ends[b] <= ends[a]:
+        return None
+    return (b - a) / (ends[b] - ends[a])
+
+
 def summarize(records: list[dict[str, Any]], window: tuple[float, float] | None = None) -> dict[str, Any]:
     ok = [r for r in records if r.get("ok")]
     lat = [r["end"] - r["start"] for r in ok]
@@ -146,11 +187,10 @@ def summarize(records: list[dict[str, Any]], window: tuple[float, float] | None 
                 rel.append((r["first_preview"] - r["start"] - r["queue_s"]) / (run / r["steps"]))
     out["ttfp_after_queue_steps_p50"] = percentile(rel, 0.5)
     out["ttfp_after_queue_steps_p95"] = percentile(rel, 0.95)
-    if window is not None:
-        lo, hi = window
-        done = [r for r in ok if lo <= r["end"] <= hi]
-        out["images_per_s"] = len(done) / (hi - lo)
-    else:
+    rate = completion_rate([r["end"] for r in ok], *window) if window is not None else None
+    if rate is not None:
+        out["images_per_s"] = rate
+    else:  # no window, or too short a run for two waves in it (smoke): the whole run
         span = max((r["end"] for r in ok), default=0) - min((r["start"] for r in records), default=0)
         out["images_per_s"] = len(ok) / span if span > 0 else None
     return out
@@ -206,74 +246,90 @@ def run(profile: str, out_dir: Path) -> dict[str, Any]:
     p = PROFILES[profile]
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"profile": profile, "modes": {}}
+    results: dict[str, Any] = {"profile": profile, "modes": {m: {} for m in MODES}}
     capacity_rps = None
-    for mode in MODES:
-        print(f"== {mode}", flush=True)
-        srv = Server(mode, logs / f"{mode}.log")
-        res: dict[str, Any] = {}
-        try:
-            lone = [
-                loadgen(srv.target, ["--streams", "1", "--duration", "0.001", "--steps", "20"])[0]
-                for _ in range(p["lone"])
-            ]
-            res["lone"] = summarize(lone)
-            print(f"  lone p50 {res['lone']['latency_p50_s']:.3f}s", flush=True)
-            res["saturation"] = {}
-            for n in p["streams"]:
-                d = p["sat_s"]
-                recs = loadgen(srv.target, ["--streams", str(n), "--duration", str(d), "--steps", "20"])
-                res["saturation"][str(n)] = summarize(recs, window=(0.25 * d, d))
-                print(f"  {n} streams: {res['saturation'][str(n)]['images_per_s']:.2f} img/s", flush=True)
-            if mode != "reference":
-                # Capacity for the mix itself: closed-loop streams sending mixed requests (steps,
-                # samplers, previews every step), completions per second after a warm-up. Not
-                # scaled from the 20-step figure: a request's encode, decode and previews cost
-                # the same at 4 steps as at 50, so steps/s over mean steps overstates it.
-                n = max(n for n in p["streams"] if n <= 16)
-                d = p["mixed_s"]
-                recs = loadgen(
-                    srv.target,
-                    ["--streams", str(n), "--duration", str(d), "--mix", "--preview", "--seed", "7"],
+    servers: dict[str, Server] = {}
+    try:
+        for mode in MODES:
+            servers[mode] = Server(mode, logs / f"{mode}.log")
+        # Lone requests, interleaved across the three servers (all up, idle but one): this
+        # machine's speed drifts by tens of percent over minutes, and interleaving puts each
+        # round's three samples in the same conditions. The first rounds warm caches up.
+        lone: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
+        for rnd in range(p["lone_warmup"] + p["lone"]):
+            for mode in MODES:
+                rec = loadgen(
+                    servers[mode].target, ["--streams", "1", "--duration", "0.001", "--steps", "20"]
                 )
-                cap = summarize(recs, window=(0.25 * d, d))
-                if not cap["images_per_s"]:  # a window too short for any to finish (smoke)
-                    cap = summarize(recs)
-                res["mixed_capacity"] = cap
-                print(f"  mix capacity: {res['mixed_capacity']['images_per_s']:.2f} req/s", flush=True)
-                if mode == "step":
-                    capacity_rps = res["mixed_capacity"]["images_per_s"]
-                    results["capacity_rps"] = capacity_rps
-            res["mixed"] = {}
-            assert capacity_rps is not None
-            for frac in p["loads"]:
-                recs = loadgen(
-                    srv.target,
-                    [
-                        "--rate",
-                        str(frac * capacity_rps),
-                        "--duration",
-                        str(p["mixed_s"]),
-                        "--preview",
-                        "--seed",
-                        "7",
-                    ],
-                )
-                res["mixed"][str(frac)] = summarize(recs)
-                m = res["mixed"][str(frac)]
-                print(
-                    f"  mixed {frac:.0%}: p50 {m['latency_p50_s']:.2f}s p99 {m['latency_p99_s']:.2f}s",
-                    flush=True,
-                )
-        finally:
+                if rnd >= p["lone_warmup"]:
+                    lone[mode].append(rec[0])
+        for mode in MODES:
+            results["modes"][mode]["lone"] = summarize(lone[mode])
+            print(f"{mode} lone p50 {results['modes'][mode]['lone']['latency_p50_s']:.3f}s", flush=True)
+        for mode in MODES:
+            capacity_rps = _load_tests(mode, servers[mode], p, results, capacity_rps)
+    finally:
+        for srv in servers.values():
             srv.stop()
-        results["modes"][mode] = res
     reached = sorted(
         {max(1, round(v["mean_batch"] or 1)) for v in results["modes"]["step"]["saturation"].values()}
     )
     print(f"== compute limit at batch sizes {reached}", flush=True)
     results["compute_images_per_s"] = compute_limit(reached)
     return results
+
+
+def _load_tests(
+    mode: str, srv: Server, p: dict[str, Any], results: dict[str, Any], capacity_rps: float | None
+) -> float | None:
+    """Saturation, the mix's capacity (not for the reference) and the open loops of one mode;
+    returns the step-level capacity for the mix once measured."""
+    print(f"== {mode}", flush=True)
+    res = results["modes"][mode]
+    res["saturation"] = {}
+    for n in p["streams"]:
+        d = p["sat_s"]
+        recs = loadgen(srv.target, ["--streams", str(n), "--duration", str(d), "--steps", "20"])
+        res["saturation"][str(n)] = summarize(recs, window=(0.25 * d, d))
+        print(f"  {n} streams: {res['saturation'][str(n)]['images_per_s']:.2f} img/s", flush=True)
+    if mode != "reference":
+        # Capacity for the mix itself: closed-loop streams sending mixed requests (steps,
+        # samplers, previews every step), completions per second after a warm-up. Measured,
+        # not scaled from the 20-step figure: per-request work (encode, decode, previews)
+        # and the samplers' own costs make steps/s over mean steps only an estimate.
+        n = max(n for n in p["streams"] if n <= 16)
+        d = p["mixed_s"]
+        recs = loadgen(
+            srv.target,
+            ["--streams", str(n), "--duration", str(d), "--mix", "--preview", "--seed", "7"],
+        )
+        res["mixed_capacity"] = summarize(recs, window=(0.25 * d, d))
+        print(f"  mix capacity: {res['mixed_capacity']['images_per_s']:.2f} req/s", flush=True)
+        if mode == "step":
+            capacity_rps = res["mixed_capacity"]["images_per_s"]
+            results["capacity_rps"] = capacity_rps
+    res["mixed"] = {}
+    assert capacity_rps is not None
+    for frac in p["loads"]:
+        recs = loadgen(
+            srv.target,
+            [
+                "--rate",
+                str(frac * capacity_rps),
+                "--duration",
+                str(p["mixed_s"]),
+                "--preview",
+                "--seed",
+                "7",
+            ],
+        )
+        res["mixed"][str(frac)] = summarize(recs)
+        m = res["mixed"][str(frac)]
+        print(
+            f"  mixed {frac:.0%}: p50 {m['latency_p50_s']:.2f}s p99 {m['latency_p99_s']:.2f}s",
+            flush=True,
+        )
+    return capacity_rps
 
 
 def ratios(r: dict[str, Any]) -> dict[str, Any]:
