@@ -196,9 +196,15 @@ def summarize(records: list[dict[str, Any]], window: tuple[float, float] | None 
     return out
 
 
-def compute_limit(batch_sizes: list[int], steps: int = 20) -> dict[str, float]:
+def compute_limit(
+    batch_sizes: list[int], steps: int = 20, parts: dict[str, Any] | None = None
+) -> dict[str, float]:
     """Images/s of the adapter's own batched work in a tight loop: text encode, `steps` batched
-    forwards (with sampler steps), decode, for B requests at once; no server, no gRPC."""
+    forwards (with sampler steps), decode, for B requests at once; no server, no gRPC.
+
+    ``parts``, if given, receives the seconds of each part at each batch size (the step-time
+    curve that bench/simulate.py replays): {"prepare_s": {B: s}, "step_s": ..., "decode_s": ...}.
+    """
     import torch
 
     from stepserve.server.engine.models import default_model_path, load_model
@@ -209,6 +215,7 @@ def compute_limit(batch_sizes: list[int], steps: int = 20) -> dict[str, float]:
     out = {}
     for b in batch_sizes:
         best = float("inf")
+        best_parts = (0.0, 0.0, 0.0)
         for rep in range(3):
             reqs = [
                 RequestState(
@@ -232,13 +239,20 @@ def compute_limit(batch_sizes: list[int], steps: int = 20) -> dict[str, float]:
             t0 = time.perf_counter()
             with torch.inference_mode():
                 adapter.prepare(reqs)
+                t1 = time.perf_counter()
                 for s in range(steps):
                     adapter.denoise_step(reqs)
                     for r in reqs:
                         r.steps_done = s + 1
+                t2 = time.perf_counter()
                 adapter.decode(reqs)
-            best = min(best, time.perf_counter() - t0)
+            t3 = time.perf_counter()
+            if t3 - t0 < best:
+                best, best_parts = t3 - t0, (t1 - t0, (t2 - t1) / steps, t3 - t2)
         out[str(b)] = b / best
+        if parts is not None:
+            for key, v in zip(("prepare_s", "step_s", "decode_s"), best_parts, strict=True):
+                parts.setdefault(key, {})[str(b)] = v
     return out
 
 
@@ -274,8 +288,13 @@ def run(profile: str, out_dir: Path) -> dict[str, Any]:
     reached = sorted(
         {max(1, round(v["mean_batch"] or 1)) for v in results["modes"]["step"]["saturation"].values()}
     )
-    print(f"== compute limit at batch sizes {reached}", flush=True)
-    results["compute_images_per_s"] = compute_limit(reached)
+    # The step-time curve at more sizes than the server reached, for bench/simulate.py.
+    sizes = sorted({*reached, 1, 2, 4, 8, 12, 16})
+    print(f"== compute limit at batch sizes {sizes}", flush=True)
+    parts: dict[str, Any] = {}
+    limit = compute_limit(sizes, parts=parts)
+    results["compute_images_per_s"] = {str(b): limit[str(b)] for b in reached}
+    results["compute_parts"] = parts
     return results
 
 

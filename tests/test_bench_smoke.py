@@ -34,3 +34,38 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert set(r["ratios"]["targets_met"]) >= {"lone_latency_vs_reference <= 1.05"}
     assert r["environment"]["command"] == "python bench/run.py --profile smoke"
     assert result.with_suffix(".png").stat().st_size > 10_000
+    # The step-time curve it measured drives the scheduling simulator.
+    sim = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench/simulate.py"),
+            "--results",
+            str(result),
+            "--seeds",
+            "2",
+            "--duration",
+            "10",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert sim.returncode == 0, sim.stderr[-3000:]
+    assert "step-level capacity for the mix" in sim.stdout
+
+
+def test_simulator_serves_every_arrival_and_step_level_wins_on_a_flat_curve() -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import simulate
+
+    flat = simulate.Costs(step_s={1: 0.030, 16: 0.045})
+    cap = simulate.capacity(flat, 16, seconds=120)
+    arr = simulate.arrivals(0.8 * cap, 30, seed=3)
+    step = simulate.simulate("step", arr, flat, 16)
+    req = simulate.simulate("request", arr, flat, 16)
+    assert len(step) == len(req) == len(arr)  # nobody lost
+    # Every request takes at least its own steps at batch-1 speed.
+    assert min(step) >= 4 * 0.030 and min(req) >= 4 * 0.030
+    # When batching is nearly free, joining between steps beats waiting for a batch.
+    assert simulate.pct(step, 0.5) < 0.5 * simulate.pct(req, 0.5)
+    assert simulate.pct(step, 0.99) < simulate.pct(req, 0.99)
