@@ -137,33 +137,26 @@ def loadgen(target: str, args: list[str], quiet: bool = False) -> list[dict[str,
     return list(json.loads(out.stdout))
 
 
-def completion_rate(ends: list[float], lo: float, hi: float, together_s: float = 0.05) -> float | None:
-    """Completions per second between two completions inside [lo, hi].
+def closed_loop_rate(records: list[dict[str, Any]], streams: int, lo: float, hi: float) -> float | None:
+    """Requests per second of ``streams`` closed-loop callers, by Little's law: each caller has
+    one request in flight at a time, so throughput = streams / mean time per request, taken
+    over the requests that started in [lo, hi) (after warm-up, before the callers stop).
 
-    Not completions in a fixed window divided by its length: streams that start together
-    finish together (a batch of 16 equal requests ends in one step), and a fixed window counts a
-    whole wave in or out, which moves the figure by up to one wave per window (20% in a 20 s
-    run). Here the interval runs from the end of one wave (completions less than
-    ``together_s`` apart are one wave) to the end of a later one, and counts the waves between.
+    Counting completions in a fixed window instead is biased: streams that start together
+    finish in waves (16 equal requests end in one step), and a window counts a whole wave in
+    or out, up to 20% of a 20 s run.
     """
-    ends = sorted(ends)
-
-    def wave_end(i: int) -> int:  # index of the last completion of the wave holding ends[i]
-        while i + 1 < len(ends) and ends[i + 1] - ends[i] < together_s:
-            i += 1
-        return i
-
-    inside = [i for i, e in enumerate(ends) if lo <= e <= hi]
-    if not inside:
+    times = [r["end"] - r["start"] for r in records if r.get("ok") and lo <= r["start"] < hi]
+    if not times:
         return None
-    a = wave_end(inside[0])
-    b = wave_end(inside[-1])
-    if b <= a or ends[b] <= ends[a]:
-        return None
-    return (b - a) / (ends[b] - ends[a])
+    return streams / statistics.fmean(times)
 
 
-def summarize(records: list[dict[str, Any]], window: tuple[float, float] | None = None) -> dict[str, Any]:
+def summarize(
+    records: list[dict[str, Any]], closed_loop: tuple[int, float, float] | None = None
+) -> dict[str, Any]:
+    """Latency, batch and preview figures; throughput from ``closed_loop`` = (streams, lo, hi)
+    (see closed_loop_rate) when given, else completions over the whole run."""
     ok = [r for r in records if r.get("ok")]
     lat = [r["end"] - r["start"] for r in ok]
     out: dict[str, Any] = {
@@ -187,10 +180,10 @@ def summarize(records: list[dict[str, Any]], window: tuple[float, float] | None 
                 rel.append((r["first_preview"] - r["start"] - r["queue_s"]) / (run / r["steps"]))
     out["ttfp_after_queue_steps_p50"] = percentile(rel, 0.5)
     out["ttfp_after_queue_steps_p95"] = percentile(rel, 0.95)
-    rate = completion_rate([r["end"] for r in ok], *window) if window is not None else None
+    rate = closed_loop_rate(records, *closed_loop) if closed_loop is not None else None
     if rate is not None:
         out["images_per_s"] = rate
-    else:  # no window, or too short a run for two waves in it (smoke): the whole run
+    else:  # open loop, or a run too short for any request to start after warm-up (smoke)
         span = max((r["end"] for r in ok), default=0) - min((r["start"] for r in records), default=0)
         out["images_per_s"] = len(ok) / span if span > 0 else None
     return out
@@ -309,7 +302,7 @@ def _load_tests(
     for n in p["streams"]:
         d = p["sat_s"]
         recs = loadgen(srv.target, ["--streams", str(n), "--duration", str(d), "--steps", "20"])
-        res["saturation"][str(n)] = summarize(recs, window=(0.25 * d, d))
+        res["saturation"][str(n)] = summarize(recs, closed_loop=(n, 0.25 * d, d))
         print(f"  {n} streams: {res['saturation'][str(n)]['images_per_s']:.2f} img/s", flush=True)
     if mode != "reference":
         # Capacity for the mix itself: closed-loop streams sending mixed requests (steps,
@@ -322,7 +315,7 @@ def _load_tests(
             srv.target,
             ["--streams", str(n), "--duration", str(d), "--mix", "--preview", "--seed", "7"],
         )
-        res["mixed_capacity"] = summarize(recs, window=(0.25 * d, d))
+        res["mixed_capacity"] = summarize(recs, closed_loop=(n, 0.25 * d, d))
         print(f"  mix capacity: {res['mixed_capacity']['images_per_s']:.2f} req/s", flush=True)
         if mode == "step":
             capacity_rps = res["mixed_capacity"]["images_per_s"]
