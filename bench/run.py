@@ -36,25 +36,19 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+# Seconds per closed-loop run, per open-loop run; stream counts; load fractions; lone requests
+# per mode, after unmeasured warm-up rounds.
+FULL: dict[str, Any] = {
+    "sat_s": 40,
+    "mixed_s": 90,
+    "streams": [1, 4, 16, 32],
+    "loads": [0.5, 0.8, 1.0],
+    "lone": 15,
+    "lone_warmup": 2,
+}
 PROFILES: dict[str, dict[str, Any]] = {
-    # seconds per closed-loop run, per open-loop run; stream counts; load fractions; lone
-    # requests per mode, after unmeasured warm-up rounds
-    "full": {
-        "sat_s": 40,
-        "mixed_s": 90,
-        "streams": [1, 4, 16, 32],
-        "loads": [0.5, 0.8, 1.0],
-        "lone": 15,
-        "lone_warmup": 2,
-    },
-    "quick": {
-        "sat_s": 20,
-        "mixed_s": 40,
-        "streams": [1, 4, 16, 32],
-        "loads": [0.5, 0.8, 1.0],
-        "lone": 9,
-        "lone_warmup": 2,
-    },
+    "full": FULL,
+    "quick": {**FULL, "sat_s": 20, "mixed_s": 40, "lone": 9},
     # CI: every mode and workload once, briefly (about a minute of load plus start-ups).
     "smoke": {"sat_s": 3, "mixed_s": 4, "streams": [1, 4], "loads": [0.8], "lone": 1, "lone_warmup": 0},
 }
