@@ -248,7 +248,6 @@ def run(profile: str, out_dir: Path) -> dict[str, Any]:
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"profile": profile, "modes": {m: {} for m in MODES}}
-    capacity_rps = None
     servers: dict[str, Server] = {}
     try:
         for mode in MODES:
@@ -268,7 +267,7 @@ def run(profile: str, out_dir: Path) -> dict[str, Any]:
             results["modes"][mode]["lone"] = summarize(lone[mode])
             print(f"{mode} lone p50 {results['modes'][mode]['lone']['latency_p50_s']:.3f}s", flush=True)
         for mode in MODES:
-            capacity_rps = _load_tests(mode, servers[mode], p, results, capacity_rps)
+            _load_tests(mode, servers[mode], p, results)
     finally:
         for srv in servers.values():
             srv.stop()
@@ -285,11 +284,9 @@ def run(profile: str, out_dir: Path) -> dict[str, Any]:
     return results
 
 
-def _load_tests(
-    mode: str, srv: Server, p: dict[str, Any], results: dict[str, Any], capacity_rps: float | None
-) -> float | None:
-    """Saturation, the mix's capacity (not for the reference) and the open loops of one mode;
-    returns the step-level capacity for the mix once measured."""
+def _load_tests(mode: str, srv: Server, p: dict[str, Any], results: dict[str, Any]) -> None:
+    """Saturation, the mix's capacity (not for the reference) and the open loops of one mode.
+    The open loops' rates are fractions of step-level's capacity (step runs first)."""
     print(f"== {mode}", flush=True)
     res = results["modes"][mode]
     res["saturation"] = {}
@@ -300,7 +297,7 @@ def _load_tests(
         print(f"  {n} streams: {res['saturation'][str(n)]['images_per_s']:.2f} img/s", flush=True)
     if mode != "reference":
         # Capacity for the mix itself: closed-loop streams sending mixed requests (steps,
-        # samplers, previews every step), completions per second after a warm-up. Measured,
+        # samplers, previews every step), by Little's law (closed_loop_rate). Measured,
         # not scaled from the 20-step figure: per-request work (encode, decode, previews)
         # and the samplers' own costs make steps/s over mean steps only an estimate.
         n = max(n for n in p["streams"] if n <= 16)
@@ -312,10 +309,9 @@ def _load_tests(
         res["mixed_capacity"] = summarize(recs, closed_loop=(n, 0.25 * d, d))
         print(f"  mix capacity: {res['mixed_capacity']['images_per_s']:.2f} req/s", flush=True)
         if mode == "step":
-            capacity_rps = res["mixed_capacity"]["images_per_s"]
-            results["capacity_rps"] = capacity_rps
+            results["capacity_rps"] = res["mixed_capacity"]["images_per_s"]
     res["mixed"] = {}
-    assert capacity_rps is not None
+    capacity_rps = results["capacity_rps"]
     for frac in p["loads"]:
         recs = loadgen(
             srv.target,
@@ -335,7 +331,6 @@ def _load_tests(
             f"  mixed {frac:.0%}: p50 {m['latency_p50_s']:.2f}s p99 {m['latency_p99_s']:.2f}s",
             flush=True,
         )
-    return capacity_rps
 
 
 def ratios(r: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-MIX_STEPS = (4, 10, 20, 30, 50)  # as bench/loadgen.py
+from loadgen import MIX_STEPS  # the benchmark's own mix and percentiles (bench/ is on the path)
+from run import percentile
 
 
 @dataclass
@@ -35,7 +36,7 @@ class Costs:
     def _interp(self, table: dict[int, float], b: int) -> float:
         ks = sorted(table)
         if b <= ks[0]:
-            return table[ks[0]] * b / ks[0] if b < ks[0] else table[ks[0]]
+            return table[ks[0]]
         for lo, hi in zip(ks, ks[1:], strict=False):
             if b <= hi:
                 return table[lo] + (table[hi] - table[lo]) * (b - lo) / (hi - lo)
@@ -110,11 +111,6 @@ def capacity(costs: Costs, cap: int, seconds: float = 600.0) -> float:
     return n / t
 
 
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * (len(xs) - 1)))]
-
-
 def costs_from_results(path: Path) -> Costs:
     parts = json.loads(path.read_text())["compute_parts"]
 
@@ -151,8 +147,8 @@ def main() -> int:
             arr = arrivals(frac * cap_rps, args.duration, seed)
             for policy, (p50s, p99s) in runs.items():
                 lat = simulate(policy, arr, costs, args.max_batch)
-                p50s.append(pct(lat, 0.5))
-                p99s.append(pct(lat, 0.99))
+                p50s.append(percentile(lat, 0.5))
+                p99s.append(percentile(lat, 0.99))
         (s50, s99), (r50, r99) = ((statistics.fmean(a), statistics.fmean(b)) for a, b in runs.values())
         print(
             f"{frac:4.0%}  {s50:6.2f} / {s99:6.2f}     {r50:6.2f} / {r99:6.2f}"

@@ -67,5 +67,5 @@ def test_simulator_serves_every_arrival_and_step_level_wins_on_a_flat_curve() ->
     # Every request takes at least its own steps at batch-1 speed.
     assert min(step) >= 4 * 0.030 and min(req) >= 4 * 0.030
     # When batching is nearly free, joining between steps beats waiting for a batch.
-    assert simulate.pct(step, 0.5) < 0.5 * simulate.pct(req, 0.5)
-    assert simulate.pct(step, 0.99) < simulate.pct(req, 0.99)
+    assert simulate.percentile(step, 0.5) < 0.5 * simulate.percentile(req, 0.5)
+    assert simulate.percentile(step, 0.99) < simulate.percentile(req, 0.99)

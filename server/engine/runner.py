@@ -359,8 +359,6 @@ class Engine:
     def _previews(self, adapter: ModelAdapter, stepped: list[RequestState]) -> list[Any]:
         """The step's previews (host arrays, or None), made together; their time is split
         among the requests that got one."""
-        if not any(r.params.preview_every for r in stepped):
-            return [None] * len(stepped)
         p0 = time.perf_counter()
         previews = adapter.previews(stepped)
         made = [r for r, p in zip(stepped, previews, strict=True) if p is not None]

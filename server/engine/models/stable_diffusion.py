@@ -416,7 +416,7 @@ class StableDiffusionAdapter(ModelAdapter):
     @torch.inference_mode()
     def previews(self, reqs: list[RequestState]) -> list[RGBArray | None]:
         """Projected on the device and copied to the host in one transfer: one wait for the
-        device per step, not one per previewing request."""
+        device per step, not one per previewing request (``reqs`` is one bucket: one size)."""
         out: list[RGBArray | None] = [None] * len(reqs)
         due = [i for i, r in enumerate(reqs) if r.work is not None and r.work.preview_x0 is not None]
         if not due:
@@ -428,12 +428,9 @@ class StableDiffusionAdapter(ModelAdapter):
             x0, w.preview_x0 = w.preview_x0, None
             p = torch.einsum("chw,cr->hwr", x0[0].float(), wgt) + bias
             rgb.append((p.clamp(0, 1) * 255).round().to(torch.uint8))
-        host = torch.cat([p.reshape(-1) for p in rgb]).cpu().numpy()
-        at = 0
-        for i, p in zip(due, rgb, strict=True):
-            n = p.numel()
-            out[i] = host[at : at + n].reshape(p.shape)
-            at += n
+        host = torch.stack(rgb).cpu().numpy()
+        for k, i in enumerate(due):
+            out[i] = host[k]
         return out
 
     @torch.inference_mode()
