@@ -230,6 +230,7 @@ class StepServer:
                 accelerator_cost_per_hour=self.config.accelerator_cost_per_hour,
                 batch_priority_delay_s=self.config.batch_priority_delay_s,
                 reject_unmeetable_deadlines=self.config.reject_unmeetable_deadlines,
+                run_ahead={"on": True, "off": False}.get(self.config.run_ahead),
             ),
             observers=observers,
         )

@@ -70,6 +70,12 @@ class ServerConfig:
         "'request': classic dynamic batching, a formed batch runs to completion (for comparison)",
     )
     max_batch_size: int = _opt(16, "most images one model denoises in one batched forward")
+    run_ahead: str = _opt(
+        "auto",
+        "'on': queue step k+1 on the accelerator before reading step k's timings, previews and images "
+        "(no wait for the device per step); 'off': finish each step before the next; "
+        "'auto': on for devices that run asynchronously (CUDA), off on CPU",
+    )
     max_batch_delay_ms: int = _opt(50, "request-level batching only: longest a batch waits to fill, in ms")
     max_queue: int = _opt(
         256,
@@ -168,6 +174,10 @@ class ServerConfig:
             self.batching in ("step", "request"), f"--batching {self.batching!r}: must be 'step' or 'request'"
         )
         need(1 <= self.max_batch_size <= 1024, f"--max-batch-size {self.max_batch_size}: must be 1..1024")
+        need(
+            self.run_ahead in ("auto", "on", "off"),
+            f"--run-ahead {self.run_ahead!r}: must be auto, on or off",
+        )
         need(
             0 <= self.max_batch_delay_ms <= 60_000,
             f"--max-batch-delay-ms {self.max_batch_delay_ms}: must be 0..60000",

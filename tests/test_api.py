@@ -27,7 +27,26 @@ def decode(data: bytes) -> Image.Image:
     return img
 
 
-def test_generate_streams_queued_progress_previews_and_result(server) -> None:  # noqa: ANN001
+@pytest.fixture(params=["off", "on"], ids=["in-step", "run-ahead"])
+def server_both_ways(request, tiny_sd_dir):  # noqa: ANN001, ANN201
+    """A server settling each step before the next (CPU default), and one running ahead
+    (the GPU default), to hold both to the same API behaviour."""
+    cfg = ServerConfig(
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        models=[f"tiny={tiny_sd_dir}"],
+        max_batch_size=8,
+        run_ahead=request.param,
+    ).validate()
+    srv = ServerThread(cfg)
+    assert srv.engine.run_ahead is (request.param == "on")
+    yield srv
+    srv.stop()
+
+
+def test_generate_streams_queued_progress_previews_and_result(server_both_ways) -> None:  # noqa: ANN001
+    server = server_both_ways
     with ImageClient(server.target) as c:
         events = list(
             c.generate_stream(
@@ -118,7 +137,8 @@ def test_too_long_prompt_is_rejected_not_truncated(server) -> None:  # noqa: ANN
     )
 
 
-def test_cancelling_the_call_stops_the_generation(server) -> None:  # noqa: ANN001
+def test_cancelling_the_call_stops_the_generation(server_both_ways) -> None:  # noqa: ANN001
+    server = server_both_ways
     engine = server.engine
     with ImageClient(server.target) as c:
         stream = c.generate_stream("a red circle", steps=150, seed=1)
@@ -146,7 +166,8 @@ def test_deadline_is_honoured(server) -> None:  # noqa: ANN001
     assert engine.in_flight() == 0
 
 
-def test_concurrent_callers_are_batched_together(server) -> None:  # noqa: ANN001
+def test_concurrent_callers_are_batched_together(server_both_ways) -> None:  # noqa: ANN001
+    server = server_both_ways
     engine = server.engine
     results: dict[int, object] = {}
     rows_seen: list[int] = []

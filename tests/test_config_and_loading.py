@@ -35,6 +35,7 @@ def test_flags_override_environment_over_defaults() -> None:
         (["--port", "70000"], "--port 70000"),
         (["--batching", "static"], "--batching 'static'"),
         (["--max-batch-size", "0"], "--max-batch-size 0"),
+        (["--run-ahead", "always"], "--run-ahead 'always'"),
         (["--model", "nopath"], "expected NAME=PATH"),
         (["--model", "a=/x", "--model", "a=/y"], "unique"),
         (["--model", "a=/x", "--default-model", "b"], "--default-model 'b'"),

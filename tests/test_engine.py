@@ -21,9 +21,12 @@ from stepserve.server.engine.types import (
 from .engine_helpers import Harness, Recorder, params
 
 
-@pytest.fixture
-def harness(tiny_adapter):  # noqa: ANN001, ANN201
-    h = Harness({"tiny": tiny_adapter})
+@pytest.fixture(params=[False, True], ids=["in-step", "run-ahead"])
+def harness(request, tiny_adapter):  # noqa: ANN001, ANN201
+    """Every engine test runs both ways: settling each step before the next (the default on
+    CPU), and running ahead (the default on GPUs: step k+1 is queued before step k's times,
+    previews and images are read)."""
+    h = Harness({"tiny": tiny_adapter}, run_ahead=request.param)
     rec = Recorder(tiny_adapter)
     h.rec = rec  # type: ignore[attr-defined]
     yield h
@@ -262,3 +265,103 @@ def test_accelerator_time_is_split_without_loss_or_double_counting(harness) -> N
     )
     busy, idle = harness.engine.accelerator_seconds()
     assert busy == harness.engine.busy_s and idle >= 0
+
+
+def test_running_ahead_queues_the_next_step_before_reading_the_last(tiny_adapter) -> None:  # noqa: ANN001
+    """Run-ahead: step k+1 is handed to the accelerator before step k's progress (with its
+    preview) is read and sent; in-step: each step is sent before the next one starts. With
+    no next step to queue, the last results go out in the same iteration."""
+    orders = {}
+    for run_ahead in (False, True):
+        h = Harness({"tiny": tiny_adapter}, run_ahead=run_ahead)
+        log: list[str] = []
+        original = tiny_adapter.denoise_step
+
+        def spy(reqs, original=original, log=log):  # noqa: ANN001, ANN202
+            log.append(f"forward {reqs[0].steps_done + 1}")
+            return original(reqs)
+
+        def sink(ev, log=log) -> None:  # noqa: ANN001
+            if isinstance(ev, ProgressEvent):
+                assert ev.preview is not None
+                log.append(f"progress {ev.step}")
+            elif isinstance(ev, ResultEvent):
+                log.append("result")
+
+        tiny_adapter.denoise_step = spy
+        try:
+            h.engine.submit(params("a", steps=3, preview_every=1), sink)
+            for _ in range(3):
+                h.engine.run_once()
+        finally:
+            tiny_adapter.denoise_step = original
+        orders[run_ahead] = log
+    assert orders[False] == [
+        "forward 1",
+        "progress 1",
+        "forward 2",
+        "progress 2",
+        "forward 3",
+        "progress 3",
+        "result",
+    ]
+    assert orders[True] == [
+        "forward 1",
+        "forward 2",
+        "progress 1",
+        "forward 3",
+        "progress 2",
+        "progress 3",
+        "result",
+    ]
+
+
+def test_running_ahead_changes_no_output(tiny_adapter) -> None:  # noqa: ANN001
+    """The same requests, in-step and running ahead: the same images, previews, steps and
+    batches; every second of model work charged once either way."""
+    runs = {}
+    for run_ahead in (False, True):
+        h = Harness({"tiny": tiny_adapter}, run_ahead=run_ahead)
+        h.submit(params("a", steps=5, preview_every=1, seed=3))
+        h.submit(params("b", steps=3, preview_every=2, seed=4, guidance_scale=1.0, sampler=Sampler.DDIM))
+        h.step(2)
+        h.submit(params("c", steps=2, num_images=2, seed=5))
+        h.run_until_idle()
+        usages = [h.result(r).usage for r in "abc"]
+        assert sum(u.accelerator_s for u in usages) == pytest.approx(h.engine.busy_s, rel=1e-9)
+        assert h.engine.in_flight() == 0
+        runs[run_ahead] = h.events
+    for rid in "abc":
+        ahead, in_step = runs[True][rid], runs[False][rid]
+        assert [type(e) for e in ahead] == [type(e) for e in in_step]
+        for x, y in zip(ahead, in_step, strict=True):
+            if isinstance(x, ProgressEvent):
+                assert x.step == y.step
+                assert (x.preview is None) == (y.preview is None)
+                if x.preview is not None:
+                    np.testing.assert_array_equal(x.preview, y.preview)
+            elif isinstance(x, ResultEvent):
+                for a, b in zip(x.images, y.images, strict=True):
+                    np.testing.assert_array_equal(a, b)
+                assert x.usage.mean_batch_size == y.usage.mean_batch_size
+
+
+def test_a_failed_engine_still_sends_the_results_it_finished(tiny_adapter, faults) -> None:  # noqa: ANN001
+    """Running ahead, a finished request's images wait for the next step to be queued; if
+    that step kills the engine, the finished request still gets its images and the others
+    end with the engine's failure (nobody is left without an answer)."""
+    h = Harness({"tiny": tiny_adapter}, run_ahead=True)
+    h.engine.scheduler.capacity["tiny"] = 2  # the crasher waits for the short one's slot
+    h.submit(params("long", steps=6))
+    h.submit(params("short", steps=2, seed=2))
+    h.submit(params("crasher", prompt="KILL-THE-ENGINE now", steps=2, seed=3))
+    faults("crash=KILL-THE-ENGINE")
+    failures: list[BaseException] = []
+    h.engine.on_failure = failures.append
+    h.engine._run()  # the engine thread's loop, here: it ends when the crasher's step kills it
+    assert len(failures) == 1 and "injected engine crash" in str(failures[0])
+    assert len(h.result("short").images) == 1
+    for rid in ("long", "crasher"):
+        failed = h.failure(rid)
+        assert failed.reason is FinishReason.ERROR and "the engine failed" in failed.message
+    assert h.engine.in_flight() == 0

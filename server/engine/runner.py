@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .models.base import ModelAdapter, RequestStepFailures
+from .models.base import Mark, ModelAdapter, RequestStepFailures
 from .observer import EngineObserver, ObserverGroup
 from .request import RequestState, RequestStatus
 from .scheduler import BaseScheduler, StepPlan, make_scheduler
@@ -65,6 +65,20 @@ class EngineConfig:
     batch_priority_delay_s: float = 60.0
     # Refuse at admission a request whose deadline the current load cannot meet.
     reject_unmeetable_deadlines: bool = True
+    # Queue step k+1 on the accelerator before reading step k's times, previews and images
+    # (see Engine._settle). None: when a model's device runs asynchronously (CUDA).
+    run_ahead: bool | None = None
+
+
+@dataclass
+class _Pending:
+    """Engine work to finish once the accelerator reaches ``mark`` (None: nothing to wait
+    for): accounting, events. ``finals`` are the requests whose terminal event it sends."""
+
+    iteration: int
+    mark: Mark | None
+    action: Callable[[], object]
+    finals: Sequence[RequestState] = ()
 
 
 class Engine:
@@ -109,6 +123,12 @@ class Engine:
         # of the wall time since start is idle (see accelerator_seconds()).
         self.busy_s = 0.0
         self._started_at = time.perf_counter()
+        run_ahead = config.run_ahead
+        if run_ahead is None:
+            run_ahead = any(m.asynchronous for m in models.values())
+        self.run_ahead = run_ahead
+        self._outbox: deque[_Pending] = deque()
+        self._iteration = 0
 
     # -- called from any thread ------------------------------------------------------------
     def start(self) -> None:
@@ -203,13 +223,18 @@ class Engine:
         try:
             while self.run_once(block=True) is not None:
                 pass
+            self._settle()
             self._end_all(RequestStatus.FINISHED_SHUTDOWN, "the server shut down before the request finished")
+            self._settle()
         except BaseException as e:  # the loop must never die silently
             logger.exception("engine loop failed")
             with self._cv:
                 self.failure = e
                 self._cv.notify_all()
-            self._end_all(RequestStatus.FINISHED_ERROR, f"the engine failed: {e}")
+            message = f"the engine failed: {e}"
+            self._settle_after_failure(message)
+            self._end_all(RequestStatus.FINISHED_ERROR, message)
+            self._settle_after_failure(message)
             if self.on_failure is not None:
                 self.on_failure(e)
 
@@ -222,13 +247,64 @@ class Engine:
         """
         if not self._drain_inbox(block):
             return None
+        self._iteration += 1
         # Newcomers hear their place before anything runs, even if they start right away.
         self._report_positions()
         plan = self.scheduler.schedule(self.clock())
         self._wake_at = plan.wake_at
         self._execute(plan)
         self._report_positions()
+        # Running ahead, this iteration's results wait until the next step is queued;
+        # with nothing left to queue, they are read now.
+        more = self.run_ahead and bool(self.scheduler.running)
+        self._settle(self._iteration - 1 if more else None)
         return plan
+
+    # -- completions ---------------------------------------------------------------------
+    def _later(
+        self, mark: Mark | None, action: Callable[[], object], finals: Sequence[RequestState] = ()
+    ) -> None:
+        """Finish engine work (accounting, events) once the accelerator reaches ``mark``.
+
+        Without run-ahead that is at once (the engine waits for the accelerator here). With
+        run-ahead the engine queues the next step first and settles this one while the
+        accelerator runs it (see :meth:`_settle`). Either way they run in the order queued,
+        so each request's events keep their order and its charges land before its usage.
+        """
+        self._outbox.append(_Pending(self._iteration, mark, action, finals))
+        if not self.run_ahead:
+            self._settle()
+
+    def _settle(self, through: int | None = None) -> None:
+        """Run queued completions in order: every one queued in iterations up to ``through``
+        (all when None), waiting for the accelerator where needed; then those at the front
+        that wait for nothing (queue positions, cancellations)."""
+        while self._outbox:
+            p = self._outbox[0]
+            if p.mark is not None:
+                if through is not None and p.iteration > through:
+                    break
+                p.mark.wait()
+            self._outbox.popleft()
+            p.action()
+
+    def _settle_after_failure(self, message: str) -> None:
+        """After an engine failure, settle what was queued as far as the accelerator allows:
+        a request whose images are on the host still gets them; one whose completion cannot
+        be read (the device failed too) ends with ``message``."""
+        while self._outbox:
+            p = self._outbox.popleft()
+            try:
+                if p.mark is not None:
+                    p.mark.wait()
+                p.action()
+            except BaseException:
+                logger.exception("settling queued engine work after the failure failed")
+                for req in p.finals:
+                    if req.request_id in self._sinks:
+                        self._deliver_final(
+                            req, FailedEvent(RequestStatus.FINISHED_ERROR.finish_reason, message)
+                        )
 
     def _drain_inbox(self, block: bool) -> bool:
         """Move submissions and cancels into the scheduler; with ``block``, sleep while
@@ -324,64 +400,81 @@ class Engine:
 
     def _prepare(self, model: str, reqs: list[RequestState]) -> None:
         adapter = self.models[model]
-        t0 = time.perf_counter()
+        start = adapter.mark()
         try:
             adapter.prepare(reqs)
-            adapter.synchronize()
         except Exception as e:
             logger.exception("preparing %d request(s) for %s failed", len(reqs), model)
             for req in reqs:
                 self._fail(req, f"encoding the prompt failed: {e}")
             return
-        dt = time.perf_counter() - t0
-        self.busy_s += dt
-        self._charge(reqs, dt, [r.params.rows for r in reqs])
-        self.observer.prompts_encoded(reqs, dt)
+        end = adapter.mark()
+
+        def encoded() -> None:
+            dt = self._spent(reqs, [r.params.rows for r in reqs], start, end)
+            self.observer.prompts_encoded(reqs, dt)
+
+        self._later(end, encoded)
 
     def _step(self, plan: StepPlan) -> None:
         model = plan.batch[0].model
         adapter = self.models[model]
-        forwards: list[tuple[list[RequestState], int, float]] = []
+        forwards: list[tuple[list[RequestState], int, Mark, Mark]] = []
         stepped = self._forward(adapter, plan.batch, forwards)
+        # This step is queued: finish the previous one while the accelerator runs it.
+        self._settle(self._iteration - 1)
         if not stepped:
             return
         plan.batch = stepped
         finished = self.scheduler.update(plan)
-        for members, rows, dt in forwards:  # observers see steps_done after the step
-            self.observer.batch_stepped(members, rows, dt)
-        previews = self._previews(adapter, stepped)
-        for req, preview in zip(stepped, previews, strict=True):
-            elapsed = self.clock() - req.arrival_time
-            self._emit(req, ProgressEvent(req.steps_done, req.total_steps, elapsed, preview))
+        for members, rows, start, end in forwards:
+            self._later(end, self._stepped(model, members, rows, start, end))
+        self._previews(adapter, stepped)
         if finished:
             self._finish(model, finished)
 
-    def _previews(self, adapter: ModelAdapter, stepped: list[RequestState]) -> list[Any]:
-        """The step's previews (host arrays, or None), made together; their time is split
-        among the requests that got one."""
-        p0 = time.perf_counter()
+    def _stepped(
+        self, model: str, members: list[RequestState], rows: int, start: Mark, end: Mark
+    ) -> Callable[[], None]:
+        def stepped() -> None:  # observers see steps_done after the step (and not the next)
+            dt = end.seconds_since(start)
+            self._step_time[model] = 0.8 * self._step_time[model] + 0.2 * dt
+            self.observer.batch_stepped(members, rows, dt)
+
+        return stepped
+
+    def _previews(self, adapter: ModelAdapter, stepped: list[RequestState]) -> None:
+        """Send the step's progress events, with previews (host arrays) made together; their
+        time is split among the requests that got one."""
+        start = adapter.mark()
         previews = adapter.previews(stepped)
+        end = adapter.mark()
         made = [r for r, p in zip(stepped, previews, strict=True) if p is not None]
-        if made:
-            dt = time.perf_counter() - p0
-            self.busy_s += dt
-            self._charge(made, dt, [1] * len(made))
+        steps = [r.steps_done for r in stepped]
+
+        def progress() -> None:
             at = self.clock()
-            for req in made:
-                if req.first_preview_time is None:
-                    req.first_preview_time = at
-                if not req.params.internal:
-                    self.observer.preview_made(req, at, dt / len(made))
-        return previews
+            if made:
+                dt = self._spent(made, [1] * len(made), start, end)
+                for req in made:
+                    if req.first_preview_time is None:
+                        req.first_preview_time = at
+                    if not req.params.internal:
+                        self.observer.preview_made(req, at, dt / len(made))
+            for req, step, preview in zip(stepped, steps, previews, strict=True):
+                event = ProgressEvent(step, req.total_steps, at - req.arrival_time, preview)
+                self._send(req, event)
+
+        self._later(end, progress)
 
     def _forward(
         self,
         adapter: ModelAdapter,
         batch: list[RequestState],
-        done: list[tuple[list[RequestState], int, float]],
+        done: list[tuple[list[RequestState], int, Mark, Mark]],
     ) -> list[RequestState]:
         """Run one batched step for ``batch``; returns the requests that advanced, and appends
-        each successful forward's (requests, rows, seconds) to ``done``.
+        each successful forward's (requests, rows, start and end marks) to ``done``.
 
         Faults stay with the requests that cause them: a request whose own update fails is
         failed alone (the adapter reports it with RequestStepFailures); a failure of the shared
@@ -389,22 +482,21 @@ class Engine:
         breaks the forward by itself fails. Out of memory also lowers the model's batch cap.
         The time of every attempt is charged to the requests in it.
         """
-        model = batch[0].model
-        t0 = time.perf_counter()
+        start = adapter.mark()
         rows = 0
         failures: dict[str, BaseException] = {}
         error: Exception | None = None
         try:
             rows = adapter.denoise_step(batch)
-            adapter.synchronize()
         except RequestStepFailures as e:
             rows, failures = e.rows, e.failures
         except Exception as e:
             error = e
-        # Every attempt, failed or not, was spent on these requests.
-        dt = time.perf_counter() - t0
-        self.busy_s += dt
-        self._charge(batch, dt, [r.params.rows for r in batch])
+        end = adapter.mark()
+        # Every attempt, failed or not, was spent on these requests (charged before any of
+        # them ends below, so the charge is in their usage).
+        weights = [r.params.rows for r in batch]
+        self._later(end, lambda: self._spent(batch, weights, start, end))
         if error is not None:
             return self._retry_failed_forward(adapter, batch, error, done)
         for req in batch:
@@ -417,12 +509,11 @@ class Engine:
             return stepped
         self.forwards += 1
         self.last_batch_rows = rows
-        self._step_time[model] = 0.8 * self._step_time[model] + 0.2 * dt
         images = sum(r.params.num_images for r in batch)
         for req in stepped:
             req.forwards += 1
             req.batch_images_sum += images
-        done.append((stepped, rows, dt))
+        done.append((stepped, rows, start, end))
         return stepped
 
     def _retry_failed_forward(
@@ -430,7 +521,7 @@ class Engine:
         adapter: ModelAdapter,
         batch: list[RequestState],
         error: Exception,
-        done: list[tuple[list[RequestState], int, float]],
+        done: list[tuple[list[RequestState], int, Mark, Mark]],
     ) -> list[RequestState]:
         """A shared forward failed: fail a lone request, else retry the batch in halves (after
         out of memory, also lower the model's batch cap)."""
@@ -473,23 +564,30 @@ class Engine:
 
     def _finish(self, model: str, reqs: list[RequestState]) -> None:
         adapter = self.models[model]
-        t0 = time.perf_counter()
+        start = adapter.mark()
         try:
             decoded = adapter.decode(reqs)
-            adapter.synchronize()
         except Exception as e:
             logger.exception("decoding %d request(s) of %s failed", len(reqs), model)
             for req in reqs:
                 self._fail(req, f"decoding the image failed: {e}")
             return
-        dt = time.perf_counter() - t0
-        self.busy_s += dt
-        self._charge(reqs, dt, [r.params.num_images for r in reqs])
-        self.observer.images_decoded(reqs, dt)
+        end = adapter.mark()
+        # Their slots are free for the next step; the images are sent once they are on the host.
+        for req in reqs:
+            self.scheduler.finish(req, RequestStatus.FINISHED_OK, self.clock())
+            self._release(req)
+
+        def results() -> None:
+            dt = self._spent(reqs, [r.params.num_images for r in reqs], start, end)
+            self.observer.images_decoded(reqs, dt)
+            self._send_results(reqs, decoded)
+
+        self._later(end, results, finals=reqs)
+
+    def _send_results(self, reqs: list[RequestState], decoded: list[list[Any]]) -> None:
         now = self.clock()
         for req, imgs in zip(reqs, decoded, strict=True):
-            self.scheduler.finish(req, RequestStatus.FINISHED_OK, now)
-            self._release(req)
             usage = Usage(
                 steps=req.params.steps,
                 queue_s=(req.admitted_time or now) - req.arrival_time,
@@ -507,7 +605,15 @@ class Engine:
                 usage.mean_batch_size,
                 extra=req.log_extra,
             )
-            self._emit_final(req, ResultEvent(imgs, req.params.seeds, usage), usage)
+            self._deliver_final(req, ResultEvent(imgs, req.params.seeds, usage), usage)
+
+    def _spent(self, reqs: Sequence[RequestState], weights: Sequence[int], start: Mark, end: Mark) -> float:
+        """Account the accelerator time from ``start`` to ``end`` as spent on ``reqs``
+        (split by ``weights``); returns it."""
+        dt = end.seconds_since(start)
+        self.busy_s += dt
+        self._charge(reqs, dt, weights)
+        return dt
 
     @staticmethod
     def _charge(reqs: Sequence[RequestState], seconds: float, weights: Sequence[int]) -> None:
@@ -552,6 +658,10 @@ class Engine:
 
     # -- events ----------------------------------------------------------------------------
     def _emit(self, req: RequestState, event: EngineEvent) -> None:
+        """Send ``event`` after everything queued before it (see :meth:`_later`)."""
+        self._later(None, lambda: self._send(req, event))
+
+    def _send(self, req: RequestState, event: EngineEvent) -> None:
         sink = self._sinks.get(req.request_id)
         if sink is None:
             return
@@ -560,13 +670,17 @@ class Engine:
         except Exception:  # a broken sink must not stop the batch
             logger.exception("event sink for request %s failed", req.request_id)
 
-    def _emit_final(self, req: RequestState, event: EngineEvent, usage: Usage | None = None) -> None:
+    def _emit_final(self, req: RequestState, event: EngineEvent) -> None:
+        """Send the request's one terminal event after everything queued before it."""
+        self._later(None, lambda: self._deliver_final(req, event), finals=(req,))
+
+    def _deliver_final(self, req: RequestState, event: EngineEvent, usage: Usage | None = None) -> None:
         """Send the request's one terminal event and forget it (the one place every accepted
         request ends, so observers count each exactly once)."""
         if not req.params.internal:
             reason = event.reason if isinstance(event, FailedEvent) else FinishReason.OK
             self.observer.request_finished(req, reason, self.clock(), usage)
-        self._emit(req, event)
+        self._send(req, event)
         with self._cv:
             self._sinks.pop(req.request_id, None)
             self._queued.pop(req.request_id, None)

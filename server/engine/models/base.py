@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ..faults import NO_FAULTS, Faults
 
@@ -12,6 +13,45 @@ if TYPE_CHECKING:
 
     from ..request import RequestState
     from ..types import ModelInfo, RGBArray
+
+
+class Mark(Protocol):
+    """A point in the accelerator's queue of work, from :meth:`ModelAdapter.mark`.
+
+    Work queued before the mark is done when the mark is reached; host arrays an adapter
+    returned before the mark (previews, decoded images) are filled by then.
+    """
+
+    def reached(self) -> bool:
+        """Whether the accelerator got here (never waits)."""
+        ...
+
+    def wait(self) -> None:
+        """Wait until the accelerator gets here."""
+        ...
+
+    def seconds_since(self, start: Mark) -> float:
+        """Accelerator seconds from ``start`` (an earlier mark) to this one; waits for both."""
+        ...
+
+
+class HostMark:
+    """A mark where work runs synchronously (CPU): reached when taken; times are wall time."""
+
+    __slots__ = ("at",)
+
+    def __init__(self) -> None:
+        self.at = time.perf_counter()
+
+    def reached(self) -> bool:
+        return True
+
+    def wait(self) -> None:
+        return None
+
+    def seconds_since(self, start: Mark) -> float:
+        assert isinstance(start, HostMark)
+        return self.at - start.at
 
 
 class RequestStepFailures(Exception):
@@ -53,14 +93,19 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def decode(self, reqs: list[RequestState]) -> list[list[RGBArray]]:
-        """Decode finished requests' latents into RGB uint8 images (one list per request)."""
+        """Decode finished requests' latents into RGB uint8 images (one list per request).
+
+        The host arrays may still be being filled by the accelerator when this returns (an
+        asynchronous copy): the engine reads them only after a :meth:`mark` taken later is
+        reached."""
 
     @abstractmethod
     def previews(self, reqs: list[RequestState]) -> list[RGBArray | None]:
         """Cheap RGB previews of the requests' first images, as host arrays, for those whose
         step just run was due one (``RequestState.preview_due``); None for the others.
         Consumes the step's estimates. Called once per step for the whole batch, so an
-        accelerator adapter can copy them to the host together."""
+        accelerator adapter can copy them to the host together. Like :meth:`decode`'s, the
+        arrays may be filled asynchronously: read them after a later :meth:`mark` is reached."""
 
     @abstractmethod
     def count_prompt_tokens(self, text: str) -> int:
@@ -78,9 +123,12 @@ class ModelAdapter(ABC):
         """Release cached accelerator memory after an out-of-memory error."""
         return None
 
-    def synchronize(self) -> None:
-        """Wait for queued accelerator work (so wall-clock timings are real).
+    # Whether work returns before the accelerator has done it (CUDA): then the engine runs
+    # ahead, queueing step k+1 before it reads step k's times, previews and images.
+    asynchronous: bool = False
 
-        A no-op where work runs synchronously (CPU); GPU adapters override it.
-        """
-        return None
+    def mark(self) -> Mark:
+        """A mark after the work queued so far: how the engine times work and knows when host
+        arrays are filled without waiting for the accelerator at every step. This default is
+        for synchronous devices; asynchronous adapters return device events."""
+        return HostMark()

@@ -37,13 +37,35 @@ from ..samplers import (
     sampler_for_class_name,
 )
 from ..types import ModelInfo, Preset, Sampler
-from .base import ModelAdapter, RequestStepFailures
+from .base import Mark, ModelAdapter, RequestStepFailures
 
 if TYPE_CHECKING:
     from ..request import RequestState
     from ..types import RGBArray
 
 logger = logging.getLogger(__name__)
+
+
+class CudaMark:
+    """A mark on a CUDA stream (an event with timing): the engine's view of GPU progress."""
+
+    __slots__ = ("event",)
+
+    def __init__(self, device: torch.device) -> None:
+        self.event = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
+        self.event.record(torch.cuda.current_stream(device))
+
+    def reached(self) -> bool:
+        return bool(self.event.query())  # type: ignore[no-untyped-call]
+
+    def wait(self) -> None:
+        self.event.synchronize()
+
+    def seconds_since(self, start: Mark) -> float:
+        assert isinstance(start, CudaMark)
+        self.event.synchronize()
+        return float(start.event.elapsed_time(self.event)) / 1000.0
+
 
 # Optional per-model settings file a model directory may carry (keys of ModelInfo plus
 # "latent_rgb_factors"); command-line overrides win over it.
@@ -129,6 +151,7 @@ class StableDiffusionAdapter(ModelAdapter):
         self.name = name
         self.path = Path(path)
         self.device = torch.device(device)
+        self.asynchronous = self.device.type == "cuda"
         if dtype is None:
             dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.dtype = dtype
@@ -403,8 +426,10 @@ class StableDiffusionAdapter(ModelAdapter):
             # but not in odd ones (batch 1 included): pad to even with a copy, drop it after.
             lat = [*lat, lat[-1]]
         images = self.vae.decode(self._unscale(torch.cat(lat)), return_dict=False)[0][:n]
-        arr = self.pipe.image_processor.postprocess(images, output_type="np")
-        u8 = (arr * 255).round().astype(np.uint8)
+        # The pipeline's post-processing ("np" output, then x 255 and round), on the device:
+        # only uint8 pixels cross to the host.
+        pixels = self.pipe.image_processor.postprocess(images, output_type="pt")
+        u8 = self._to_host((pixels.permute(0, 2, 3, 1).float() * 255).round().to(torch.uint8))
         out: list[list[RGBArray]] = []
         i = 0
         for req in reqs:
@@ -428,7 +453,7 @@ class StableDiffusionAdapter(ModelAdapter):
             x0, w.preview_x0 = w.preview_x0, None
             p = torch.einsum("chw,cr->hwr", x0[0].float(), wgt) + bias
             rgb.append((p.clamp(0, 1) * 255).round().to(torch.uint8))
-        host = torch.stack(rgb).cpu().numpy()
+        host = self._to_host(torch.stack(rgb))
         for k, i in enumerate(due):
             out[i] = host[k]
         return out
@@ -462,9 +487,18 @@ class StableDiffusionAdapter(ModelAdapter):
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def mark(self) -> Mark:
+        return CudaMark(self.device) if self.asynchronous else super().mark()
+
+    def _to_host(self, t: torch.Tensor) -> np.ndarray:
+        """``t`` as a host array; from a GPU, copied asynchronously into pinned memory (filled
+        when a mark taken after this call is reached), so the engine does not wait here."""
+        t = t.contiguous()
+        if t.device.type == "cpu":
+            return t.numpy()
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        return host.numpy()
 
 
 class StableDiffusionXLAdapter(StableDiffusionAdapter):
