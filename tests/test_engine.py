@@ -365,3 +365,50 @@ def test_a_failed_engine_still_sends_the_results_it_finished(tiny_adapter, fault
         failed = h.failure(rid)
         assert failed.reason is FinishReason.ERROR and "the engine failed" in failed.message
     assert h.engine.in_flight() == 0
+
+
+class LostDevice(RuntimeError):
+    """What a CUDA device error looks like to the engine: raised at the next wait."""
+
+
+def test_a_device_error_while_running_ahead_answers_every_request(tiny_adapter) -> None:  # noqa: ANN001
+    """A device error surfaces when the engine waits for a mark, not in the step that caused
+    it. Running ahead, a finished request's images may be behind such a mark: it cannot get
+    them, and gets the engine's failure instead of silence; so does everyone else."""
+    h = Harness({"tiny": tiny_adapter}, run_ahead=True)
+    h.submit(params("long", steps=6))
+    h.submit(params("short", steps=2, seed=2))
+    lost = {"now": False}
+    original = tiny_adapter.mark
+
+    class Mark:  # the adapter's own mark, until the "device" is lost
+        def __init__(self) -> None:
+            self.inner = original()
+
+        def reached(self) -> bool:
+            return self.inner.reached()
+
+        def wait(self) -> None:
+            if lost["now"]:
+                raise LostDevice("CUDA error: an illegal memory access was encountered")
+
+        def seconds_since(self, start: Mark) -> float:
+            self.wait()
+            return self.inner.seconds_since(start.inner)
+
+    tiny_adapter.mark = Mark
+    try:
+        h.step(2)  # short is finished; its images wait for step 3 to be queued
+        assert h.engine.scheduler.running.keys() == {"long"}
+        assert not any(isinstance(e, ResultEvent | FailedEvent) for e in h.events["short"])
+        lost["now"] = True
+        failures: list[BaseException] = []
+        h.engine.on_failure = failures.append
+        h.engine._run()
+    finally:
+        tiny_adapter.mark = original
+    assert len(failures) == 1 and isinstance(failures[0], LostDevice)
+    for rid in ("short", "long"):
+        failed = h.failure(rid)
+        assert failed.reason is FinishReason.ERROR and "illegal memory access" in failed.message
+    assert h.engine.in_flight() == 0
