@@ -2,7 +2,7 @@
 called one request at a time (what most users start with; the diffusers server examples do
 this). Same model, same seeds and samplers as stepserve; no batching, no previews.
 
-    python bench/reference_server.py --port 50090 [--model PATH]
+    python bench/reference_server.py --port 50090 [--model PATH] [--device cuda]
 """
 
 from __future__ import annotations
@@ -32,10 +32,16 @@ SAMPLERS = {
 
 
 class Reference(pb_grpc.ImageGenerationServiceServicer):  # type: ignore[misc]
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, device: str) -> None:
+        # As stepserve: float16 weights on a GPU, float32 on CPU.
+        dtype = torch.float16 if device.startswith("cuda") else torch.float32
         self.pipe = StableDiffusionPipeline.from_pretrained(
-            path, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-        )
+            path,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            torch_dtype=dtype,
+        ).to(device)
         self.pipe.set_progress_bar_config(disable=True)
         self.config = self.pipe.scheduler.config
         self.lock = asyncio.Lock()
@@ -67,9 +73,9 @@ class Reference(pb_grpc.ImageGenerationServiceServicer):  # type: ignore[misc]
         yield pb.GenerateResponse(request_id=request.request_id, result=result)
 
 
-async def serve(port: int, path: str) -> None:
+async def serve(port: int, path: str, device: str) -> None:
     server = grpc.aio.server()
-    pb_grpc.add_ImageGenerationServiceServicer_to_server(Reference(path), server)
+    pb_grpc.add_ImageGenerationServiceServicer_to_server(Reference(path, device), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print("ready", flush=True)
@@ -80,8 +86,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--model", default=str(default_model_path()))
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
-    asyncio.run(serve(args.port, args.model))
+    asyncio.run(serve(args.port, args.model, args.device))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,12 @@ Workloads, from real gRPC clients in a separate process (bench/loadgen.py):
               streams of mixed requests), previews every step: p50/p95/p99 latency, time to
               first preview, throughput
 
-    python bench/run.py [--profile full|quick|smoke] [--out bench/results]
+    python bench/run.py [--profile full|quick|brief|smoke] [--out bench/results]
+                        [--model PATH --device cuda] [--run-ahead auto|on|off]
+
+On a GPU: build a full-size SD 1.5 architecture at random weights with bench/random_sd.py and
+pass it with --model (the brief profile fits a 10-minute window: the reference's open loops,
+which only drain an overloaded queue, are skipped).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +55,31 @@ FULL: dict[str, Any] = {
 PROFILES: dict[str, dict[str, Any]] = {
     "full": FULL,
     "quick": {**FULL, "sat_s": 20, "mixed_s": 40, "lone": 9},
+    "brief": {**FULL, "sat_s": 10, "mixed_s": 20, "lone": 5, "reference_mixed": False},
     # CI: every mode and workload once, briefly (about a minute of load plus start-ups).
     "smoke": {"sat_s": 3, "mixed_s": 4, "streams": [1, 4], "loads": [0.8], "lone": 1, "lone_warmup": 0},
 }
 MODES = ("step", "request", "reference")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every mode serves: the model directory (None: the embedded one), the device, and
+    stepserve's --run-ahead."""
+
+    model: Path | None = None
+    device: str = "auto"
+    run_ahead: str = "auto"
+
+    def model_path(self) -> Path:
+        from stepserve.server.engine.models import default_model_path
+
+        return self.model or default_model_path()
+
+    def torch_device(self) -> str:
+        import torch
+
+        return ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
 
 
 def free_port() -> int:
@@ -71,12 +98,22 @@ def percentile(xs: list[float], q: float) -> float | None:
 
 
 class Server:
-    def __init__(self, mode: str, log: Path) -> None:
+    def __init__(self, mode: str, log: Path, setup: Setup) -> None:
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        device = setup.torch_device()
         if mode == "reference":
-            cmd = [sys.executable, str(ROOT / "bench/reference_server.py"), "--port", str(self.port)]
+            cmd = [
+                sys.executable,
+                str(ROOT / "bench/reference_server.py"),
+                "--port",
+                str(self.port),
+                "--model",
+                str(setup.model_path()),
+                "--device",
+                device,
+            ]
         else:
             cmd = [
                 str(BIN / "stepserve"),
@@ -93,7 +130,13 @@ class Server:
                 "100000",
                 "--log-level",
                 "WARNING",
+                "--device",
+                device,
+                "--run-ahead",
+                setup.run_ahead,
             ]
+            if setup.model is not None:
+                cmd += ["--model", f"bench={setup.model}"]
         self.log = log.open("w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self._wait_ready()
@@ -184,7 +227,7 @@ def summarize(
 
 
 def compute_limit(
-    batch_sizes: list[int], steps: int = 20, parts: dict[str, Any] | None = None
+    batch_sizes: list[int], setup: Setup, steps: int = 20, parts: dict[str, Any] | None = None
 ) -> dict[str, float]:
     """Images/s of the adapter's own batched work in a tight loop: text encode, `steps` batched
     forwards (with sampler steps), decode, for B requests at once; no server, no gRPC.
@@ -194,11 +237,19 @@ def compute_limit(
     """
     import torch
 
-    from stepserve.server.engine.models import default_model_path, load_model
+    from stepserve.server.engine.models import load_model
     from stepserve.server.engine.request import RequestState
     from stepserve.server.engine.types import GenerationParams, Sampler
 
-    adapter = load_model("tiny-shapes", default_model_path(), max_batch_size=max(batch_sizes))
+    adapter = load_model(
+        "bench", setup.model_path(), device=setup.torch_device(), max_batch_size=max(batch_sizes)
+    )
+    info = adapter.info
+
+    def now() -> float:  # once the accelerator has done what was queued
+        adapter.mark().wait()
+        return time.perf_counter()
+
     out = {}
     for b in batch_sizes:
         best = float("inf")
@@ -208,11 +259,11 @@ def compute_limit(
                 RequestState(
                     GenerationParams(
                         request_id=f"{rep}-{i}",
-                        model="tiny-shapes",
+                        model="bench",
                         prompt=f"a small red circle {i}",  # distinct prompts: real encodes
                         negative_prompt="",
-                        width=32,
-                        height=32,
+                        width=info.default_width,
+                        height=info.default_height,
                         steps=steps,
                         guidance_scale=7.5,
                         seed=i,
@@ -223,17 +274,17 @@ def compute_limit(
                 for i in range(b)
             ]
             adapter._embed_cache.clear()
-            t0 = time.perf_counter()
+            t0 = now()
             with torch.inference_mode():
                 adapter.prepare(reqs)
-                t1 = time.perf_counter()
+                t1 = now()
                 for s in range(steps):
                     adapter.denoise_step(reqs)
                     for r in reqs:
                         r.steps_done = s + 1
-                t2 = time.perf_counter()
+                t2 = now()
                 adapter.decode(reqs)
-            t3 = time.perf_counter()
+            t3 = now()
             if t3 - t0 < best:
                 best, best_parts = t3 - t0, (t1 - t0, (t2 - t1) / steps, t3 - t2)
         out[str(b)] = b / best
@@ -243,7 +294,7 @@ def compute_limit(
     return out
 
 
-def run(profile: str, out_dir: Path) -> dict[str, Any]:
+def run(profile: str, out_dir: Path, setup: Setup) -> dict[str, Any]:
     p = PROFILES[profile]
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -251,7 +302,7 @@ def run(profile: str, out_dir: Path) -> dict[str, Any]:
     servers: dict[str, Server] = {}
     try:
         for mode in MODES:
-            servers[mode] = Server(mode, logs / f"{mode}.log")
+            servers[mode] = Server(mode, logs / f"{mode}.log", setup)
         # Lone requests, interleaved across the three servers (all up, idle but one): this
         # machine's speed drifts by tens of percent over minutes, and interleaving puts each
         # round's three samples in the same conditions. The first rounds warm caches up.
@@ -278,7 +329,7 @@ def run(profile: str, out_dir: Path) -> dict[str, Any]:
     sizes = sorted({*reached, 1, 2, 4, 8, 12, 16})
     print(f"== compute limit at batch sizes {sizes}", flush=True)
     parts: dict[str, Any] = {}
-    limit = compute_limit(sizes, parts=parts)
+    limit = compute_limit(sizes, setup, parts=parts)
     results["compute_images_per_s"] = {str(b): limit[str(b)] for b in reached}
     results["compute_parts"] = parts
     return results
@@ -311,6 +362,8 @@ def _load_tests(mode: str, srv: Server, p: dict[str, Any], results: dict[str, An
         if mode == "step":
             results["capacity_rps"] = res["mixed_capacity"]["images_per_s"]
     res["mixed"] = {}
+    if mode == "reference" and not p.get("reference_mixed", True):
+        return
     capacity_rps = results["capacity_rps"]
     for frac in p["loads"]:
         recs = loadgen(
@@ -417,6 +470,13 @@ def main() -> int:
     ap.add_argument("--profile", choices=sorted(PROFILES), default="full")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results")
     ap.add_argument("--chart", type=Path, help="only redraw the chart of this results JSON")
+    ap.add_argument(
+        "--model", type=Path, help="a diffusers SD pipeline directory (default: the embedded one)"
+    )
+    ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, ...")
+    ap.add_argument(
+        "--run-ahead", choices=("auto", "on", "off"), default="auto", help="stepserve's --run-ahead"
+    )
     args = ap.parse_args()
     if args.chart:
         chart(json.loads(args.chart.read_text()), args.chart.with_suffix(".png"))
@@ -425,7 +485,8 @@ def main() -> int:
     import torch
 
     t0 = time.time()
-    r = run(args.profile, args.out)
+    setup = Setup(args.model, args.device, args.run_ahead)
+    r = run(args.profile, args.out, setup)
     r["ratios"] = ratios(r)
     r["environment"] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -435,10 +496,11 @@ def main() -> int:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "device": "cpu",
-        "model": "tiny-shapes (embedded), 32x32, guidance 7.5",
+        "device": _device_name(setup.torch_device()),
+        "model": f"{setup.model or 'tiny-shapes (embedded)'}, its default size, guidance 7.5",
+        "run_ahead": args.run_ahead,
         "wall_s": round(time.time() - t0),
-        "command": f"python bench/run.py --profile {args.profile}",
+        "command": _command(args),
     }
     stem = f"{datetime.date.today().isoformat()}-{socket.gethostname()}-{args.profile}"
     (args.out / f"{stem}.json").write_text(json.dumps(r, indent=2) + "\n")
@@ -449,6 +511,26 @@ def main() -> int:
     print(json.dumps(r["ratios"], indent=2))
     print(f"wrote {args.out / stem}.json")
     return 0
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command that reproduces these figures (options that change them only)."""
+    cmd = f"python bench/run.py --profile {args.profile}"
+    if args.model:
+        cmd += f" --model {args.model}"
+    if args.device != "auto":
+        cmd += f" --device {args.device}"
+    if args.run_ahead != "auto":
+        cmd += f" --run-ahead {args.run_ahead}"
+    return cmd
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return device
 
 
 if __name__ == "__main__":
