@@ -22,19 +22,11 @@ from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipe
 from transformers import CLIPTextConfig, CLIPTextModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from models.sd_schedule import SD_SCHEDULE  # noqa: E402
 from models.tiny import data as tiny_data  # noqa: E402
 from models.tiny.tokenizer import build_tokenizer  # noqa: E402
 
 TOKENS = 77
-# SD 1.x's training noise schedule and timestep spacing.
-SCHEDULE: dict[str, object] = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "timestep_spacing": "leading",
-    "steps_offset": 1,
-}
 
 
 def build(path: Path, dtype: torch.dtype = torch.float16, seed: int = 0) -> Path:
@@ -80,7 +72,7 @@ def build(path: Path, dtype: torch.dtype = torch.float16, seed: int = 0) -> Path
         text_encoder=text,
         tokenizer=tok,
         unet=unet,
-        scheduler=EulerDiscreteScheduler(**SCHEDULE),
+        scheduler=EulerDiscreteScheduler(**SD_SCHEDULE),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -10,7 +10,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from stepserve.server.config import ServerConfig  # noqa: E402
 from stepserve.server.engine.models import load_model  # noqa: E402
 
 from .server_thread import ServerThread  # noqa: E402
@@ -57,9 +56,6 @@ def tiny_adapter(tiny_sd_dir: Path):  # noqa: ANN201
 @pytest.fixture
 def server(tiny_sd_dir: Path):  # noqa: ANN201
     """A fresh in-process server (its own engine) on the tiny random model, port 0."""
-    cfg = ServerConfig(
-        host="127.0.0.1", port=0, metrics_port=0, models=[f"tiny={tiny_sd_dir}"], max_batch_size=8
-    ).validate()
-    srv = ServerThread(cfg)
+    srv = ServerThread.tiny(tiny_sd_dir, max_batch_size=8)
     yield srv
     srv.stop()

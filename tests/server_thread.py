@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 from stepserve.server.app import StepServer
@@ -26,6 +27,14 @@ class ServerThread:
         self.port = self.call(self.server.start())
         if load:
             self.call(self.server.load())
+
+    @classmethod
+    def tiny(cls, model_dir: Path, **settings: Any) -> ServerThread:
+        """A server on localhost port 0, no metrics port, serving ``model_dir`` as "tiny",
+        with ``settings`` (ServerConfig fields) on top."""
+        base: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "metrics_port": 0}
+        config = ServerConfig(**{**base, "models": [f"tiny={model_dir}"], **settings})
+        return cls(config.validate())
 
     async def _make(self, config: ServerConfig, models: dict[str, ModelAdapter] | None) -> StepServer:
         return StepServer(config, models)

@@ -31,15 +31,7 @@ def decode(data: bytes) -> Image.Image:
 def server_both_ways(request, tiny_sd_dir):  # noqa: ANN001, ANN201
     """A server settling each step before the next (CPU default), and one running ahead
     (the GPU default), to hold both to the same API behaviour."""
-    cfg = ServerConfig(
-        host="127.0.0.1",
-        port=0,
-        metrics_port=0,
-        models=[f"tiny={tiny_sd_dir}"],
-        max_batch_size=8,
-        run_ahead=request.param,
-    ).validate()
-    srv = ServerThread(cfg)
+    srv = ServerThread.tiny(tiny_sd_dir, max_batch_size=8, run_ahead=request.param)
     assert srv.engine.run_ahead is (request.param == "on")
     yield srv
     srv.stop()

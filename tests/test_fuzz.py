@@ -82,12 +82,10 @@ FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCh
 
 @pytest.fixture(scope="module")
 def fuzz_server(tiny_sd_dir):  # noqa: ANN001, ANN201
-    from stepserve.server.config import ServerConfig
 
     from .server_thread import ServerThread
 
-    cfg = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, models=[f"tiny={tiny_sd_dir}"], max_queue=8)
-    srv = ServerThread(cfg.validate())
+    srv = ServerThread.tiny(tiny_sd_dir, max_queue=8)
     yield srv
     srv.stop()
 

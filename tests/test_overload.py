@@ -16,7 +16,6 @@ import pytest
 from PIL import Image
 
 from stepserve.client import ImageClient, StepserveError
-from stepserve.server.config import ServerConfig
 from stepserve.server.engine.request import RequestState
 
 from .server_thread import ServerThread
@@ -40,15 +39,7 @@ def assert_idle_without_leaks(srv: ServerThread) -> None:
 
 @pytest.fixture
 def small_server(tiny_sd_dir: Path):  # noqa: ANN201
-    cfg = ServerConfig(
-        host="127.0.0.1",
-        port=0,
-        metrics_port=0,
-        models=[f"tiny={tiny_sd_dir}"],
-        max_batch_size=2,
-        max_queue=4,
-    )
-    srv = ServerThread(cfg.validate())
+    srv = ServerThread.tiny(tiny_sd_dir, max_batch_size=2, max_queue=4)
     yield srv
     srv.stop()
 

@@ -13,18 +13,10 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from models.sd_schedule import SD_SCHEDULE
 from models.tiny import data as tiny_data
 from models.tiny.tokenizer import build_tokenizer
 
-# SD 1.x/2.x's training noise schedule and timestep spacing (SDXL and LCM share it).
-SD_SCHEDULE: dict[str, object] = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "timestep_spacing": "leading",
-    "steps_offset": 1,
-}
 NO_SAFETY_CHECKER: dict[str, object] = {
     "safety_checker": None,
     "feature_extractor": None,
