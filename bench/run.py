@@ -20,8 +20,8 @@ Workloads, from real gRPC clients in a separate process (bench/loadgen.py):
                         [--model PATH --device cuda] [--run-ahead auto|on|off]
 
 On a GPU: build a full-size SD 1.5 architecture at random weights with bench/random_sd.py and
-pass it with --model (the brief profile fits a 10-minute window: the reference's open loops,
-which only drain an overloaded queue, are skipped).
+pass it with --model. The brief profile took about 10 minutes on this 2-core CPU (the
+reference's open loops, which only drain an overloaded queue, are skipped).
 """
 
 from __future__ import annotations

@@ -385,9 +385,6 @@ def test_a_device_error_while_running_ahead_answers_every_request(tiny_adapter) 
         def __init__(self) -> None:
             self.inner = original()
 
-        def reached(self) -> bool:
-            return self.inner.reached()
-
         def wait(self) -> None:
             if lost["now"]:
                 raise LostDevice("CUDA error: an illegal memory access was encountered")

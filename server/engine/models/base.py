@@ -22,10 +22,6 @@ class Mark(Protocol):
     returned before the mark (previews, decoded images) are filled by then.
     """
 
-    def reached(self) -> bool:
-        """Whether the accelerator got here (never waits)."""
-        ...
-
     def wait(self) -> None:
         """Wait until the accelerator gets here."""
         ...
@@ -42,9 +38,6 @@ class HostMark:
 
     def __init__(self) -> None:
         self.at = time.perf_counter()
-
-    def reached(self) -> bool:
-        return True
 
     def wait(self) -> None:
         return None

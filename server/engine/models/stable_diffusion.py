@@ -55,9 +55,6 @@ class CudaMark:
         self.event = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
         self.event.record(torch.cuda.current_stream(device))
 
-    def reached(self) -> bool:
-        return bool(self.event.query())  # type: ignore[no-untyped-call]
-
     def wait(self) -> None:
         self.event.synchronize()
 
