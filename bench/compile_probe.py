@@ -14,18 +14,20 @@ import argparse
 import os
 import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from stepserve.server.engine.models import default_model_path, load_model
 
 
-def forward_s(f: object, args: tuple[torch.Tensor, ...], reps: int) -> float:
+def forward_s(f: Callable[..., Any], args: tuple[torch.Tensor, ...], reps: int) -> float:
     x, t, ctx = args
-    f(x, t, encoder_hidden_states=ctx, return_dict=False)  # type: ignore[operator]
+    f(x, t, encoder_hidden_states=ctx, return_dict=False)
     t0 = time.perf_counter()
     for _ in range(reps):
-        f(x, t, encoder_hidden_states=ctx, return_dict=False)  # type: ignore[operator]
+        f(x, t, encoder_hidden_states=ctx, return_dict=False)
     return (time.perf_counter() - t0) / reps
 
 

@@ -29,7 +29,8 @@ from models.tiny.tokenizer import build_tokenizer  # noqa: E402
 TOKENS = 77
 
 
-def build(path: Path, dtype: torch.dtype = torch.float16, seed: int = 0) -> Path:
+def build(path: Path, dtype: torch.dtype = torch.float16, seed: int = 0) -> int:
+    """Save the pipeline at ``path``; returns the UNet's parameter count."""
     torch.manual_seed(seed)
     tok = build_tokenizer(tiny_data.vocabulary_corpus(), TOKENS)
     text = CLIPTextModel(
@@ -79,7 +80,7 @@ def build(path: Path, dtype: torch.dtype = torch.float16, seed: int = 0) -> Path
     )
     pipe.to(dtype=dtype)
     pipe.save_pretrained(path, safe_serialization=True)
-    return path
+    return sum(p.numel() for p in unet.parameters())
 
 
 def main() -> int:
@@ -87,8 +88,7 @@ def main() -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     args = ap.parse_args()
-    build(args.out, getattr(torch, args.dtype))
-    n = sum(p.numel() for p in UNet2DConditionModel.from_pretrained(args.out / "unet").parameters())
+    n = build(args.out, getattr(torch, args.dtype))
     print(f"wrote {args.out} (UNet {n / 1e6:.0f} M parameters)")
     return 0
 

@@ -64,22 +64,17 @@ MODES = ("step", "request", "reference")
 
 @dataclass(frozen=True)
 class Setup:
-    """What every mode serves: the model directory (None: the embedded one), the device, and
-    stepserve's --run-ahead."""
+    """What every mode serves: the model directory (None: the embedded one), the torch device
+    (resolved: cpu, cuda, ...), and stepserve's --run-ahead."""
 
-    model: Path | None = None
-    device: str = "auto"
-    run_ahead: str = "auto"
+    model: Path | None
+    device: str
+    run_ahead: str
 
     def model_path(self) -> Path:
         from stepserve.server.engine.models import default_model_path
 
         return self.model or default_model_path()
-
-    def torch_device(self) -> str:
-        import torch
-
-        return ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
 
 
 def free_port() -> int:
@@ -102,7 +97,6 @@ class Server:
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        device = setup.torch_device()
         if mode == "reference":
             cmd = [
                 sys.executable,
@@ -112,7 +106,7 @@ class Server:
                 "--model",
                 str(setup.model_path()),
                 "--device",
-                device,
+                setup.device,
             ]
         else:
             cmd = [
@@ -131,7 +125,7 @@ class Server:
                 "--log-level",
                 "WARNING",
                 "--device",
-                device,
+                setup.device,
                 "--run-ahead",
                 setup.run_ahead,
             ]
@@ -241,9 +235,7 @@ def compute_limit(
     from stepserve.server.engine.request import RequestState
     from stepserve.server.engine.types import GenerationParams, Sampler
 
-    adapter = load_model(
-        "bench", setup.model_path(), device=setup.torch_device(), max_batch_size=max(batch_sizes)
-    )
+    adapter = load_model("bench", setup.model_path(), device=setup.device, max_batch_size=max(batch_sizes))
     info = adapter.info
 
     def now() -> float:  # once the accelerator has done what was queued
@@ -485,7 +477,10 @@ def main() -> int:
     import torch
 
     t0 = time.time()
-    setup = Setup(args.model, args.device, args.run_ahead)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    setup = Setup(args.model, device, args.run_ahead)
     r = run(args.profile, args.out, setup)
     r["ratios"] = ratios(r)
     r["environment"] = {
@@ -496,7 +491,7 @@ def main() -> int:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "device": _device_name(setup.torch_device()),
+        "device": _device_name(setup.device),
         "model": f"{setup.model or 'tiny-shapes (embedded)'}, its default size, guidance 7.5",
         "run_ahead": args.run_ahead,
         "wall_s": round(time.time() - t0),

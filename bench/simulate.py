@@ -80,34 +80,38 @@ def simulate(policy: str, arr: list[tuple[float, int]], costs: Costs, cap: int) 
             del queue[: len(admitted)]
             running += admitted
             t += costs.prepare_s
-        t += costs.step(len(running))
-        for r in running:
-            r[2] += 1
-        done = [r for r in running if r[2] >= r[1]]
-        if done:
-            t += costs.decode(len(done))
-            for r in done:
-                latencies.append(t - r[0])
-                running.remove(r)
+        dt, done = step_all(running, costs)
+        t += dt
+        latencies += [t - r[0] for r in done]
     return latencies
+
+
+def step_all(running: list[list[float]], costs: Costs) -> tuple[float, list[list[float]]]:
+    """One forward for every running request ([arrival, steps, steps done]), then the decode
+    of those it finished (removed from ``running``): seconds taken, and the finished."""
+    dt = costs.step(len(running))
+    for r in running:
+        r[2] += 1
+    done = [r for r in running if r[2] >= r[1]]
+    if done:
+        dt += costs.decode(len(done))
+        for r in done:
+            running.remove(r)
+    return dt, done
 
 
 def capacity(costs: Costs, cap: int, seconds: float = 600.0) -> float:
     """Requests/s of the mix with ``cap`` closed-loop streams under step-level batching."""
     rng = random.Random(1)
-    running = [[rng.choice(MIX_STEPS), 0] for _ in range(cap)]
+    running: list[list[float]] = [[0.0, rng.choice(MIX_STEPS), 0] for _ in range(cap)]
     t, n = 0.0, 0
     while t < seconds:
-        t += costs.step(cap)
-        for r in running:
-            r[1] += 1
-        done = [r for r in running if r[1] >= r[0]]
-        if done:
-            t += costs.decode(len(done)) + costs.prepare_s
-            for r in done:
-                running.remove(r)
-                running.append([rng.choice(MIX_STEPS), 0])
-                n += 1
+        dt, done = step_all(running, costs)
+        t += dt
+        if done:  # each stream sends its next request at once
+            t += costs.prepare_s
+            running += [[t, rng.choice(MIX_STEPS), 0] for _ in done]
+            n += len(done)
     return n / t
 
 

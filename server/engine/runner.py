@@ -574,8 +574,9 @@ class Engine:
             return
         end = adapter.mark()
         # Their slots are free for the next step; the images are sent once they are on the host.
+        now = self.clock()
         for req in reqs:
-            self.scheduler.finish(req, RequestStatus.FINISHED_OK, self.clock())
+            self.scheduler.finish(req, RequestStatus.FINISHED_OK, now)
             self._release(req)
 
         def results() -> None:
