@@ -260,6 +260,7 @@ def compute_limit(
                         guidance_scale=7.5,
                         seed=i,
                         sampler=Sampler.EULER,
+                        cfg=info.runs_cfg(7.5),
                     ),
                     arrival_time=0.0,
                 )

@@ -26,11 +26,11 @@ from .api.auth import BearerTokenAuth, load_tokens
 from .api.servicer import ImageGenerationServicer, add_to_server
 from .api.validation import Limits
 from .config import ServerConfig
-from .engine.faults import ENV as FAULTS_ENV
-from .engine.faults import Faults
+from .engine.engine import Engine, EngineConfig
+from .engine.fault_injection import ENV as FAULTS_ENV
+from .engine.fault_injection import Faults
 from .engine.models import DEFAULT_MODEL_NAME, ModelAdapter, default_model_path, load_model
 from .engine.observer import EngineObserver
-from .engine.runner import Engine, EngineConfig
 from .engine.types import EngineEvent, FailedEvent, GenerationParams, ResultEvent
 from .observability.metrics import EngineCollector, Metrics, MetricsObserver
 from .observability.tracing import TRACER_NAME, TracingObserver, build_tracer_provider, tracing_exporter_name

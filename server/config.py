@@ -9,6 +9,11 @@ from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .engine.engine import EngineConfig
+
+# The engine's own defaults are the flags' defaults (defined once, in EngineConfig).
+_ENGINE = EngineConfig()
+
 # Per-model serving settings --model-option may set (also the keys of a model's stepserve.json).
 MODEL_OPTION_KEYS = {
     "default_steps",
@@ -76,18 +81,21 @@ class ServerConfig:
         "(no wait for the device per step); 'off': finish each step before the next; "
         "'auto': on for devices that run asynchronously (CUDA), off on CPU",
     )
-    max_batch_delay_ms: int = _opt(50, "request-level batching only: longest a batch waits to fill, in ms")
+    max_batch_delay_ms: int = _opt(
+        round(_ENGINE.max_batch_delay_s * 1000),
+        "request-level batching only: longest a batch waits to fill, in ms",
+    )
     max_queue: int = _opt(
-        256,
+        _ENGINE.max_queue,
         "most requests waiting beyond the free batch slots; beyond it Generate answers RESOURCE_EXHAUSTED",
     )
     reject_unmeetable_deadlines: bool = _opt(
-        True,
+        _ENGINE.reject_unmeetable_deadlines,
         "refuse at once (RESOURCE_EXHAUSTED, RetryInfo) a request whose deadline the current load "
         "cannot meet, instead of running it and failing late",
     )
     batch_priority_delay_s: float = _opt(
-        60.0,
+        _ENGINE.batch_priority_delay_s,
         "PRIORITY_BATCH requests are served as if they arrived this many seconds later than they did: "
         "interactive ones go first, but never ones that arrived more than this after (aging)",
     )

@@ -49,12 +49,12 @@ def tiny_lcm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_adapter(tiny_sd_dir: Path):  # noqa: ANN201
+def tiny_adapter(tiny_sd_dir: Path):
     return load_model("tiny", tiny_sd_dir, max_batch_size=16)
 
 
 @pytest.fixture
-def server(tiny_sd_dir: Path):  # noqa: ANN201
+def server(tiny_sd_dir: Path):
     """A fresh in-process server (its own engine) on the tiny random model, port 0."""
     srv = ServerThread.tiny(tiny_sd_dir, max_batch_size=8)
     yield srv

@@ -5,9 +5,16 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import replace
 
+from stepserve.server.engine.engine import Engine, EngineConfig
 from stepserve.server.engine.models.base import ModelAdapter
-from stepserve.server.engine.runner import Engine, EngineConfig
-from stepserve.server.engine.types import EngineEvent, FailedEvent, GenerationParams, ResultEvent, Sampler
+from stepserve.server.engine.types import (
+    EngineEvent,
+    FailedEvent,
+    GenerationParams,
+    ResultEvent,
+    Sampler,
+    runs_cfg,
+)
 
 
 class FakeClock:
@@ -25,7 +32,7 @@ class Recorder:
         self.forwards: list[tuple[list[str], int]] = []
         original = adapter.denoise_step
 
-        def spy(reqs):  # noqa: ANN001, ANN202
+        def spy(reqs):
             rows = original(reqs)
             self.forwards.append(([r.request_id for r in reqs], rows))
             return rows
@@ -53,7 +60,7 @@ class Harness:
 
     def run_until_idle(self, limit: int = 1000) -> None:
         for _ in range(limit):
-            if not self.engine.scheduler.has_unfinished() and not self.engine._inbox:
+            if self.engine.idle():
                 return
             self.engine.run_once()
         raise AssertionError("engine did not finish")
@@ -80,8 +87,14 @@ BASE = GenerationParams(
     guidance_scale=7.5,
     seed=1,
     sampler=Sampler.EULER,
+    cfg=True,
 )
 
 
 def params(rid: str, **kw: object) -> GenerationParams:
-    return replace(BASE, request_id=rid, **kw)  # type: ignore[arg-type]
+    """BASE with ``kw`` changed; classifier-free guidance follows the model rule for the
+    guidance scale (the test models take guidance as CFG) unless ``cfg`` is given."""
+    p = replace(BASE, request_id=rid, **kw)  # type: ignore[arg-type]
+    if "cfg" not in kw:
+        p = replace(p, cfg=runs_cfg(p.guidance_scale, guidance_embedded=False))
+    return p

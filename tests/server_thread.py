@@ -47,7 +47,7 @@ class ServerThread:
         return f"127.0.0.1:{self.port}"
 
     @property
-    def engine(self):  # noqa: ANN201
+    def engine(self):
         return self.server.engine
 
     def stop(self, drain_timeout_s: float = 5.0) -> None:

@@ -28,7 +28,7 @@ def decode(data: bytes) -> Image.Image:
 
 
 @pytest.fixture(params=["off", "on"], ids=["in-step", "run-ahead"])
-def server_both_ways(request, tiny_sd_dir):  # noqa: ANN001, ANN201
+def server_both_ways(request, tiny_sd_dir):
     """A server settling each step before the next (CPU default), and one running ahead
     (the GPU default), to hold both to the same API behaviour."""
     srv = ServerThread.tiny(tiny_sd_dir, max_batch_size=8, run_ahead=request.param)
@@ -37,7 +37,7 @@ def server_both_ways(request, tiny_sd_dir):  # noqa: ANN001, ANN201
     srv.stop()
 
 
-def test_generate_streams_queued_progress_previews_and_result(server_both_ways) -> None:  # noqa: ANN001
+def test_generate_streams_queued_progress_previews_and_result(server_both_ways) -> None:
     server = server_both_ways
     with ImageClient(server.target) as c:
         events = list(
@@ -68,7 +68,7 @@ def test_generate_streams_queued_progress_previews_and_result(server_both_ways) 
     assert u.total_ms >= u.queue_ms
 
 
-def test_formats_seeds_and_sizes(server) -> None:  # noqa: ANN001
+def test_formats_seeds_and_sizes(server) -> None:
     with ImageClient(server.target) as c:
         r = c.generate(
             "a blue square", steps=2, seed=5, num_images=2, width=48, height=32, output_format="webp"
@@ -82,7 +82,7 @@ def test_formats_seeds_and_sizes(server) -> None:  # noqa: ANN001
         assert again.images[0].seed == 5
 
 
-def test_list_models(server) -> None:  # noqa: ANN001
+def test_list_models(server) -> None:
     with ImageClient(server.target) as c:
         (m,) = c.list_models()
     assert m.name == "tiny" and m.is_default and m.family == "stable-diffusion"
@@ -96,7 +96,7 @@ def test_list_models(server) -> None:  # noqa: ANN001
     }
 
 
-def test_invalid_request_names_every_bad_field(server) -> None:  # noqa: ANN001
+def test_invalid_request_names_every_bad_field(server) -> None:
     stub = pb_grpc.ImageGenerationServiceStub(grpc.insecure_channel(server.target))
     req = build_request("", width=33, steps=10_000, guidance_scale=-1, num_images=100)
     with pytest.raises(grpc.RpcError) as e:
@@ -114,13 +114,13 @@ def test_invalid_request_names_every_bad_field(server) -> None:  # noqa: ANN001
     assert [v.field for v in ce.value.field_violations] == ["sampler"]
 
 
-def test_unknown_model_is_not_found(server) -> None:  # noqa: ANN001
+def test_unknown_model_is_not_found(server) -> None:
     with ImageClient(server.target) as c, pytest.raises(StepserveError) as e:
         c.generate("a red circle", model="../../etc/passwd")
     assert e.value.code == grpc.StatusCode.NOT_FOUND and "tiny" in e.value.message
 
 
-def test_too_long_prompt_is_rejected_not_truncated(server) -> None:  # noqa: ANN001
+def test_too_long_prompt_is_rejected_not_truncated(server) -> None:
     with ImageClient(server.target) as c, pytest.raises(StepserveError) as e:
         c.generate("red " * 40, steps=2)
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
@@ -129,7 +129,7 @@ def test_too_long_prompt_is_rejected_not_truncated(server) -> None:  # noqa: ANN
     )
 
 
-def test_cancelling_the_call_stops_the_generation(server_both_ways) -> None:  # noqa: ANN001
+def test_cancelling_the_call_stops_the_generation(server_both_ways) -> None:
     server = server_both_ways
     engine = server.engine
     with ImageClient(server.target) as c:
@@ -137,17 +137,17 @@ def test_cancelling_the_call_stops_the_generation(server_both_ways) -> None:  # 
         for ev in stream:
             if ev.WhichOneof("event") == "progress" and ev.progress.step >= 2:
                 break
-        forwards_at_cancel = engine.forwards
+        forwards_at_cancel = engine.ledger.forwards
         stream.close()  # cancels the RPC
     deadline = time.monotonic() + 10
     while engine.in_flight() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.in_flight() == 0 and engine.active_requests() == 0
     # It left the batch at a step boundary: nowhere near its 150 steps.
-    assert engine.forwards - forwards_at_cancel < 50
+    assert engine.ledger.forwards - forwards_at_cancel < 50
 
 
-def test_deadline_is_honoured(server) -> None:  # noqa: ANN001
+def test_deadline_is_honoured(server) -> None:
     engine = server.engine
     with ImageClient(server.target) as c, pytest.raises(StepserveError) as e:
         c.generate("a red circle", steps=150, timeout_s=0.3)
@@ -158,7 +158,7 @@ def test_deadline_is_honoured(server) -> None:  # noqa: ANN001
     assert engine.in_flight() == 0
 
 
-def test_concurrent_callers_are_batched_together(server_both_ways) -> None:  # noqa: ANN001
+def test_concurrent_callers_are_batched_together(server_both_ways) -> None:
     server = server_both_ways
     engine = server.engine
     results: dict[int, object] = {}
@@ -167,7 +167,7 @@ def test_concurrent_callers_are_batched_together(server_both_ways) -> None:  # n
 
     def watch() -> None:
         while not stop.is_set():
-            rows_seen.append(engine.last_batch_rows)
+            rows_seen.append(engine.ledger.last_batch_rows)
             time.sleep(0.002)
 
     def call(i: int) -> None:
@@ -188,7 +188,7 @@ def test_concurrent_callers_are_batched_together(server_both_ways) -> None:  # n
     assert max(r.usage.mean_batch_size for r in results.values()) > 1  # type: ignore[attr-defined]
 
 
-def test_health_goes_serving_after_load_and_not_serving_on_stop(tiny_adapter) -> None:  # noqa: ANN001
+def test_health_goes_serving_after_load_and_not_serving_on_stop(tiny_adapter) -> None:
     cfg = ServerConfig(host="127.0.0.1", port=0, metrics_port=0).validate()
     srv = ServerThread(cfg, models={"tiny": tiny_adapter}, load=False)
     try:
@@ -208,7 +208,7 @@ def test_health_goes_serving_after_load_and_not_serving_on_stop(tiny_adapter) ->
         srv.stop()
 
 
-def test_reflection_lists_the_service(server) -> None:  # noqa: ANN001
+def test_reflection_lists_the_service(server) -> None:
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     stub = reflection_pb2_grpc.ServerReflectionStub(grpc.insecure_channel(server.target))
@@ -217,7 +217,7 @@ def test_reflection_lists_the_service(server) -> None:  # noqa: ANN001
     assert {"stepserve.v1.ImageGenerationService", "grpc.health.v1.Health"} <= names
 
 
-def test_async_client(server) -> None:  # noqa: ANN001
+def test_async_client(server) -> None:
     import asyncio
 
     from stepserve.client import AsyncImageClient

@@ -21,7 +21,7 @@ from .engine_helpers import Harness, params
 SAMPLERS = list(GENERAL_SAMPLERS)
 
 
-def _others(n: int) -> list:  # noqa: ANN401
+def _others(n: int) -> list:
     prompts = [
         "a blue square",
         "a large green triangle at the top",
@@ -45,7 +45,7 @@ def _others(n: int) -> list:  # noqa: ANN401
     return out
 
 
-def _serve(adapter, target, others, join_after: int = 0) -> Harness:  # noqa: ANN001
+def _serve(adapter, target, others, join_after: int = 0) -> Harness:
     h = Harness({"tiny": adapter})
     for o in others[: len(others) // 2]:
         h.submit(o)
@@ -57,14 +57,14 @@ def _serve(adapter, target, others, join_after: int = 0) -> Harness:  # noqa: AN
     return h
 
 
-def _run(adapter, target, others, join_after: int = 0):  # noqa: ANN001, ANN202
+def _run(adapter, target, others, join_after: int = 0):
     h = _serve(adapter, target, others, join_after)
     res = h.events[target.request_id][-1]
     assert isinstance(res, ResultEvent)
     return res.images
 
 
-def test_previews_are_each_requests_own_alone_or_batched(tiny_adapter) -> None:  # noqa: ANN001
+def test_previews_are_each_requests_own_alone_or_batched(tiny_adapter) -> None:
     """Previews are made for the whole batch at once (one host copy per step): each request
     still gets its own, the same as alone, and only at the steps it asked for."""
     target = params("target", steps=5, preview_every=2, sampler=Sampler.DPM_SOLVER_MULTISTEP)
@@ -91,14 +91,14 @@ def test_previews_are_each_requests_own_alone_or_batched(tiny_adapter) -> None: 
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS, ids=[s.value for s in SAMPLERS])
-def test_same_seed_alone_or_with_seven_others_gives_identical_pixels(tiny_adapter, sampler: Sampler) -> None:  # noqa: ANN001
+def test_same_seed_alone_or_with_seven_others_gives_identical_pixels(tiny_adapter, sampler: Sampler) -> None:
     target = params("target", seed=42, steps=5, sampler=sampler, guidance_scale=6.0, negative_prompt="blue")
     alone = _run(tiny_adapter, target, [])
     batched = _run(tiny_adapter, target, _others(7), join_after=2)
     assert np.array_equal(alone[0], batched[0])
 
 
-def test_unguided_request_alone_or_batched_is_identical(tiny_adapter) -> None:  # noqa: ANN001
+def test_unguided_request_alone_or_batched_is_identical(tiny_adapter) -> None:
     # guidance <= 1 adds a single row; alone, that is a batch of 1 (padded to 2 internally).
     target = params("target", seed=7, steps=4, guidance_scale=1.0)
     alone = _run(tiny_adapter, target, [])
@@ -106,7 +106,7 @@ def test_unguided_request_alone_or_batched_is_identical(tiny_adapter) -> None:  
     assert np.array_equal(alone[0], batched[0])
 
 
-def test_image_i_of_a_request_equals_a_single_image_request_with_seed_plus_i(tiny_adapter) -> None:  # noqa: ANN001
+def test_image_i_of_a_request_equals_a_single_image_request_with_seed_plus_i(tiny_adapter) -> None:
     multi = _run(tiny_adapter, params("multi", seed=10, num_images=3, steps=3), [])
     single = _run(tiny_adapter, params("single", seed=12, steps=3), [])
     assert np.array_equal(multi[2], single[0])

@@ -40,7 +40,7 @@ def _configmap(docs: list[dict[str, Any]]) -> dict[str, str]:
     return next(d for d in docs if d["kind"] == "ConfigMap")["data"]
 
 
-def mutate(docs, fn) -> list[str]:  # noqa: ANN001
+def mutate(docs, fn) -> list[str]:
     docs = copy.deepcopy(docs)
     fn(docs)
     return check.check_docs(docs)
@@ -101,7 +101,7 @@ def mutate(docs, fn) -> list[str]:  # noqa: ANN001
         ),
     ],
 )
-def test_deploy_check_catches(gpu_docs, what: str, fn, expect: str) -> None:  # noqa: ANN001
+def test_deploy_check_catches(gpu_docs, what: str, fn, expect: str) -> None:
     assert check.check_docs(gpu_docs) == []
     problems = mutate(gpu_docs, fn)
     assert any(expect in p for p in problems), (what, problems)

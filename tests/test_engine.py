@@ -7,8 +7,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from stepserve.server.engine.faults import NO_FAULTS, Faults
-from stepserve.server.engine.runner import EngineStoppedError, QueueFullError
+from stepserve.server.engine.fault_injection import NO_FAULTS, Faults
+from stepserve.server.engine.inbox import EngineStoppedError, QueueFullError
 from stepserve.server.engine.types import (
     FailedEvent,
     FinishReason,
@@ -22,7 +22,7 @@ from .engine_helpers import Harness, Recorder, params
 
 
 @pytest.fixture(params=[False, True], ids=["in-step", "run-ahead"])
-def harness(request, tiny_adapter):  # noqa: ANN001, ANN201
+def harness(request, tiny_adapter):
     """Every engine test runs both ways: settling each step before the next (the default on
     CPU), and running ahead (the default on GPUs: step k+1 is queued before step k's times,
     previews and images are read)."""
@@ -33,7 +33,7 @@ def harness(request, tiny_adapter):  # noqa: ANN001, ANN201
     rec.restore()
 
 
-def test_heterogeneous_requests_share_each_forward(harness) -> None:  # noqa: ANN001
+def test_heterogeneous_requests_share_each_forward(harness) -> None:
     reqs = [
         params("a", steps=3, sampler=Sampler.EULER, guidance_scale=7.5, seed=1),
         params("b", steps=5, sampler=Sampler.DDIM, guidance_scale=1.0, seed=2, prompt="a blue square"),
@@ -61,7 +61,7 @@ def test_heterogeneous_requests_share_each_forward(harness) -> None:  # noqa: AN
     assert harness.engine.scheduler.running == {} and harness.engine.in_flight() == 0
 
 
-def test_request_joins_a_running_batch_mid_flight(harness) -> None:  # noqa: ANN001
+def test_request_joins_a_running_batch_mid_flight(harness) -> None:
     harness.submit(params("long", steps=6))
     harness.step(2)
     harness.submit(params("short", steps=2, seed=9))
@@ -72,7 +72,7 @@ def test_request_joins_a_running_batch_mid_flight(harness) -> None:  # noqa: ANN
     assert isinstance(harness.events["short"][-1], ResultEvent)
 
 
-def test_event_sequence_is_queued_progress_then_one_result(harness) -> None:  # noqa: ANN001
+def test_event_sequence_is_queued_progress_then_one_result(harness) -> None:
     harness.submit(params("a", steps=3, preview_every=1))
     harness.run_until_idle()
     ev = harness.events["a"]
@@ -86,9 +86,9 @@ def test_event_sequence_is_queued_progress_then_one_result(harness) -> None:  # 
     assert sum(isinstance(e, ResultEvent | FailedEvent) for e in ev) == 1
 
 
-def test_queue_positions_are_reported_as_they_change(tiny_adapter) -> None:  # noqa: ANN001
+def test_queue_positions_are_reported_as_they_change(tiny_adapter) -> None:
     h = Harness({"tiny": tiny_adapter})
-    h.engine.scheduler.capacity["tiny"] = 1
+    h.engine.scheduler.lower_capacity("tiny", 1)
     for rid in ("a", "b", "c"):
         h.submit(params(rid, steps=2))
     h.run_until_idle()
@@ -99,7 +99,7 @@ def test_queue_positions_are_reported_as_they_change(tiny_adapter) -> None:  # n
         assert isinstance(h.events[rid][-1], ResultEvent)
 
 
-def test_cancelled_request_leaves_at_the_next_step(harness) -> None:  # noqa: ANN001
+def test_cancelled_request_leaves_at_the_next_step(harness) -> None:
     harness.submit(params("stay", steps=5))
     harness.submit(params("go", steps=5, seed=5))
     harness.step(2)
@@ -115,7 +115,7 @@ def test_cancelled_request_leaves_at_the_next_step(harness) -> None:  # noqa: AN
     assert harness.engine.in_flight() == 0 and harness.engine.queue_depth() == 0
 
 
-def test_deadline_ends_the_request_at_the_next_step(harness) -> None:  # noqa: ANN001
+def test_deadline_ends_the_request_at_the_next_step(harness) -> None:
     now = harness.clock.now
     harness.submit(params("late", steps=10, deadline=now + 5))
     harness.step(3)
@@ -125,11 +125,11 @@ def test_deadline_ends_the_request_at_the_next_step(harness) -> None:  # noqa: A
     assert len(harness.rec.forwards) == 3
 
 
-def test_unmeetable_deadline_is_refused_before_any_work(harness) -> None:  # noqa: ANN001
+def test_unmeetable_deadline_is_refused_before_any_work(harness) -> None:
     now = harness.clock.now
     harness.submit(params("busy", steps=20))
     harness.step()
-    harness.engine._step_time["tiny"] = 0.5  # seconds per step, as if measured
+    harness.engine.ledger.step_time_s["tiny"] = 0.5  # seconds per step, as if measured
     # 10 steps need about 5 s; 1 s is not enough. 30 s is.
     harness.submit(params("hopeless", steps=10, deadline=now + 1.0))
     harness.submit(params("fine", steps=10, deadline=now + 30.0))
@@ -143,7 +143,7 @@ def test_unmeetable_deadline_is_refused_before_any_work(harness) -> None:  # noq
     assert isinstance(harness.events["fine"][-1], ResultEvent)
 
 
-def test_full_queue_rejects_with_retry_hint(tiny_adapter) -> None:  # noqa: ANN001
+def test_full_queue_rejects_with_retry_hint(tiny_adapter) -> None:
     h = Harness({"tiny": tiny_adapter}, max_queue=2)
     # Requests that free batch slots will take at the next step do not count as waiting.
     for i in range(16):
@@ -161,20 +161,20 @@ def test_full_queue_rejects_with_retry_hint(tiny_adapter) -> None:  # noqa: ANN0
 
 
 @pytest.fixture
-def faults(tiny_adapter):  # noqa: ANN001, ANN201
+def faults(tiny_adapter):
     """Turn on injected faults for the tiny adapter (test-only hooks), off again afterwards."""
     yield lambda spec: setattr(tiny_adapter, "faults", Faults.parse(spec))
     tiny_adapter.faults = NO_FAULTS
 
 
-def solo_images(harness, p) -> list:  # noqa: ANN001
+def solo_images(harness, p) -> list:
     """The images ``p`` gets when it runs alone."""
     harness.submit(p)
     harness.run_until_idle()
     return harness.result(p.request_id).images
 
 
-def test_a_poisoned_request_fails_alone_and_its_batchmates_are_undisturbed(harness, faults) -> None:  # noqa: ANN001
+def test_a_poisoned_request_fails_alone_and_its_batchmates_are_undisturbed(harness, faults) -> None:
     a, c = params("a", steps=4, seed=1), params("c", steps=4, seed=3, guidance_scale=1.0)
     want = {"a": solo_images(harness, a), "c": solo_images(harness, c)}
     faults("request_error=POISON")
@@ -194,7 +194,7 @@ def test_a_poisoned_request_fails_alone_and_its_batchmates_are_undisturbed(harne
     assert harness.engine.in_flight() == 0 and not harness.engine.scheduler.has_unfinished()
 
 
-def test_a_request_that_breaks_the_shared_forward_is_isolated_by_halving(harness, faults) -> None:  # noqa: ANN001
+def test_a_request_that_breaks_the_shared_forward_is_isolated_by_halving(harness, faults) -> None:
     ps = [params(f"r{i}", steps=3, seed=i) for i in range(4)]
     want = {p.request_id: solo_images(harness, p) for p in ps}
     faults("forward_error=BREAKS")
@@ -207,7 +207,7 @@ def test_a_request_that_breaks_the_shared_forward_is_isolated_by_halving(harness
         np.testing.assert_array_equal(harness.result(rid + "-batched").images[0], images[0])
 
 
-def test_out_of_memory_splits_the_batch_lowers_the_cap_and_keeps_serving(harness, faults) -> None:  # noqa: ANN001
+def test_out_of_memory_splits_the_batch_lowers_the_cap_and_keeps_serving(harness, faults) -> None:
     ps = [params(f"r{i}", steps=3, seed=10 + i) for i in range(4)]  # guided: 2 rows per image
     want = {p.request_id: solo_images(harness, p) for p in ps}
     assert harness.engine.scheduler.capacity["tiny"] == 16
@@ -228,14 +228,14 @@ def test_out_of_memory_splits_the_batch_lowers_the_cap_and_keeps_serving(harness
     assert isinstance(harness.events["after"][-1], ResultEvent)
 
 
-def test_draining_engine_refuses_new_requests(tiny_adapter) -> None:  # noqa: ANN001
+def test_draining_engine_refuses_new_requests(tiny_adapter) -> None:
     h = Harness({"tiny": tiny_adapter})
-    h.engine._draining = True
+    assert h.engine.drain(timeout_s=0.0)  # nothing in flight: drained at once
     with pytest.raises(EngineStoppedError):
         h.submit(params("a"))
 
 
-def test_request_level_mode_lets_no_one_join_a_running_batch(tiny_adapter) -> None:  # noqa: ANN001
+def test_request_level_mode_lets_no_one_join_a_running_batch(tiny_adapter) -> None:
     h = Harness({"tiny": tiny_adapter}, batching="request", max_batch_delay_s=0.0)
     rec = Recorder(tiny_adapter)
     try:
@@ -249,7 +249,7 @@ def test_request_level_mode_lets_no_one_join_a_running_batch(tiny_adapter) -> No
     assert isinstance(h.events["second"][-1], ResultEvent)
 
 
-def test_accelerator_time_is_split_without_loss_or_double_counting(harness) -> None:  # noqa: ANN001
+def test_accelerator_time_is_split_without_loss_or_double_counting(harness) -> None:
     """Every second of model work is charged to exactly the requests it served: the Usage
     records add up to the engine's busy time, and a request that adds twice the rows to each
     shared forward (CFG, more images) is charged more than one that adds fewer."""
@@ -258,16 +258,17 @@ def test_accelerator_time_is_split_without_loss_or_double_counting(harness) -> N
     harness.submit(params("two-images", steps=6, num_images=2))
     harness.run_until_idle()
     usages = {rid: harness.result(rid).usage for rid in ("guided", "unguided", "two-images")}
-    assert sum(u.accelerator_s for u in usages.values()) == pytest.approx(harness.engine.busy_s, rel=1e-9)
+    busy_s = harness.engine.ledger.busy_s
+    assert sum(u.accelerator_s for u in usages.values()) == pytest.approx(busy_s, rel=1e-9)
     assert all(u.mean_batch_size == 4 for u in usages.values())  # 1 + 1 + 2 images in every forward
     assert (
         usages["unguided"].accelerator_s < usages["guided"].accelerator_s < usages["two-images"].accelerator_s
     )
     busy, idle = harness.engine.accelerator_seconds()
-    assert busy == harness.engine.busy_s and idle >= 0
+    assert busy == harness.engine.ledger.busy_s and idle >= 0
 
 
-def test_running_ahead_queues_the_next_step_before_reading_the_last(tiny_adapter) -> None:  # noqa: ANN001
+def test_running_ahead_queues_the_next_step_before_reading_the_last(tiny_adapter) -> None:
     """Run-ahead: step k+1 is handed to the accelerator before step k's progress (with its
     preview) is read and sent; in-step: each step is sent before the next one starts. With
     no next step to queue, the last results go out in the same iteration."""
@@ -277,11 +278,11 @@ def test_running_ahead_queues_the_next_step_before_reading_the_last(tiny_adapter
         log: list[str] = []
         original = tiny_adapter.denoise_step
 
-        def spy(reqs, original=original, log=log):  # noqa: ANN001, ANN202
+        def spy(reqs, original=original, log=log):
             log.append(f"forward {reqs[0].steps_done + 1}")
             return original(reqs)
 
-        def sink(ev, log=log) -> None:  # noqa: ANN001
+        def sink(ev, log=log) -> None:
             if isinstance(ev, ProgressEvent):
                 assert ev.preview is not None
                 log.append(f"progress {ev.step}")
@@ -316,7 +317,7 @@ def test_running_ahead_queues_the_next_step_before_reading_the_last(tiny_adapter
     ]
 
 
-def test_running_ahead_changes_no_output(tiny_adapter) -> None:  # noqa: ANN001
+def test_running_ahead_changes_no_output(tiny_adapter) -> None:
     """The same requests, in-step and running ahead: the same images, previews, steps and
     batches; every second of model work charged once either way."""
     runs = {}
@@ -328,7 +329,7 @@ def test_running_ahead_changes_no_output(tiny_adapter) -> None:  # noqa: ANN001
         h.submit(params("c", steps=2, num_images=2, seed=5))
         h.run_until_idle()
         usages = [h.result(r).usage for r in "abc"]
-        assert sum(u.accelerator_s for u in usages) == pytest.approx(h.engine.busy_s, rel=1e-9)
+        assert sum(u.accelerator_s for u in usages) == pytest.approx(h.engine.ledger.busy_s, rel=1e-9)
         assert h.engine.in_flight() == 0
         runs[run_ahead] = h.events
     for rid in "abc":
@@ -346,19 +347,19 @@ def test_running_ahead_changes_no_output(tiny_adapter) -> None:  # noqa: ANN001
                 assert x.usage.mean_batch_size == y.usage.mean_batch_size
 
 
-def test_a_failed_engine_still_sends_the_results_it_finished(tiny_adapter, faults) -> None:  # noqa: ANN001
+def test_a_failed_engine_still_sends_the_results_it_finished(tiny_adapter, faults) -> None:
     """Running ahead, a finished request's images wait for the next step to be queued; if
     that step kills the engine, the finished request still gets its images and the others
     end with the engine's failure (nobody is left without an answer)."""
     h = Harness({"tiny": tiny_adapter}, run_ahead=True)
-    h.engine.scheduler.capacity["tiny"] = 2  # the crasher waits for the short one's slot
+    h.engine.scheduler.lower_capacity("tiny", 2)  # the crasher waits for the short one's slot
     h.submit(params("long", steps=6))
     h.submit(params("short", steps=2, seed=2))
     h.submit(params("crasher", prompt="KILL-THE-ENGINE now", steps=2, seed=3))
     faults("crash=KILL-THE-ENGINE")
     failures: list[BaseException] = []
     h.engine.on_failure = failures.append
-    h.engine._run()  # the engine thread's loop, here: it ends when the crasher's step kills it
+    h.engine.run_forever()  # the engine thread's loop, here: it ends when the crasher's step kills it
     assert len(failures) == 1 and "injected engine crash" in str(failures[0])
     assert len(h.result("short").images) == 1
     for rid in ("long", "crasher"):
@@ -371,7 +372,7 @@ class LostDevice(RuntimeError):
     """What a CUDA device error looks like to the engine: raised at the next wait."""
 
 
-def test_a_device_error_while_running_ahead_answers_every_request(tiny_adapter) -> None:  # noqa: ANN001
+def test_a_device_error_while_running_ahead_answers_every_request(tiny_adapter) -> None:
     """A device error surfaces when the engine waits for a mark, not in the step that caused
     it. Running ahead, a finished request's images may be behind such a mark: it cannot get
     them, and gets the engine's failure instead of silence; so does everyone else."""
@@ -401,9 +402,35 @@ def test_a_device_error_while_running_ahead_answers_every_request(tiny_adapter) 
         lost["now"] = True
         failures: list[BaseException] = []
         h.engine.on_failure = failures.append
-        h.engine._run()
+        h.engine.run_forever()
     finally:
         tiny_adapter.mark = original
+    assert len(failures) == 1 and isinstance(failures[0], LostDevice)
+    for rid in ("short", "long"):
+        failed = h.failure(rid)
+        assert failed.reason is FinishReason.ERROR and "illegal memory access" in failed.message
+    assert h.engine.in_flight() == 0
+
+
+def test_a_completion_that_fails_partway_still_answers_its_requests(tiny_adapter) -> None:
+    """A device error can also surface inside a completion, after its mark was reached (here:
+    timing the decode whose images the completion was about to send). The requests whose
+    results it was sending get the engine's failure, not silence, as does everyone else."""
+    h = Harness({"tiny": tiny_adapter})
+    h.submit(params("long", steps=6))
+    h.submit(params("short", steps=2, seed=2))
+    ledger = h.engine.ledger
+    charge = ledger.charge
+
+    def failing_charge(reqs, weights, start, end):  # the decode of "short": one image
+        if [r.request_id for r in reqs] == ["short"] and list(weights) == [1]:
+            raise LostDevice("CUDA error: an illegal memory access was encountered")
+        return charge(reqs, weights, start, end)
+
+    ledger.charge = failing_charge  # type: ignore[method-assign]
+    failures: list[BaseException] = []
+    h.engine.on_failure = failures.append
+    h.engine.run_forever()
     assert len(failures) == 1 and isinstance(failures[0], LostDevice)
     for rid in ("short", "long"):
         failed = h.failure(rid)

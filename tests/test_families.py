@@ -31,7 +31,7 @@ from .server_thread import ServerThread
 MAX_DIFF = 2  # /255 per pixel, as for SD 1.x (tests/test_parity.py)
 
 
-def served(adapter, p, *, with_other: bool = True) -> list[np.ndarray]:  # noqa: ANN001
+def served(adapter, p, *, with_other: bool = True) -> list[np.ndarray]:
     """The request's images from the engine, batched with a different request."""
     h = Harness({p.model: adapter})
     h.submit(p)
@@ -51,17 +51,17 @@ def assert_close(ours: list[np.ndarray], ref: list[np.ndarray]) -> None:
 
 
 @pytest.fixture(scope="module")
-def sdxl(tiny_sdxl_dir: Path):  # noqa: ANN201
+def sdxl(tiny_sdxl_dir: Path):
     return load_model("xl", tiny_sdxl_dir, max_batch_size=8)
 
 
 @pytest.fixture(scope="module")
-def lcm(tiny_lcm_dir: Path):  # noqa: ANN201
+def lcm(tiny_lcm_dir: Path):
     return load_model("lcm", tiny_lcm_dir, max_batch_size=8)
 
 
 @pytest.fixture(scope="module")
-def sd2(tiny_sd2_dir: Path):  # noqa: ANN201
+def sd2(tiny_sd2_dir: Path):
     return load_model("sd2", tiny_sd2_dir, max_batch_size=8)
 
 
@@ -69,13 +69,13 @@ def sd2(tiny_sd2_dir: Path):  # noqa: ANN201
 
 
 @pytest.mark.parametrize("sampler", GENERAL_SAMPLERS, ids=[s.value for s in GENERAL_SAMPLERS])
-def test_sdxl_matches_its_pipeline(sdxl, tiny_sdxl_dir: Path, sampler: Sampler) -> None:  # noqa: ANN001
+def test_sdxl_matches_its_pipeline(sdxl, tiny_sdxl_dir: Path, sampler: Sampler) -> None:
     # Empty negative prompt: SDXL's zeroed unconditional embeddings (force_zeros_for_empty_prompt).
     p = params("p", model="xl", sampler=sampler, steps=5, seed=11, guidance_scale=6.0)
     assert_close(served(sdxl, p), reference_images(tiny_sdxl_dir, p))
 
 
-def test_sdxl_with_negative_prompt_other_size_and_karras(sdxl, tiny_sdxl_dir: Path) -> None:  # noqa: ANN001
+def test_sdxl_with_negative_prompt_other_size_and_karras(sdxl, tiny_sdxl_dir: Path) -> None:
     p = params(
         "p",
         model="xl",
@@ -93,7 +93,7 @@ def test_sdxl_with_negative_prompt_other_size_and_karras(sdxl, tiny_sdxl_dir: Pa
     assert_close(ours, reference_images(tiny_sdxl_dir, p))
 
 
-def test_sdxl_reports_its_family_and_added_conditioning_is_per_request(sdxl) -> None:  # noqa: ANN001
+def test_sdxl_reports_its_family_and_added_conditioning_is_per_request(sdxl) -> None:
     assert sdxl.info.family == "stable-diffusion-xl"
     assert set(sdxl.info.samplers) == set(GENERAL_SAMPLERS) and not sdxl.info.guidance_embedded
     # Same seed, different requested size: different time_ids, different images.
@@ -106,12 +106,12 @@ def test_sdxl_reports_its_family_and_added_conditioning_is_per_request(sdxl) -> 
 
 
 @pytest.mark.parametrize("guidance", [1.0, 1.5, 8.0])
-def test_lcm_matches_its_pipeline(lcm, tiny_lcm_dir: Path, guidance: float) -> None:  # noqa: ANN001
+def test_lcm_matches_its_pipeline(lcm, tiny_lcm_dir: Path, guidance: float) -> None:
     p = params("p", model="lcm", sampler=Sampler.LCM, steps=4, seed=21, guidance_scale=guidance, cfg=False)
     assert_close(served(lcm, p), reference_images(tiny_lcm_dir, p))
 
 
-def test_lcm_embeds_guidance_one_row_per_image_and_few_step_defaults(lcm) -> None:  # noqa: ANN001
+def test_lcm_embeds_guidance_one_row_per_image_and_few_step_defaults(lcm) -> None:
     info = lcm.info
     assert info.family == "latent-consistency" and info.guidance_embedded
     assert info.samplers == (Sampler.LCM,) and info.default_sampler is Sampler.LCM
@@ -137,7 +137,7 @@ def test_lcm_embeds_guidance_one_row_per_image_and_few_step_defaults(lcm) -> Non
 # -- SD 2.x ----------------------------------------------------------------------------------
 
 
-def test_sd2_v_prediction_768_style_matches_its_pipeline(sd2, tiny_sd2_dir: Path) -> None:  # noqa: ANN001
+def test_sd2_v_prediction_768_style_matches_its_pipeline(sd2, tiny_sd2_dir: Path) -> None:
     assert (sd2.info.default_width, sd2.info.default_height) == (48, 48)  # its native size
     assert sd2.prediction_type == "v_prediction"
     p = params("p", model="sd2", sampler=Sampler.EULER, karras=True, steps=5, seed=31, width=48, height=48)
@@ -148,7 +148,7 @@ def test_sd2_v_prediction_768_style_matches_its_pipeline(sd2, tiny_sd2_dir: Path
 
 
 @pytest.mark.parametrize("family", ["xl", "lcm", "sd2"])
-def test_same_seed_alone_or_batched_gives_identical_pixels(family: str, sdxl, lcm, sd2) -> None:  # noqa: ANN001
+def test_same_seed_alone_or_batched_gives_identical_pixels(family: str, sdxl, lcm, sd2) -> None:
     adapter = {"xl": sdxl, "lcm": lcm, "sd2": sd2}[family]
     size = adapter.info.default_width
     sampler = adapter.info.default_sampler

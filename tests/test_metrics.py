@@ -22,7 +22,7 @@ PRICE_PER_HOUR = 36.0  # USD: makes cost_usd = accelerator_seconds / 100
 
 
 @pytest.fixture
-def metered(tiny_sd_dir: Path):  # noqa: ANN201
+def metered(tiny_sd_dir: Path):
     """At most two images per forward (max batch 2) and one waiting request (max queue 1)."""
     cfg = ServerConfig(
         host="127.0.0.1",
@@ -38,14 +38,14 @@ def metered(tiny_sd_dir: Path):  # noqa: ANN201
     srv.stop()
 
 
-def wait_for(predicate, timeout: float = 30.0) -> None:  # noqa: ANN001
+def wait_for(predicate, timeout: float = 30.0) -> None:
     end = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < end, "condition not reached"
         time.sleep(0.05)
 
 
-def test_metrics_follow_ok_invalid_cancelled_and_rejected_requests(metered) -> None:  # noqa: ANN001
+def test_metrics_follow_ok_invalid_cancelled_and_rejected_requests(metered) -> None:
     port = metered.server.metrics_port
     before = Samples(scrape(port))
     # Warm-up generations are the server's own business: not counted.
@@ -181,3 +181,4 @@ def test_promtool_accepts_the_exposition(tiny_sd_dir: Path) -> None:
         promtool_check(scrape(srv.server.metrics_port))
     finally:
         srv.stop()
+

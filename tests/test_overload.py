@@ -38,7 +38,7 @@ def assert_idle_without_leaks(srv: ServerThread) -> None:
 
 
 @pytest.fixture
-def small_server(tiny_sd_dir: Path):  # noqa: ANN201
+def small_server(tiny_sd_dir: Path):
     srv = ServerThread.tiny(tiny_sd_dir, max_batch_size=2, max_queue=4)
     yield srv
     srv.stop()
@@ -70,7 +70,7 @@ def burst(target: str, n: int, steps: int) -> list[dict]:
     return outcomes
 
 
-def test_burst_of_ten_times_capacity(small_server) -> None:  # noqa: ANN001
+def test_burst_of_ten_times_capacity(small_server) -> None:
     capacity = 2 + 4  # batch + queue
     n = 10 * 2
     burst(small_server.target, n, steps=30)  # warm the allocator and caches
@@ -97,7 +97,7 @@ def decode(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)))
 
 
-def test_random_cancellations_do_not_disturb_the_others(server) -> None:  # noqa: ANN001
+def test_random_cancellations_do_not_disturb_the_others(server) -> None:
     rng = random.Random(1234)
     specs = [
         {"seed": i, "steps": rng.choice([4, 6, 9]), "guidance_scale": rng.choice([1.0, 7.5])}
@@ -137,7 +137,7 @@ def test_random_cancellations_do_not_disturb_the_others(server) -> None:  # noqa
     assert_idle_without_leaks(server)
 
 
-def test_unmeetable_deadline_is_refused_at_once_with_retry_info(server) -> None:  # noqa: ANN001
+def test_unmeetable_deadline_is_refused_at_once_with_retry_info(server) -> None:
     with ImageClient(server.target, service_config={}) as c:
         with pytest.raises(StepserveError) as e:
             c.generate("a red circle", steps=150, timeout_s=0.3)
@@ -147,7 +147,7 @@ def test_unmeetable_deadline_is_refused_at_once_with_retry_info(server) -> None:
         assert len(c.generate("a red circle", steps=2, timeout_s=60).images) == 1
 
 
-def test_interactive_requests_overtake_waiting_batch_requests(small_server) -> None:  # noqa: ANN001
+def test_interactive_requests_overtake_waiting_batch_requests(small_server) -> None:
     """Over the API: a batch request waiting for the only slot is overtaken by an interactive
     one that arrives after it, and the queue positions each caller sees say so. (Two images
     each: only one of them fits the batch at a time.)"""

@@ -20,7 +20,7 @@ from .reference import reference_images
 SAMPLERS = list(GENERAL_SAMPLERS)
 
 
-def served(adapter, p) -> list[np.ndarray]:  # noqa: ANN001
+def served(adapter, p) -> list[np.ndarray]:
     h = Harness({p.model: adapter})
     h.submit(p)
     # A second, different request in the same batch: parity must hold while batched.
@@ -40,14 +40,14 @@ def served(adapter, p) -> list[np.ndarray]:  # noqa: ANN001
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS, ids=[s.value for s in SAMPLERS])
-def test_matches_diffusers_pipeline(tiny_adapter, tiny_sd_dir: Path, sampler: Sampler) -> None:  # noqa: ANN001
+def test_matches_diffusers_pipeline(tiny_adapter, tiny_sd_dir: Path, sampler: Sampler) -> None:
     p = params("p", sampler=sampler, steps=6, seed=1234, guidance_scale=7.0, negative_prompt="green")
     ours, ref = served(tiny_adapter, p)[0], reference_images(tiny_sd_dir, p)[0]
     assert ours.shape == ref.shape == (32, 32, 3)
     assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 2
 
 
-def test_matches_without_guidance_and_with_several_images(tiny_adapter, tiny_sd_dir: Path) -> None:  # noqa: ANN001
+def test_matches_without_guidance_and_with_several_images(tiny_adapter, tiny_sd_dir: Path) -> None:
     p = params("p", sampler=Sampler.EULER_ANCESTRAL, steps=5, seed=77, guidance_scale=1.0, num_images=2)
     ours, ref = served(tiny_adapter, p), reference_images(tiny_sd_dir, p)
     for a, b in zip(ours, ref, strict=True):

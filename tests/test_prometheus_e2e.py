@@ -93,7 +93,7 @@ class Prometheus:
         assert len(result) == 1, f"{expr}: {result}"
         return float(result[0]["value"][1])
 
-    def wait_for(self, expr: str, ok, timeout: float = 60) -> float:  # noqa: ANN001
+    def wait_for(self, expr: str, ok, timeout: float = 60) -> float:
         end = time.monotonic() + timeout
         while True:
             result = self.query(expr)

@@ -31,6 +31,7 @@ def req(
         guidance_scale=7.5,
         seed=0,
         sampler=Sampler.EULER,
+        cfg=True,
         num_images=images,
         deadline=deadline,
         priority=priority,
@@ -38,10 +39,10 @@ def req(
     return RequestState(params=p, arrival_time=t)
 
 
-def run_step(s, now: float):  # noqa: ANN001, ANN201
+def run_step(s, now: float):
     """One planner iteration with a fake runner: every request in the batch advances one step."""
     plan = s.schedule(now)
-    for r in s.update(plan):
+    for r in s.update(plan.batch):
         s.finish(r, RequestStatus.FINISHED_OK, now)
     return plan
 

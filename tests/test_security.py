@@ -33,7 +33,7 @@ def serve(tiny_sd_dir: Path, **kw: object) -> ServerThread:
     return ServerThread(cfg.validate())
 
 
-def code_of(fn) -> grpc.StatusCode:  # noqa: ANN001
+def code_of(fn) -> grpc.StatusCode:
     try:
         fn()
     except StepserveError as e:
@@ -47,7 +47,7 @@ def code_of(fn) -> grpc.StatusCode:  # noqa: ANN001
 
 
 @pytest.fixture
-def authed(tiny_sd_dir: Path, tmp_path: Path):  # noqa: ANN201
+def authed(tiny_sd_dir: Path, tmp_path: Path):
     tokens = tmp_path / "tokens"
     tokens.write_text("# ops\nops-token\n\nlimited-token other-model, another  # not tiny\n")
     srv = serve(tiny_sd_dir, auth_token_file=str(tokens), metrics_port=free_port())
@@ -60,7 +60,7 @@ def client(target: str, token: str | None, **kw: object) -> ImageClient:
     return ImageClient(target, metadata=md, service_config={}, **kw)  # type: ignore[arg-type]
 
 
-def test_bearer_tokens_gate_every_method_but_health(authed) -> None:  # noqa: ANN001
+def test_bearer_tokens_gate_every_method_but_health(authed) -> None:
     t = authed.target
     for token in (None, "wrong-token", ""):
         with client(t, token) as c:
@@ -121,7 +121,7 @@ def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def _cert(subject: str, key, issuer_name: x509.Name, issuer_key, *, ca: bool = False, san: bool = False):  # noqa: ANN001, ANN202
+def _cert(subject: str, key, issuer_name: x509.Name, issuer_key, *, ca: bool = False, san: bool = False):
     now = datetime.datetime.now(datetime.timezone.utc)
     b = (
         x509.CertificateBuilder()
@@ -207,7 +207,7 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(
 # -- limits and connection management ----------------------------------------------------
 
 
-def test_oversized_messages_and_path_like_model_names_are_refused(server) -> None:  # noqa: ANN001
+def test_oversized_messages_and_path_like_model_names_are_refused(server) -> None:
     with ImageClient(server.target, service_config={}) as c:
         with pytest.raises(StepserveError) as big:
             c.generate("x" * (2 << 20), steps=2)  # 2 MiB: over the 1 MiB request limit
@@ -219,7 +219,7 @@ def test_oversized_messages_and_path_like_model_names_are_refused(server) -> Non
         assert len(c.generate("a red circle", steps=2).images) == 1  # and it still serves
 
 
-def test_connections_are_recycled_after_max_age_without_cutting_streams(tiny_sd_dir: Path, caplog) -> None:  # noqa: ANN001
+def test_connections_are_recycled_after_max_age_without_cutting_streams(tiny_sd_dir: Path, caplog) -> None:
     caplog.set_level(logging.INFO, logger="stepserve.server.api.servicer")
     srv = serve(tiny_sd_dir, max_connection_age_s=0.5, drain_timeout_s=60)
     try:

@@ -33,12 +33,12 @@ class TracedServer(ServerThread):
         self.provider = provider
         super().__init__(config)
 
-    async def _make(self, config, models):  # noqa: ANN001, ANN202
+    async def _make(self, config, models):
         return StepServer(config, models, tracer_provider=self.provider)
 
 
 @pytest.fixture
-def traced(tiny_sd_dir: Path, request: pytest.FixtureRequest):  # noqa: ANN201
+def traced(tiny_sd_dir: Path, request: pytest.FixtureRequest):
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -65,7 +65,7 @@ def by_name(spans: list[ReadableSpan], name: str) -> list[ReadableSpan]:
     return [s for s in spans if s.name == name]
 
 
-def finished_spans(traced, *names: str, count: int = 1, timeout: float = 10.0) -> list[ReadableSpan]:  # noqa: ANN001
+def finished_spans(traced, *names: str, count: int = 1, timeout: float = 10.0) -> list[ReadableSpan]:
     """The exported spans, once spans of every given name are among them (a server span ends
     just after the client has read the status, so it may lag behind the call)."""
     end = time.monotonic() + timeout
@@ -76,7 +76,7 @@ def finished_spans(traced, *names: str, count: int = 1, timeout: float = 10.0) -
         time.sleep(0.02)
 
 
-def test_span_tree_continues_the_callers_trace_and_batch_spans_link_members(traced, caplog) -> None:  # noqa: ANN001
+def test_span_tree_continues_the_callers_trace_and_batch_spans_link_members(traced, caplog) -> None:
     caplog.handler.addFilter(ContextFilter())
     caplog.set_level(logging.INFO)
     callers = {"a": (0xA1 << 64 | 1, 0xAA01), "b": (0xB2 << 64 | 2, 0xBB02)}
@@ -148,7 +148,7 @@ def test_span_tree_continues_the_callers_trace_and_batch_spans_link_members(trac
         assert all(r.trace_id == f"{trace_id:032x}" for r in records)
 
 
-def test_untraced_callers_get_a_new_trace_and_cancel_closes_the_spans(traced) -> None:  # noqa: ANN001
+def test_untraced_callers_get_a_new_trace_and_cancel_closes_the_spans(traced) -> None:
     with grpc.insecure_channel(traced.target) as ch:
         call = pb_grpc.ImageGenerationServiceStub(ch).Generate(
             build_request("long", steps=150, request_id="c")
@@ -170,7 +170,7 @@ def test_untraced_callers_get_a_new_trace_and_cancel_closes_the_spans(traced) ->
 
 
 @pytest.mark.parametrize("traced", ["spans"], indirect=True)
-def test_per_step_spans_link_their_batch(traced) -> None:  # noqa: ANN001
+def test_per_step_spans_link_their_batch(traced) -> None:
     generate(traced.target, [], prompt="p", steps=5, request_id="s")
     spans = finished_spans(traced, GENERATE)
     (denoise,) = by_name(spans, "stepserve.denoise")
@@ -183,7 +183,7 @@ def test_per_step_spans_link_their_batch(traced) -> None:  # noqa: ANN001
     assert not [e for e in denoise.events if e.name == "step"]
 
 
-def test_rejected_request_span_records_the_status(traced) -> None:  # noqa: ANN001
+def test_rejected_request_span_records_the_status(traced) -> None:
     with pytest.raises(grpc.RpcError) as e:
         generate(traced.target, [], prompt="p", width=33)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -35,13 +35,13 @@ def build_tiny_sd(
     unet = _tiny_unet()
     vae = _tiny_vae(32)
     # SD 1.x's schedule and spacing.
-    sched = EulerDiscreteScheduler(**SD_SCHEDULE, prediction_type=prediction_type)
+    sampler = EulerDiscreteScheduler(**SD_SCHEDULE, prediction_type=prediction_type)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text,
         tokenizer=tok,
         unet=unet,
-        scheduler=sched,
+        scheduler=sampler,
         **NO_SAFETY_CHECKER,
     )
     pipe.save_pretrained(path, safe_serialization=True)
@@ -66,7 +66,7 @@ def _tiny_unet(**overrides: object) -> UNet2DConditionModel:
     return UNet2DConditionModel(**config)
 
 
-def _tiny_clip(tok, hidden: int, max_tokens: int, *, projection_dim: int | None = None):  # noqa: ANN001, ANN202
+def _tiny_clip(tok, hidden: int, max_tokens: int, *, projection_dim: int | None = None):
     from transformers import CLIPTextModelWithProjection
 
     cfg = CLIPTextConfig(
@@ -112,13 +112,13 @@ def build_tiny_sd2(path: Path, *, seed: int = 2, max_tokens: int = 16) -> Path:
         use_linear_projection=True,
         upcast_attention=True,
     )
-    sched = EulerDiscreteScheduler(**SD_SCHEDULE, prediction_type="v_prediction")
+    sampler = EulerDiscreteScheduler(**SD_SCHEDULE, prediction_type="v_prediction")
     pipe = StableDiffusionPipeline(
         vae=_tiny_vae(48),
         text_encoder=_tiny_clip(tok, 48, max_tokens),
         tokenizer=tok,
         unet=unet,
-        scheduler=sched,
+        scheduler=sampler,
         **NO_SAFETY_CHECKER,
     )
     pipe.save_pretrained(path, safe_serialization=True)
@@ -151,7 +151,7 @@ def build_tiny_sdxl(
         cross_attention_dim=64,
         time_cond_proj_dim=time_cond_proj_dim,
     )
-    sched = EulerDiscreteScheduler(**SD_SCHEDULE)
+    sampler = EulerDiscreteScheduler(**SD_SCHEDULE)
     pipe = StableDiffusionXLPipeline(
         vae=_tiny_vae(32, force_upcast=True),
         text_encoder=text,
@@ -159,7 +159,7 @@ def build_tiny_sdxl(
         tokenizer=tok,
         tokenizer_2=tok2,
         unet=unet,
-        scheduler=sched,
+        scheduler=sampler,
         force_zeros_for_empty_prompt=True,
     )
     pipe.save_pretrained(path, safe_serialization=True)
@@ -174,13 +174,13 @@ def build_tiny_lcm(path: Path, *, seed: int = 4, max_tokens: int = 16) -> Path:
     torch.manual_seed(seed)
     tok = build_tokenizer(WORDS, max_tokens)
     unet = _tiny_unet(time_cond_proj_dim=32)  # the guidance-scale embedding input
-    sched = LCMScheduler(**SD_SCHEDULE, original_inference_steps=50)
+    sampler = LCMScheduler(**SD_SCHEDULE, original_inference_steps=50)
     pipe = LatentConsistencyModelPipeline(
         vae=_tiny_vae(32),
         text_encoder=_tiny_clip(tok, 32, max_tokens),
         tokenizer=tok,
         unet=unet,
-        scheduler=sched,
+        scheduler=sampler,
         **NO_SAFETY_CHECKER,
     )
     pipe.save_pretrained(path, safe_serialization=True)

@@ -74,5 +74,5 @@ def make_unet() -> UNet2DConditionModel:
     )
 
 
-def make_scheduler() -> EulerDiscreteScheduler:
+def make_sampler() -> EulerDiscreteScheduler:
     return EulerDiscreteScheduler(**SCHEDULER_CONFIG)

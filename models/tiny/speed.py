@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 
 import torch
 from diffusers import StableDiffusionPipeline
@@ -19,7 +20,7 @@ from diffusers import StableDiffusionPipeline
 from stepserve.server.engine.models import default_model_path
 
 
-def best_of(fn, repeats: int) -> float:  # noqa: ANN001
+def best_of(fn: Callable[[], object], repeats: int) -> float:
     fn()
     times = []
     for _ in range(repeats):

@@ -125,8 +125,8 @@ def train_unet(latents, ids, empty_ids, vocab, steps, batch, seed, lr):
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
-    sched = arch.make_scheduler()
-    alphas_cumprod = sched.alphas_cumprod.float()
+    sampler = arch.make_sampler()
+    alphas_cumprod = sampler.alphas_cumprod.float()
     gen = torch.Generator().manual_seed(seed)
     t0 = time.time()
     for step in range(steps):
@@ -137,7 +137,7 @@ def train_unet(latents, ids, empty_ids, vocab, steps, batch, seed, lr):
         tok = ids[idx].clone()
         drop = torch.rand(batch, generator=gen) < 0.1
         tok[drop] = empty_ids
-        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen)
+        t = torch.randint(0, sampler.config.num_train_timesteps, (batch,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         a = alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
         s = (1 - alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         text_encoder=text,
         tokenizer=tok,
         unet=unet,
-        scheduler=arch.make_scheduler(),
+        scheduler=arch.make_sampler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -23,7 +23,8 @@ from stepserve.v1 import image_generation_pb2 as pb
 from stepserve.v1 import image_generation_pb2_grpc as pb_grpc
 
 from ..engine.request import RequestStatus
-from ..engine.runner import Engine, EngineStoppedError, QueueFullError
+from ..engine.engine import Engine
+from ..engine.inbox import EngineStoppedError, QueueFullError
 from ..engine.types import (
     EngineEvent,
     FailedEvent,

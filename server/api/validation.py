@@ -56,8 +56,8 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/@+=-]{1,128}$")
 class Limits:
     """Server-wide request limits (the model's own limits live in ModelInfo)."""
 
-    # Largest width * height * steps * num_images one request may ask for.
-    max_work: int = 512 * 512 * 50 * 4
+    # Largest width * height * steps * num_images one request may ask for (--max-work).
+    max_work: int
     # Largest preview_max_size_px accepted.
     max_preview_size: int = 1024
     # Preview size used when a request leaves preview_max_size_px at 0.

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic
+
+from typing_extensions import TypeVar
 
 from .types import FinishReason, GenerationParams
+
+# A model adapter's per-request tensor state (latents, per-image samplers and generators,
+# prompt embeddings): each adapter names its own type, RequestState[ItsWork]; the scheduler
+# and the engine loop never look inside, so for them it stays unspecified.
+WorkT = TypeVar("WorkT", default=Any)
 
 
 class RequestStatus(enum.Enum):
@@ -44,11 +51,11 @@ BucketKey = tuple[str, int, int]
 
 
 @dataclass(eq=False)
-class RequestState:
-    """A request as the scheduler and runner see it.
+class RequestState(Generic[WorkT]):
+    """A request as the scheduler and the engine see it.
 
-    ``work`` holds the model adapter's tensor state (latents, per-image schedulers and
-    generators, prompt embeddings); the scheduler never looks inside it.
+    ``work`` holds the model adapter's tensor state, set by ``ModelAdapter.prepare`` and
+    dropped by ``ModelAdapter.release``; the scheduler never looks inside it.
     """
 
     params: GenerationParams
@@ -66,7 +73,7 @@ class RequestState:
     first_preview_time: float | None = None
     # Scheduler step counter of this request's last forward (-1 = none yet).
     last_step: int = -1
-    work: Any = field(default=None, repr=False)
+    work: WorkT | None = field(default=None, repr=False)
     # The caller's trace context (an OpenTelemetry SpanContext, or None when not traced) and
     # per-request state that observers keep (open spans); the engine never looks inside.
     trace_context: Any = field(default=None, repr=False)

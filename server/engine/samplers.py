@@ -1,9 +1,12 @@
-"""Per-request samplers: one diffusers scheduler instance per image, built from templates.
+"""Per-request samplers: one diffusers noise scheduler instance per image, built from templates.
 
-Every image owns its scheduler (multistep samplers keep a history of model outputs, and
+In stepserve, "scheduler" is the batch planner (scheduler.py); diffusers' noise schedulers
+are called samplers everywhere, as users know them.
+
+Every image owns its sampler (multistep samplers keep a history of model outputs, and
 ancestral samplers draw noise from the image's own generator), so requests with different
 samplers and step counts share a batched forward without touching each other's state.
-Building a scheduler from its config costs milliseconds; a template per (sampler, steps) is
+Building a sampler from its config costs milliseconds; a template per (sampler, steps) is
 built once and deep-copied per image.
 """
 
@@ -24,9 +27,9 @@ from diffusers import (
 
 from .types import Sampler
 
-# diffusers schedulers share no typed interface (step / set_timesteps / scale_model_input
-# live on each class), so they are typed as Any here.
-DiffusersScheduler = Any
+# diffusers' schedulers share no typed interface (step / set_timesteps / scale_model_input
+# live on each class), so a sampler instance is typed as Any here.
+DiffusersSampler = Any
 
 SAMPLER_CLASSES: dict[Sampler, Any] = {
     Sampler.EULER: EulerDiscreteScheduler,
@@ -53,8 +56,8 @@ def sampler_for_class_name(name: str) -> Sampler | None:
     return None
 
 
-def make_scheduler(base_config: Any, sampler: Sampler, karras: bool = False) -> DiffusersScheduler:
-    """A fresh diffusers scheduler of ``sampler``'s class configured like the model's own."""
+def make_sampler(base_config: Any, sampler: Sampler, karras: bool = False) -> DiffusersSampler:
+    """A fresh sampler of ``sampler``'s diffusers class, configured like the model's own."""
     if karras:
         if sampler not in KARRAS_SAMPLERS:
             raise ValueError(f"{sampler.value} has no Karras sigmas option")
@@ -62,20 +65,20 @@ def make_scheduler(base_config: Any, sampler: Sampler, karras: bool = False) -> 
     return SAMPLER_CLASSES[sampler].from_config(base_config)
 
 
-class SchedulerFactory:
-    """Hands out ready-to-step scheduler instances (``set_timesteps`` already called)."""
+class SamplerFactory:
+    """Hands out ready-to-step sampler instances (``set_timesteps`` already called)."""
 
     def __init__(self, base_config: Any, device: str = "cpu", max_templates: int = 64) -> None:
         self._device = device
         self._base_config = base_config
-        self._templates: OrderedDict[tuple[Sampler, int, bool], DiffusersScheduler] = OrderedDict()
+        self._templates: OrderedDict[tuple[Sampler, int, bool], DiffusersSampler] = OrderedDict()
         self._max = max_templates
 
-    def create(self, sampler: Sampler, steps: int, karras: bool = False) -> DiffusersScheduler:
+    def create(self, sampler: Sampler, steps: int, karras: bool = False) -> DiffusersSampler:
         key = (sampler, steps, karras)
         tpl = self._templates.get(key)
         if tpl is None:
-            tpl = make_scheduler(self._base_config, sampler, karras)
+            tpl = make_sampler(self._base_config, sampler, karras)
             tpl.set_timesteps(steps, device=self._device)
             self._templates[key] = tpl
             if len(self._templates) > self._max:

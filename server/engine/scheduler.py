@@ -20,13 +20,19 @@ from __future__ import annotations
 import bisect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from .request import BucketKey, RequestState, RequestStatus
 from .types import Priority
 
-# How much later than an interactive request a batch request counts as having arrived
-# (see :meth:`BaseScheduler.queue_key`).
-DEFAULT_PRIORITY_DELAY_S: dict[Priority, float] = {Priority.INTERACTIVE: 0.0, Priority.BATCH: 60.0}
+# How much later than an interactive request a batch request counts as having arrived, by
+# default (see :meth:`BaseScheduler.queue_key`; ``--batch-priority-delay-s`` sets it).
+DEFAULT_BATCH_PRIORITY_DELAY_S = 60.0
+
+
+def priority_delays(batch_delay_s: float = DEFAULT_BATCH_PRIORITY_DELAY_S) -> dict[Priority, float]:
+    """Each priority class's delay: none for interactive requests, ``batch_delay_s`` for batch."""
+    return {Priority.INTERACTIVE: 0.0, Priority.BATCH: batch_delay_s}
 
 
 @dataclass
@@ -43,19 +49,28 @@ class StepPlan:
     wake_at: float | None = None
 
 
+@dataclass(frozen=True)
+class Load:
+    """Per model: requests waiting and running, and the batch capacity (images) now and
+    free. A snapshot (see :meth:`BaseScheduler.load`), safe to hand to other threads."""
+
+    waiting: Mapping[str, int]
+    running: Mapping[str, int]
+    capacity: Mapping[str, int]
+    free_images: Mapping[str, int]
+
+
 class BaseScheduler:
     """Waiting queue, running set, cancellation and deadlines, per-model capacity."""
 
     def __init__(
         self, capacity: dict[str, int], priority_delay_s: Mapping[Priority, float] | None = None
     ) -> None:
-        # Most images each model may have in its running set (its max batch size); the engine
-        # lowers it after an out-of-memory error. max_images stays the configured limit.
-        self.capacity = dict(capacity)
+        # Most images each model may have in its running set (its max batch size), lowered by
+        # lower_capacity() after an out-of-memory error; max_images stays the configured limit.
+        self._capacity = dict(capacity)
         self.max_images = dict(capacity)
-        self.priority_delay_s = dict(
-            DEFAULT_PRIORITY_DELAY_S if priority_delay_s is None else priority_delay_s
-        )
+        self.priority_delay_s = dict(priority_delays() if priority_delay_s is None else priority_delay_s)
         # Waiting requests in service order (ascending queue_key; ties keep arrival order).
         self.waiting: list[RequestState] = []
         self.running: dict[str, RequestState] = {}
@@ -88,6 +103,38 @@ class BaseScheduler:
         assert status.is_finished
         self._pending_aborts.setdefault(request_id, status)
 
+    @property
+    def capacity(self) -> Mapping[str, int]:
+        """Most images each model may have in its running set now (read-only)."""
+        return MappingProxyType(self._capacity)
+
+    def lower_capacity(self, model: str, images: int) -> int | None:
+        """Cap ``model``'s running set at ``images`` (at least 1) if that is below its cap now
+        (after running out of accelerator memory); returns the old cap if it changed."""
+        old = self._capacity[model]
+        new = max(1, min(old, images))
+        if new == old:
+            return None
+        self._capacity[model] = new
+        return old
+
+    def load(self) -> Load:
+        """A snapshot of each model's waiting and running requests and its capacity."""
+        waiting = dict.fromkeys(self._capacity, 0)
+        running = dict.fromkeys(self._capacity, 0)
+        used = dict.fromkeys(self._capacity, 0)
+        for req in self.waiting:
+            waiting[req.model] += 1
+        for req in self.running.values():
+            running[req.model] += 1
+            used[req.model] += req.params.num_images
+        return Load(
+            waiting=MappingProxyType(waiting),
+            running=MappingProxyType(running),
+            capacity=MappingProxyType(dict(self._capacity)),
+            free_images=MappingProxyType({m: max(0, c - used[m]) for m, c in self._capacity.items()}),
+        )
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -114,10 +161,10 @@ class BaseScheduler:
                 req.last_step = self._step_counter
         return plan
 
-    def update(self, plan: StepPlan) -> list[RequestState]:
-        """Record that ``plan.batch`` ran one step; returns those whose steps are all done."""
+    def update(self, stepped: list[RequestState]) -> list[RequestState]:
+        """Record that ``stepped`` ran one step; returns those whose steps are all done."""
         done = []
-        for req in plan.batch:
+        for req in stepped:
             req.steps_done += 1
             if req.steps_complete:
                 done.append(req)
@@ -153,14 +200,14 @@ class BaseScheduler:
 
     def estimated_wait(self, position: int, model: str, step_time_s: float, default_steps: int) -> float:
         """Rough time until the request at ``position`` starts: when enough slots free up."""
-        free = self.capacity[model] - self.used(model)
+        free = self._capacity[model] - self.used(model)
         if position < free:
             return 0.0
         k = position - free
         remaining = sorted(r.remaining_steps for r in self.running.values() if r.model == model)
         if k < len(remaining):
             return remaining[k] * step_time_s
-        cap = max(1, self.capacity[model])
+        cap = max(1, self._capacity[model])
         rounds = (k - len(remaining)) // cap + 1
         last = remaining[-1] if remaining else 0
         return (last + rounds * default_steps) * step_time_s
@@ -198,7 +245,7 @@ class BaseScheduler:
         _, members = min(buckets.items(), key=priority)
         # Normally the whole bucket fits its model's capacity. After the cap was lowered (out
         # of memory) it may not: then the members stepped least recently go first.
-        cap = self.capacity[members[0].model]
+        cap = self._capacity[members[0].model]
         chosen: list[RequestState] = []
         used = 0
         for req in sorted(members, key=lambda r: (r.last_step, r.arrival_time)):
@@ -215,13 +262,13 @@ class StepLevelScheduler(BaseScheduler):
 
     def _admit(self, now: float, plan: StepPlan) -> list[RequestState]:
         admitted: list[RequestState] = []
-        used = {m: self.used(m) for m in self.capacity}
+        used = {m: self.used(m) for m in self._capacity}
         blocked: set[str] = set()
         for req in list(self.waiting):
             if req.model in blocked:
                 continue
             # A request larger than a lowered cap still runs, alone.
-            fits = used[req.model] + req.params.num_images <= self.capacity[req.model]
+            fits = used[req.model] + req.params.num_images <= self._capacity[req.model]
             if fits or used[req.model] == 0:
                 used[req.model] += req.params.num_images
                 admitted.append(req)
@@ -253,7 +300,7 @@ class RequestLevelScheduler(BaseScheduler):
             return []
         head = self.waiting[0]
         candidates = [r for r in self.waiting if r.bucket == head.bucket]
-        cap = self.capacity[head.model]
+        cap = self._capacity[head.model]
         chosen: list[RequestState] = []
         used = 0
         for req in candidates:
@@ -285,9 +332,12 @@ def make_scheduler(
 
 
 __all__ = [
+    "DEFAULT_BATCH_PRIORITY_DELAY_S",
     "BaseScheduler",
+    "Load",
     "RequestLevelScheduler",
     "StepLevelScheduler",
     "StepPlan",
     "make_scheduler",
+    "priority_delays",
 ]

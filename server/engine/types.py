@@ -72,6 +72,9 @@ class GenerationParams:
     guidance_scale: float
     seed: int
     sampler: Sampler
+    # Whether classifier-free guidance runs (two forward rows per image): decided for the
+    # request's model by ModelInfo.runs_cfg, the one rule.
+    cfg: bool
     num_images: int = 1
     preview_every: int = 0
     preview_max_size: int = 256
@@ -82,23 +85,14 @@ class GenerationParams:
     priority: Priority = Priority.INTERACTIVE
     # Karras noise schedule for the sampler (samplers in ModelInfo.karras_samplers only).
     karras: bool = False
-    # Whether classifier-free guidance runs; None: when guidance_scale > 1. Validation sets it
-    # False for models that embed the guidance scale instead (ModelInfo.guidance_embedded).
-    cfg: bool | None = None
     # A server-internal request (model warm-up): served like any other but not counted in
     # request metrics nor traced.
     internal: bool = False
 
     @property
-    def uses_guidance(self) -> bool:
-        """Classifier-free guidance runs (and doubles the rows) only when the scale is > 1
-        and the model does not take the scale as an embedding."""
-        return self.guidance_scale > 1.0 if self.cfg is None else self.cfg
-
-    @property
     def rows(self) -> int:
         """Rows this request adds to every batched denoiser forward."""
-        return self.num_images * (2 if self.uses_guidance else 1)
+        return self.num_images * (2 if self.cfg else 1)
 
     @property
     def seeds(self) -> list[int]:
@@ -134,7 +128,13 @@ class ModelInfo:
 
     def runs_cfg(self, guidance_scale: float) -> bool:
         """Whether a request with this guidance scale runs classifier-free guidance here."""
-        return guidance_scale > 1.0 and not self.guidance_embedded
+        return runs_cfg(guidance_scale, self.guidance_embedded)
+
+
+def runs_cfg(guidance_scale: float, guidance_embedded: bool) -> bool:
+    """The one rule for classifier-free guidance: it runs when the scale is above 1 and the
+    model does not take the scale as an input embedding (distilled models, LCM)."""
+    return guidance_scale > 1.0 and not guidance_embedded
 
 
 @dataclass

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
     from ..engine.request import RequestState
-    from ..engine.runner import Engine
+    from ..engine.engine import Engine
 
 # Diffusion requests take from tens of milliseconds (a few steps of a small model) to minutes
 # (50 steps of SDXL behind a queue).
@@ -231,11 +231,13 @@ class EngineCollector(Collector):
             "Most images one batched forward may hold now (lowered after an out-of-memory error).",
             labels=["model"],
         )
-        load = engine.load_by_model() if engine is not None else {}
-        # The live cap: the engine lowers it after running out of accelerator memory.
-        caps = dict(engine.scheduler.capacity) if engine is not None else self._max_batch
-        for model, size in caps.items():
-            waiting, running = load.get(model, (0, 0))
+        load = engine.load() if engine is not None else None  # one consistent snapshot
+        for model, max_batch in self._max_batch.items():
+            if load is None:
+                waiting, running, size = 0, 0, max_batch
+            else:
+                # The live cap: the engine lowers it after running out of accelerator memory.
+                waiting, running, size = load.waiting[model], load.running[model], load.capacity[model]
             queue.add_metric([model], waiting)
             active.add_metric([model], running)
             cap.add_metric([model], size)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Generic, Protocol
 
-from ..faults import NO_FAULTS, Faults
+from ..fault_injection import NO_FAULTS, Faults
+from ..request import RequestState, WorkT
 
 if TYPE_CHECKING:
     import torch
 
-    from ..request import RequestState
     from ..types import ModelInfo, RGBArray
 
 
@@ -58,24 +58,25 @@ class RequestStepFailures(Exception):
         self.failures = failures
 
 
-class ModelAdapter(ABC):
+class ModelAdapter(ABC, Generic[WorkT]):
     """Encode / denoise-step / decode / preview for one loaded model.
 
     All methods run on the engine thread. A request's tensor state lives in
-    ``RequestState.work``, set by :meth:`prepare` and dropped by :meth:`release`.
+    ``RequestState.work``, of the adapter's own type ``WorkT``, set by :meth:`prepare` and
+    dropped by :meth:`release`.
     """
 
     info: ModelInfo
     device: torch.device
-    # Test-only fault injection (see ..faults); no-ops unless a test turns them on.
+    # Test-only fault injection (see ..fault_injection); no-ops unless a test turns them on.
     faults: Faults = NO_FAULTS
 
     @abstractmethod
-    def prepare(self, reqs: list[RequestState]) -> None:
+    def prepare(self, reqs: list[RequestState[WorkT]]) -> None:
         """Encode the requests' prompts (batched, cached) and draw their initial latents."""
 
     @abstractmethod
-    def denoise_step(self, reqs: list[RequestState]) -> int:
+    def denoise_step(self, reqs: list[RequestState[WorkT]]) -> int:
         """Run one batched denoiser forward for ``reqs`` (one bucket) and advance each
         request's samplers by one step. Returns the number of rows in the forward.
 
@@ -85,7 +86,7 @@ class ModelAdapter(ABC):
         have been advanced."""
 
     @abstractmethod
-    def decode(self, reqs: list[RequestState]) -> list[list[RGBArray]]:
+    def decode(self, reqs: list[RequestState[WorkT]]) -> list[list[RGBArray]]:
         """Decode finished requests' latents into RGB uint8 images (one list per request).
 
         The host arrays may still be being filled by the accelerator when this returns (an
@@ -93,7 +94,7 @@ class ModelAdapter(ABC):
         reached."""
 
     @abstractmethod
-    def previews(self, reqs: list[RequestState]) -> list[RGBArray | None]:
+    def previews(self, reqs: list[RequestState[WorkT]]) -> list[RGBArray | None]:
         """Cheap RGB previews of the requests' first images, as host arrays, for those whose
         step just run was due one (``RequestState.preview_due``); None for the others.
         Consumes the step's estimates. Called once per step for the whole batch, so an
@@ -104,7 +105,7 @@ class ModelAdapter(ABC):
     def count_prompt_tokens(self, text: str) -> int:
         """Tokens ``text`` takes in the model's text encoder (without special tokens)."""
 
-    def release(self, req: RequestState) -> None:
+    def release(self, req: RequestState[WorkT]) -> None:
         """Free the request's tensors."""
         req.work = None
 

@@ -4,7 +4,7 @@ model), SDXL, and latent-consistency (LCM) distilled models.
 Numerics follow each family's diffusers pipeline ``__call__`` step for step (prompt encoding,
 latent initialisation, ``scale_model_input``, classifier-free guidance as
 ``uncond + g * (cond - uncond)`` or the guidance-scale embedding of distilled models, added
-conditioning, ``scheduler.step``, VAE decode and post-processing), so a request's image matches
+conditioning, the sampler's ``step``, VAE decode and post-processing), so a request's image matches
 the reference pipeline run with the same seed, sampler, steps and guidance; the parity tests
 hold each family to that.
 
@@ -33,7 +33,8 @@ from ..samplers import (
     GENERAL_SAMPLERS,
     KARRAS_SAMPLERS,
     SAMPLER_CLASSES,
-    SchedulerFactory,
+    DiffusersSampler,
+    SamplerFactory,
     sampler_for_class_name,
 )
 from ..types import ModelInfo, Preset, Sampler
@@ -71,11 +72,11 @@ SETTINGS_FILE = "stepserve.json"
 
 @dataclass
 class ImageState:
-    """One image of a request: its own generator, sampler state and latents."""
+    """One image of a request: its own generator, sampler and latents."""
 
     seed: int
     generator: torch.Generator
-    scheduler: Any  # a diffusers scheduler instance (see samplers.DiffusersScheduler)
+    sampler: DiffusersSampler
     latents: torch.Tensor
 
 
@@ -118,7 +119,14 @@ class RequestWork:
     preview_x0: torch.Tensor | None = None
 
 
-class StableDiffusionAdapter(ModelAdapter):
+def _work(req: RequestState[RequestWork]) -> RequestWork:
+    """The request's tensors (set by ``prepare``, dropped by ``release``)."""
+    if req.work is None:
+        raise RuntimeError(f"request {req.request_id} has no tensors (not prepared, or released)")
+    return req.work
+
+
+class StableDiffusionAdapter(ModelAdapter[RequestWork]):
     """Runs a diffusers ``StableDiffusionPipeline`` directory one batched step at a time."""
 
     family = "stable-diffusion"
@@ -171,8 +179,9 @@ class StableDiffusionAdapter(ModelAdapter):
         if batch_invariant:
             make_rowwise_linears(self.unet)
 
+        # diffusers calls the pipeline's sampler its "scheduler".
         base_config = self.pipe.scheduler.config
-        self.schedulers = SchedulerFactory(base_config, device=str(self.device))
+        self.sampler_factory = SamplerFactory(base_config, device=str(self.device))
         self.prediction_type = base_config.get("prediction_type", "epsilon")
         ref = SAMPLER_CLASSES[Sampler.DDIM].from_config(base_config)
         self._alphas_cumprod = ref.alphas_cumprod.double().cpu().numpy()
@@ -262,12 +271,12 @@ class StableDiffusionAdapter(ModelAdapter):
         emb = self.text_encoder(ids, attention_mask=mask)[0].to(dtype=self.dtype)
         return [Conditioning(emb[i : i + 1]) for i in range(len(texts))]
 
-    def _negative(self, req: RequestState, positive: Conditioning) -> Conditioning:
+    def _negative(self, req: RequestState[RequestWork], positive: Conditioning) -> Conditioning:
         """The unconditional side of classifier-free guidance: the negative prompt's encoding
         (the empty prompt's when there is none)."""
         return self._encode([req.params.negative_prompt])[0]
 
-    def _row_extras(self, req: RequestState, cond: Conditioning) -> RowExtras:
+    def _row_extras(self, req: RequestState[RequestWork], cond: Conditioning) -> RowExtras:
         """Extra UNet inputs of one of the request's rows with text conditioning ``cond``."""
         if self.guidance_embed_dim is None:
             return {}
@@ -277,20 +286,20 @@ class StableDiffusionAdapter(ModelAdapter):
 
     # -- engine operations ---------------------------------------------------------------
     @torch.inference_mode()
-    def prepare(self, reqs: list[RequestState]) -> None:
+    def prepare(self, reqs: list[RequestState[RequestWork]]) -> None:
         positives = self._encode([r.params.prompt for r in reqs])
         for req, pos in zip(reqs, positives, strict=True):
             p = req.params
-            neg = self._negative(req, pos) if p.uses_guidance else None
+            neg = self._negative(req, pos) if p.cfg else None
             h, w = p.height // self.vae_scale_factor, p.width // self.vae_scale_factor
             images = []
             for seed in p.seeds:
                 gen = torch.Generator(device=self.device).manual_seed(seed)
-                sched = self.schedulers.create(p.sampler, p.steps, p.karras)
+                sampler = self.sampler_factory.create(p.sampler, p.steps, p.karras)
                 lat = randn_tensor(
                     (1, self.latent_channels, h, w), generator=gen, device=self.device, dtype=self.dtype
                 )
-                images.append(ImageState(seed, gen, sched, lat * sched.init_noise_sigma))
+                images.append(ImageState(seed, gen, sampler, lat * sampler.init_noise_sigma))
             req.work = RequestWork(
                 images,
                 pos,
@@ -298,15 +307,15 @@ class StableDiffusionAdapter(ModelAdapter):
                 p.guidance_scale,
                 self._row_extras(req, pos),
                 self._row_extras(req, neg) if neg is not None else {},
-                self._x0_coeffs(images[0].scheduler) if p.preview_every else [],
+                self._x0_coeffs(images[0].sampler) if p.preview_every else [],
             )
 
     @torch.inference_mode()
-    def denoise_step(self, reqs: list[RequestState]) -> int:
+    def denoise_step(self, reqs: list[RequestState[RequestWork]]) -> int:
         failures: dict[str, BaseException] = {}
-        # 1. Each request's model inputs (no state changes besides the schedulers' idempotent
+        # 1. Each request's model inputs (no state changes besides the samplers' idempotent
         # step-index initialisation), so a failed forward can be retried.
-        inputs: list[tuple[RequestState, list[Row]]] = []
+        inputs: list[tuple[RequestState[RequestWork], list[Row]]] = []
         for req in reqs:
             try:
                 inputs.append((req, self._step_inputs(req)))
@@ -345,28 +354,28 @@ class StableDiffusionAdapter(ModelAdapter):
             raise RequestStepFailures(n_rows, failures)
         return n_rows
 
-    def _step_inputs(self, req: RequestState) -> list[Row]:
+    def _step_inputs(self, req: RequestState[RequestWork]) -> list[Row]:
         """The request's rows of the batched forward: per image, (uncond, cond) with CFG."""
-        w: RequestWork = req.work
+        w = _work(req)
         rows: list[Row] = []
         for im in w.images:
-            t = im.scheduler.timesteps[req.steps_done]
-            x_in = im.scheduler.scale_model_input(im.latents, t)
+            t = im.sampler.timesteps[req.steps_done]
+            x_in = im.sampler.scale_model_input(im.latents, t)
             if w.negative is not None:
                 rows.append(Row(x_in, t, w.negative.embeds, w.negative_extras))
             rows.append(Row(x_in, t, w.positive.embeds, w.extras))
         return rows
 
-    def _update(self, req: RequestState, x: torch.Tensor, out: torch.Tensor) -> None:
+    def _update(self, req: RequestState[RequestWork], x: torch.Tensor, out: torch.Tensor) -> None:
         """Apply guidance and advance each of the request's images one sampler step, given its
         rows of the forward's input and output. An exception here fails this request only."""
-        w: RequestWork = req.work
+        w = _work(req)
         want_preview = req.preview_due()
         new_latents = []
         preview = None
         r = 0
         for i, im in enumerate(w.images):
-            t = im.scheduler.timesteps[req.steps_done]
+            t = im.sampler.timesteps[req.steps_done]
             if w.negative is not None:
                 uncond, cond = out[r : r + 1], out[r + 1 : r + 2]
                 noise = uncond + w.guidance_scale * (cond - uncond)
@@ -379,17 +388,17 @@ class StableDiffusionAdapter(ModelAdapter):
             if want_preview and i == 0:
                 preview = self._x0_estimate(x_in, noise, *w.x0_coeffs[req.steps_done])
             new_latents.append(
-                im.scheduler.step(noise, t, im.latents, generator=im.generator, return_dict=False)[0]
+                im.sampler.step(noise, t, im.latents, generator=im.generator, return_dict=False)[0]
             )
         for im, lat in zip(w.images, new_latents, strict=True):
             im.latents = lat
         if preview is not None:
             w.preview_x0 = preview
 
-    def _x0_coeffs(self, scheduler: Any) -> list[tuple[float, float]]:
-        """(sqrt(alpha_bar), sqrt(1 - alpha_bar)) at each of a scheduler's timesteps (one host
+    def _x0_coeffs(self, sampler: DiffusersSampler) -> list[tuple[float, float]]:
+        """(sqrt(alpha_bar), sqrt(1 - alpha_bar)) at each of a sampler's timesteps (one host
         copy of the timesteps at admission, none per step)."""
-        ts = scheduler.timesteps.detach().double().cpu().numpy()
+        ts = sampler.timesteps.detach().double().cpu().numpy()
         ab = np.interp(ts, np.arange(len(self._alphas_cumprod)), self._alphas_cumprod)
         return [(float(a) ** 0.5, (1.0 - float(a)) ** 0.5) for a in ab]
 
@@ -415,8 +424,8 @@ class StableDiffusionAdapter(ModelAdapter):
         return z / self.scaling_factor
 
     @torch.inference_mode()
-    def decode(self, reqs: list[RequestState]) -> list[list[RGBArray]]:
-        lat = [im.latents for req in reqs for im in req.work.images]
+    def decode(self, reqs: list[RequestState[RequestWork]]) -> list[list[RGBArray]]:
+        lat = [im.latents for req in reqs for im in _work(req).images]
         n = len(lat)
         if self.batch_invariant and n % 2:
             # On CPU the VAE's kernels give an image the same bits in every even-sized batch,
@@ -430,24 +439,26 @@ class StableDiffusionAdapter(ModelAdapter):
         out: list[list[RGBArray]] = []
         i = 0
         for req in reqs:
-            n = len(req.work.images)
+            n = len(_work(req).images)
             out.append([u8[j] for j in range(i, i + n)])
             i += n
         return out
 
     @torch.inference_mode()
-    def previews(self, reqs: list[RequestState]) -> list[RGBArray | None]:
+    def previews(self, reqs: list[RequestState[RequestWork]]) -> list[RGBArray | None]:
         """Projected on the device and copied to the host in one transfer: one wait for the
         device per step, not one per previewing request (``reqs`` is one bucket: one size)."""
         out: list[RGBArray | None] = [None] * len(reqs)
-        due = [i for i, r in enumerate(reqs) if r.work is not None and r.work.preview_x0 is not None]
+        works = [r.work for r in reqs]
+        due = [i for i, w in enumerate(works) if w is not None and w.preview_x0 is not None]
         if not due:
             return out
         wgt, bias = self._latent_rgb
         rgb = []
         for i in due:
-            w = reqs[i].work
+            w = _work(reqs[i])
             x0, w.preview_x0 = w.preview_x0, None
+            assert x0 is not None
             p = torch.einsum("chw,cr->hwr", x0[0].float(), wgt) + bias
             rgb.append((p.clamp(0, 1) * 255).round().to(torch.uint8))
         host = self._to_host(torch.stack(rgb))
@@ -525,14 +536,14 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
         pooled = pooled.to(self.dtype)
         return [Conditioning(emb[i : i + 1], pooled[i : i + 1]) for i in range(len(texts))]
 
-    def _negative(self, req: RequestState, positive: Conditioning) -> Conditioning:
+    def _negative(self, req: RequestState[RequestWork], positive: Conditioning) -> Conditioning:
         # As the reference: no negative prompt means zeros, for models configured so.
         if not req.params.negative_prompt and self.pipe.config.get("force_zeros_for_empty_prompt", True):
             assert positive.pooled is not None
             return Conditioning(torch.zeros_like(positive.embeds), torch.zeros_like(positive.pooled))
         return super()._negative(req, positive)
 
-    def _row_extras(self, req: RequestState, cond: Conditioning) -> RowExtras:
+    def _row_extras(self, req: RequestState[RequestWork], cond: Conditioning) -> RowExtras:
         p = req.params
         # original size, crop top-left, target size: the image as asked for, uncropped.
         time_ids = torch.tensor(

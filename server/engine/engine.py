@@ -1,0 +1,299 @@
+"""The engine: one thread per accelerator running the scheduler's step plans.
+
+The asyncio server talks to it only through :meth:`Engine.submit` and :meth:`Engine.cancel`
+(thread-safe, never blocking on model work) and receives events through a per-request sink
+that must not block (the API's sink hands events to the event loop with
+``call_soon_threadsafe``). The loop never waits on a client.
+
+Each iteration (:meth:`Engine.run_once`) reads like vLLM's ``EngineCore.step``: move the
+inbox into the scheduler, **schedule** (who ends, who joins, who steps), **execute** (the
+runner's model work: encode the newcomers, one batched forward), **update** (steps done,
+who finished), then previews and decoding of the finished, whose results the completion
+queue reads when the accelerator has got there.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .completions import CompletionQueue
+from .inbox import EventSink, Inbox, Message, Submit
+from .ledger import Ledger
+from .models.base import ModelAdapter
+from .observer import EngineObserver, ObserverGroup
+from .outbox import Outbox
+from .request import RequestState, RequestStatus
+from .runner import StepRunner
+from .scheduler import DEFAULT_BATCH_PRIORITY_DELAY_S, Load, StepPlan, make_scheduler, priority_delays
+from .types import FailedEvent, FinishReason, GenerationParams, QueuedEvent
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Engine", "EngineConfig", "EventSink"]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine settings. The defaults here are also the defaults of the server's flags
+    (``stepserve.server.config.ServerConfig`` documents them), except the price, which the
+    server sets to a placeholder."""
+
+    batching: str = "step"
+    max_queue: int = 256
+    max_batch_delay_s: float = 0.05
+    accelerator_cost_per_hour: float = 0.0
+    # Batch-priority requests are served as if they arrived this much later (aging bound).
+    batch_priority_delay_s: float = DEFAULT_BATCH_PRIORITY_DELAY_S
+    # Refuse at admission a request whose deadline the current load cannot meet.
+    reject_unmeetable_deadlines: bool = True
+    # Queue step k+1 on the accelerator before reading step k's times, previews and images
+    # (see completions.py). None: when a model's device runs asynchronously (CUDA).
+    run_ahead: bool | None = None
+
+
+class Engine:
+    """Runs every loaded model's requests on one thread, one batched step at a time."""
+
+    def __init__(
+        self,
+        models: dict[str, ModelAdapter],
+        config: EngineConfig,
+        clock: Callable[[], float] = time.monotonic,
+        observers: Sequence[EngineObserver] = (),
+    ) -> None:
+        self.models = models
+        self.config = config
+        self.clock = clock
+        self.scheduler = make_scheduler(
+            config.batching,
+            {n: m.info.max_batch_size for n, m in models.items()},
+            config.max_batch_delay_s,
+            priority_delays(config.batch_priority_delay_s),
+        )
+        self.inbox = Inbox(config.max_queue, self.scheduler.load())
+        self.ledger = Ledger(models)
+        run_ahead = config.run_ahead
+        if run_ahead is None:
+            run_ahead = any(m.asynchronous for m in models.values())
+        self.run_ahead = run_ahead
+        self.completions = CompletionQueue(run_ahead)
+        self.observer = ObserverGroup(observers)
+        self.outbox = Outbox(self.inbox, self.completions, self.observer, clock, self.scheduler.load)
+        self.runner = StepRunner(
+            models,
+            self.scheduler,
+            self.ledger,
+            self.completions,
+            self.outbox,
+            self.observer,
+            clock,
+            config.accelerator_cost_per_hour,
+        )
+        self.on_failure: Callable[[BaseException], None] | None = None
+        self._thread: threading.Thread | None = None
+        self._wake_at: float | None = None
+
+    # -- called from any thread ------------------------------------------------------------
+    def start(self) -> None:
+        """Start the engine thread."""
+        self.ledger.start()
+        self._thread = threading.Thread(target=self.run_forever, name="stepserve-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, params: GenerationParams, sink: EventSink, trace_context: Any = None) -> None:
+        """Queue a request; raises :class:`~.inbox.EngineError` subclasses when it cannot be
+        taken now, ValueError when it can never be (an id in flight, a model not loaded, more
+        images than the model batches). ``trace_context`` (the caller's OpenTelemetry span
+        context) goes to observers."""
+        model = self.models.get(params.model)
+        if model is None:
+            raise ValueError(f"model {params.model!r} is not loaded")
+        if params.num_images > model.info.max_batch_size:
+            raise ValueError(
+                f"{params.num_images} images is more than model {params.model!r} can batch "
+                f"({model.info.max_batch_size})"
+            )
+
+        def retry_after_s() -> float:  # about one generation of this size at the current pace
+            return self.ledger.step_time_s[params.model] * params.steps
+
+        self.inbox.submit(Submit(params, self.clock(), trace_context), sink, retry_after_s)
+
+    def cancel(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_CANCELLED) -> None:
+        """Drop a request at the next step boundary (no-op if it already ended)."""
+        self.inbox.cancel(request_id, status)
+
+    def drain(self, timeout_s: float) -> bool:
+        """Refuse new requests and wait up to ``timeout_s`` for in-flight ones to finish.
+
+        Returns True if everything finished; the rest is ended by :meth:`stop`."""
+        return self.inbox.wait_until_empty(timeout_s)
+
+    def stop(self) -> None:
+        """End every remaining request with SHUTDOWN and stop the thread."""
+        self.inbox.close()
+        if self._thread is not None:
+            self._thread.join()
+
+    @property
+    def failure(self) -> BaseException | None:
+        """What killed the engine thread (None while it lives)."""
+        return self.inbox.failure
+
+    def load(self) -> Load:
+        """Per model: requests waiting (the inbox's included) and running, and the batch
+        capacity, as of the scheduler's last change (one consistent snapshot)."""
+        return self.inbox.load()
+
+    def queue_depth(self, model: str | None = None) -> int:
+        """Requests accepted and not yet running."""
+        waiting = self.inbox.load().waiting
+        return waiting.get(model, 0) if model is not None else sum(waiting.values())
+
+    def active_requests(self) -> int:
+        """Requests in the running set."""
+        return sum(self.inbox.load().running.values())
+
+    def in_flight(self) -> int:
+        return self.inbox.in_flight()
+
+    def accelerator_seconds(self) -> tuple[float, float]:
+        """(busy, idle) seconds since start: busy is time in model work, idle the rest."""
+        return self.ledger.accelerator_seconds()
+
+    # -- the engine thread ---------------------------------------------------------------
+    def run_forever(self) -> None:
+        """The engine thread's body: iterate until stopped, then end what is left with
+        SHUTDOWN. If anything escapes (a bug, a lost device), every request ends with the
+        error and ``on_failure`` is told."""
+        try:
+            while self.run_once(block=True) is not None:
+                pass
+            self.completions.run_all()
+            self._end_all(RequestStatus.FINISHED_SHUTDOWN, "the server shut down before the request finished")
+            self.completions.run_all()
+        except BaseException as e:  # the loop must never die silently
+            logger.exception("engine loop failed")
+            self.inbox.fail(e)
+            message = f"the engine failed: {e}"
+            self.completions.run_after_failure(self.outbox.lost(message))
+            self._end_all(RequestStatus.FINISHED_ERROR, message)
+            self.completions.run_after_failure(self.outbox.lost(message))
+            if self.on_failure is not None:
+                self.on_failure(e)
+
+    def run_once(self, block: bool = False) -> StepPlan | None:
+        """One iteration: take in submissions and cancels, schedule, execute, update.
+
+        The engine thread calls it with ``block=True`` (sleep while idle); tests call it
+        directly, without starting the thread, to drive arrivals step by step. Returns the
+        executed plan, or None when the engine is stopping.
+        """
+        if not self._take_inbox(block):
+            return None
+        self.completions.next_iteration()
+        # Newcomers hear their place before anything runs, even if they start right away.
+        self._report_positions()
+        # Schedule: who ends now, who joins the running set, which bucket steps.
+        plan = self.scheduler.schedule(self.clock())
+        self._wake_at = plan.wake_at
+        self.inbox.publish(self.scheduler.load())
+        # Execute: end the aborted, encode the newcomers, one batched forward.
+        self.runner.end_aborted(plan.aborted)
+        self.runner.prepare(plan.admitted)
+        outcome = self.runner.denoise(plan.batch)
+        if outcome.attempts:  # a step is queued: read the previous one while it runs
+            self.completions.work_queued()
+        # Update: steps done and who finished; their progress, previews and images.
+        finished = self.scheduler.update(outcome.stepped)
+        self.runner.report_progress(outcome)
+        self.runner.finish(finished)
+        self._report_positions()
+        self.inbox.publish(self.scheduler.load())
+        self.completions.iteration_done(more_work=bool(self.scheduler.running))
+        return plan
+
+    def idle(self) -> bool:
+        """Nothing waits, runs or sits in the inbox (for tests that drive :meth:`run_once`)."""
+        return not self.scheduler.has_unfinished() and self.queue_depth() == 0
+
+    def _take_inbox(self, block: bool) -> bool:
+        """Move submissions and cancels into the scheduler; with ``block``, first sleep while
+        there is nothing to do. Returns False when the loop should stop."""
+        s = self.scheduler
+        busy = bool(s.running) or (bool(s.waiting) and self._wake_at is None)
+        refused: list[tuple[RequestState, FailedEvent]] = []
+
+        def deliver(messages: list[Message]) -> Load:
+            for m in messages:
+                if isinstance(m, Submit):
+                    req = m.to_request()
+                    s.add(req)
+                    refusal = self._refuse_if_unmeetable(req)
+                    if refusal is not None:
+                        refused.append((req, refusal))
+                else:
+                    s.abort(m.request_id, m.status)
+            return s.load()
+
+        try:
+            return self.inbox.take(block and not busy, self._wake_at, self.clock, deliver)
+        finally:  # even if a later message broke the engine, the refused hear so
+            for req, event in refused:
+                logger.info("request %s refused: %s", req.request_id, event.message, extra=req.log_extra)
+                self.outbox.end_later(req, event)
+
+    def estimated_finish_s(self, req: RequestState) -> float:
+        """Seconds until a just-queued request would finish at the current load: the wait for
+        a slot plus its own steps, at the model's recent step time (an optimistic estimate:
+        it assumes the batch does not grow)."""
+        step = self.ledger.step_time_s[req.model]
+        pos = self.scheduler.queue_positions()[req.request_id]
+        info = self.models[req.model].info
+        return (
+            self.scheduler.estimated_wait(pos, req.model, step, info.default_steps) + req.params.steps * step
+        )
+
+    def _refuse_if_unmeetable(self, req: RequestState) -> FailedEvent | None:
+        """Deadline-aware admission: take a just-queued request out again if the current load
+        cannot finish it before its deadline; returns the event it ends with."""
+        deadline = req.params.deadline
+        if not self.config.reject_unmeetable_deadlines or deadline is None:
+            return None
+        now = self.clock()
+        need = self.estimated_finish_s(req)
+        if now + need <= deadline:
+            return None
+        self.scheduler.finish(req, RequestStatus.FINISHED_REJECTED, now)
+        msg = (
+            f"the deadline ({max(0.0, deadline - now):.2f}s left) cannot be met at the current load: "
+            f"about {need:.2f}s to finish; retry with a longer deadline or later"
+        )
+        return FailedEvent(FinishReason.UNMEETABLE_DEADLINE, msg, retry_after_s=need)
+
+    def _report_positions(self) -> None:
+        positions = self.scheduler.queue_positions()
+        for req in self.scheduler.waiting:
+            pos = positions[req.request_id]
+            if pos != req.reported_position:
+                req.reported_position = pos
+                info = self.models[req.model].info
+                est = self.scheduler.estimated_wait(
+                    pos, req.model, self.ledger.step_time_s[req.model], info.default_steps
+                )
+                self.outbox.send_later(req, QueuedEvent(pos, est))
+
+    def _end_all(self, status: RequestStatus, message: str) -> None:
+        """End every request the engine holds, and those still in the inbox, with ``status``."""
+        for req in self.scheduler.fail_all(status, self.clock()):
+            self.runner.release(req)
+            self.outbox.end_later(req, FailedEvent(status.finish_reason, message))
+        for submission in self.inbox.take_submissions():
+            req = submission.to_request()
+            req.status = status
+            self.outbox.end_later(req, FailedEvent(status.finish_reason, message))
