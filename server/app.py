@@ -23,7 +23,8 @@ from stepserve import __version__
 from stepserve.v1 import image_generation_pb2 as pb
 
 from .api.auth import BearerTokenAuth, load_tokens
-from .api.servicer import ImageGenerationServicer, add_to_server
+from .api.registration import add_to_server
+from .api.servicer import ImageGenerationServicer
 from .api.validation import Limits
 from .config import ServerConfig
 from .engine.engine import Engine, EngineConfig

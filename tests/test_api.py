@@ -120,6 +120,17 @@ def test_unknown_model_is_not_found(server) -> None:
     assert e.value.code == grpc.StatusCode.NOT_FOUND and "tiny" in e.value.message
 
 
+def test_a_request_id_already_in_flight_is_refused_and_the_first_goes_on(server) -> None:
+    with ImageClient(server.target) as c:
+        first = c.generate_stream("a red circle", steps=40, seed=1, request_id="twice")
+        assert next(first).WhichOneof("event") in ("queued", "progress")
+        with pytest.raises(StepserveError) as e:
+            c.generate("a blue square", steps=2, request_id="twice")
+        assert e.value.code == grpc.StatusCode.ALREADY_EXISTS and "'twice'" in e.value.message
+        # The refusal touched nothing of the first call's: it still ends with its result.
+        assert [ev for ev in first if ev.WhichOneof("event") == "result"]
+
+
 def test_too_long_prompt_is_rejected_not_truncated(server) -> None:
     with ImageClient(server.target) as c, pytest.raises(StepserveError) as e:
         c.generate("red " * 40, steps=2)

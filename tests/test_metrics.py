@@ -182,3 +182,44 @@ def test_promtool_accepts_the_exposition(tiny_sd_dir: Path) -> None:
     finally:
         srv.stop()
 
+
+@pytest.mark.parametrize(
+    ("target", "stage"),
+    [("encode", "encoding the result images"), ("preview_image", "encoding the progress of step 1")],
+)
+def test_an_unexpected_failure_in_the_api_ends_the_call_with_internal_and_counts_as_error(
+    metered, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, target: str, stage: str
+) -> None:
+    """The guard at the gRPC edge: an exception the servicer does not expect (here, encoding
+    an image) ends the call with INTERNAL naming what failed, is logged with the request id,
+    and is counted as code="error" (never ok, cancelled or gRPC's UNKNOWN); the server keeps
+    serving and nothing is left in flight."""
+    from stepserve.server.api import imaging
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError("injected encoder failure")
+
+    port = metered.server.metrics_port
+    monkeypatch.setattr(imaging, target, broken)
+    with (
+        ImageClient(metered.target, service_config={}) as c,
+        pytest.raises(StepserveError) as failed,
+        caplog.at_level("ERROR", logger="stepserve.server.api.servicer"),
+    ):
+        c.generate("a red circle", steps=3, seed=1, preview_every=1, request_id="doomed-1")
+    assert failed.value.code == grpc.StatusCode.INTERNAL
+    assert failed.value.message == f"request doomed-1: {stage} failed: OSError: injected encoder failure"
+    logged = [r for r in caplog.records if "doomed-1" in r.getMessage()]
+    assert logged and logged[0].exc_info is not None and stage in logged[0].getMessage()
+    assert getattr(logged[0], "request_id", None) == "doomed-1"
+    monkeypatch.undo()
+
+    wait_for(lambda: metered.engine.in_flight() == 0)
+    s = Samples(scrape(port))
+    counts = {
+        c: s.get("stepserve_requests_total", model="tiny", code=c) for c in ("ok", "cancelled", "error")
+    }
+    assert counts == {"ok": 0, "cancelled": 0, "error": 1}
+    assert s.get("stepserve_request_duration_seconds_count", model="tiny", code="error") == 1
+    with ImageClient(metered.target) as c:
+        assert len(c.generate("a blue square", steps=2, seed=2).images) == 1

@@ -8,23 +8,23 @@ stream responses. Image encoding runs in a thread pool.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
-from google.protobuf.message import DecodeError, Message
 from opentelemetry import trace
 
 from stepserve.v1 import image_generation_pb2 as pb
 from stepserve.v1 import image_generation_pb2_grpc as pb_grpc
 
-from ..engine.request import RequestStatus
 from ..engine.engine import Engine
-from ..engine.inbox import EngineStoppedError, QueueFullError
+from ..engine.inbox import EngineStoppedError, QueueFullError, RequestInFlightError
+from ..engine.request import RequestStatus
 from ..engine.types import (
     EngineEvent,
     FailedEvent,
@@ -36,9 +36,10 @@ from ..engine.types import (
     ResultEvent,
 )
 from ..logging_setup import request_id_var
-from ..observability.metrics import UNKNOWN_MODEL, Metrics, Outcome
+from ..observability.metrics import OUTCOME_OF_REASON, UNKNOWN_MODEL, Metrics, Outcome
 from . import imaging
 from .errors import ApiError, resource_exhausted, unavailable
+from .registration import MalformedRequest
 from .validation import FORMAT_TO_PROTO, PRESET_TO_PROTO, SAMPLER_TO_PROTO, Limits, validate_generate
 
 if TYPE_CHECKING:
@@ -53,52 +54,6 @@ FAILURE_CODES = {
     FinishReason.ERROR: grpc.StatusCode.INTERNAL,
     FinishReason.SHUTDOWN: grpc.StatusCode.UNAVAILABLE,
 }
-
-
-@dataclass(frozen=True)
-class MalformedRequest:
-    """What the deserializer hands the servicer for bytes that are not a valid request
-    message (so the caller gets INVALID_ARGUMENT, not grpc's UNKNOWN)."""
-
-    type_name: str
-    error: str
-
-    def to_error(self) -> ApiError:
-        return ApiError(
-            grpc.StatusCode.INVALID_ARGUMENT, f"the request is not a valid {self.type_name}: {self.error}"
-        )
-
-
-def _lenient(cls: type[Message]) -> Callable[[bytes], Message | MalformedRequest]:
-    def deserialize(data: bytes) -> Message | MalformedRequest:
-        try:
-            return cls.FromString(data)
-        except DecodeError as e:
-            return MalformedRequest(cls.DESCRIPTOR.full_name, str(e))
-
-    return deserialize
-
-
-def add_to_server(servicer: ImageGenerationServicer, server: grpc.aio.Server) -> None:
-    """Register every method of the service, like the generated ``add_..._to_server``, but
-    with deserializers that turn malformed bytes into :class:`MalformedRequest`."""
-    service = pb.DESCRIPTOR.services_by_name["ImageGenerationService"]
-    handlers = {}
-    for method in service.methods:
-        request_cls = getattr(pb, method.input_type.name)
-        response_cls = getattr(pb, method.output_type.name)
-        make = (
-            grpc.unary_stream_rpc_method_handler
-            if method.server_streaming
-            else grpc.unary_unary_rpc_method_handler
-        )
-        handlers[method.name] = make(
-            getattr(servicer, method.name),
-            request_deserializer=_lenient(request_cls),
-            response_serializer=response_cls.SerializeToString,
-        )
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
-    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 def model_info_proto(info: ModelInfo, is_default: bool) -> pb.ModelInfo:
@@ -124,6 +79,39 @@ def model_info_proto(info: ModelInfo, is_default: bool) -> pb.ModelInfo:
         karras_samplers=[SAMPLER_TO_PROTO[s] for s in info.karras_samplers],
         guidance_embedded=info.guidance_embedded,
     )
+
+
+@dataclass
+class _Call:
+    """How an accepted Generate call is going: when it was accepted, and when and how it
+    ended (the engine's terminal event, the API's own failure, or the caller leaving)."""
+
+    accepted_at: float
+    ended_at: float | None = None
+    outcome: Outcome | None = None
+
+    def end(self, outcome: Outcome | None) -> None:
+        """The call ended now; ``outcome`` None: set by whoever reports it (engine failures)."""
+        if self.ended_at is None:
+            self.ended_at = time.monotonic()
+        if outcome is not None:
+            self.outcome = outcome
+
+
+class _StageError(Exception):
+    """A step of the API's own work for a request (``stage``) failed; the cause is chained."""
+
+    def __init__(self, stage: str) -> None:
+        super().__init__(stage)
+        self.stage = stage
+
+
+class _EngineFailure(Exception):
+    """The engine ended the request without a result."""
+
+    def __init__(self, event: FailedEvent) -> None:
+        super().__init__(event.message)
+        self.event = event
 
 
 class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: ignore[misc]
@@ -168,15 +156,20 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
+        label = self._model_label(getattr(request, "model", ""))
         try:
             if isinstance(request, MalformedRequest):
                 raise request.to_error()
             params = self._admit(request, context)
         except ApiError as e:
-            outcome = Outcome.UNAVAILABLE if e.code == grpc.StatusCode.UNAVAILABLE else Outcome.INVALID
+            refused = Outcome.UNAVAILABLE if e.code == grpc.StatusCode.UNAVAILABLE else Outcome.INVALID
             logger.info("request refused from %s: %s: %s", context.peer(), e.code.name, e.message)
-            self.metrics.count_refused(self._model_label(getattr(request, "model", "")), outcome)
+            self.metrics.count_refused(label, refused)
             await _abort(context, e)
+            return
+        except Exception as e:  # the guard (see _guard), before the request has an id
+            self.metrics.count_refused(label, Outcome.ERROR)
+            await _guard(context, "", _StageError("validating the request"), e)
             return
         rid = params.request_id
         request_id_var.set(rid)
@@ -203,6 +196,11 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
             self.metrics.count_refused(params.model, Outcome.UNAVAILABLE)
             await _abort(context, unavailable(str(e), retry_after_s=1.0))
             return
+        except RequestInFlightError as e:
+            logger.info("request %s refused: %s", rid, e)
+            self.metrics.count_refused(params.model, Outcome.INVALID)
+            await _abort(context, ApiError(grpc.StatusCode.ALREADY_EXISTS, str(e)))
+            return
         logger.info(
             "request %s accepted from %s: model=%s %dx%d steps=%d sampler=%s images=%d",
             rid,
@@ -214,41 +212,76 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
             params.sampler.value,
             params.num_images,
         )
-        done = False
+        call = _Call(accepted_at=time.monotonic())
         try:
-            while True:
-                event = await events.get()
-                if isinstance(event, QueuedEvent):
-                    yield pb.GenerateResponse(
-                        request_id=rid,
-                        queued=pb.Queued(
-                            position=event.position, estimated_wait_ms=int(event.estimated_wait_s * 1000)
-                        ),
-                    )
-                elif isinstance(event, ProgressEvent):
-                    yield await self._progress(params, event)
-                elif isinstance(event, ResultEvent):
-                    done = True
-                    yield await self._result(params, event)
-                    return
-                elif isinstance(event, FailedEvent):
-                    done = True
-                    if event.reason is FinishReason.UNMEETABLE_DEADLINE:
-                        error = resource_exhausted(
-                            f"request {rid}: {event.message}", event.retry_after_s or 1.0, subject="deadline"
-                        )
-                        await _abort(context, error)
-                    else:
-                        await context.abort(FAILURE_CODES[event.reason], f"request {rid}: {event.message}")
-                    return
+            async with contextlib.aclosing(self._stream(params, events, call)) as stream:
+                async for response in stream:
+                    yield response
+        except _EngineFailure as failure:
+            call.outcome = OUTCOME_OF_REASON[failure.event.reason]
+            await self._abort_failed(context, rid, failure.event)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:  # the guard: nothing unexpected leaves as UNKNOWN
+            call.end(Outcome.ERROR)
+            engine.cancel(rid, RequestStatus.FINISHED_ERROR)  # the engine drops it at its next step
+            await _guard(context, rid, e if isinstance(e, _StageError) else _StageError("streaming"), e)
         finally:
-            if not done:
+            if call.outcome is None:
                 # The caller went away (cancelled, deadline) or the stream broke: stop the work.
                 left = context.time_remaining()
                 expired = left is not None and left <= 0
+                call.end(Outcome.DEADLINE if expired else Outcome.CANCELLED)
                 engine.cancel(
                     rid, RequestStatus.FINISHED_DEADLINE if expired else RequestStatus.FINISHED_CANCELLED
                 )
+            assert call.outcome is not None and call.ended_at is not None
+            self.metrics.count_finished(params.model, call.outcome, call.ended_at - call.accepted_at)
+
+    async def _stream(
+        self, params: GenerationParams, events: asyncio.Queue[EngineEvent], call: _Call
+    ) -> AsyncGenerator[pb.GenerateResponse, None]:
+        """The responses for the engine's events up to the result; raises _EngineFailure
+        when the engine ends the request without one, and _StageError naming the step of
+        the API's own work that failed. Marks ``call`` ended when the engine's terminal
+        event arrives."""
+        rid = params.request_id
+        while True:
+            event = await events.get()
+            if isinstance(event, ResultEvent | FailedEvent):
+                call.end(Outcome.OK if isinstance(event, ResultEvent) else None)
+            if isinstance(event, QueuedEvent):
+                yield pb.GenerateResponse(
+                    request_id=rid,
+                    queued=pb.Queued(
+                        position=event.position, estimated_wait_ms=int(event.estimated_wait_s * 1000)
+                    ),
+                )
+            elif isinstance(event, ProgressEvent):
+                try:
+                    response = await self._progress(params, event)
+                except Exception as e:
+                    raise _StageError(f"encoding the progress of step {event.step}") from e
+                yield response
+            elif isinstance(event, ResultEvent):
+                try:
+                    response = await self._result(params, event)
+                except Exception as e:
+                    raise _StageError("encoding the result images") from e
+                yield response
+                return
+            elif isinstance(event, FailedEvent):
+                raise _EngineFailure(event)
+
+    async def _abort_failed(self, context: grpc.aio.ServicerContext, rid: str, event: FailedEvent) -> None:
+        """End the call with the status for an engine failure."""
+        if event.reason is FinishReason.UNMEETABLE_DEADLINE:
+            error = resource_exhausted(
+                f"request {rid}: {event.message}", event.retry_after_s or 1.0, subject="deadline"
+            )
+            await _abort(context, error)
+        else:
+            await context.abort(FAILURE_CODES[event.reason], f"request {rid}: {event.message}")
 
     def _model_label(self, requested: str) -> str:
         """The ``model`` metric label of a refused request (never a caller-made value)."""
@@ -334,6 +367,17 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
             model=params.model,
         )
         return pb.GenerateResponse(request_id=params.request_id, result=result)
+
+
+async def _guard(context: grpc.aio.ServicerContext, rid: str, stage: _StageError, error: Exception) -> None:
+    """The guard at the gRPC edge: an exception the servicer did not expect ends the call
+    with INTERNAL naming what failed (never gRPC's bare UNKNOWN), logged with the request id."""
+    cause = error.__cause__ if isinstance(error, _StageError) and error.__cause__ is not None else error
+    who = f"request {rid}" if rid else "a request"
+    logger.error("%s: %s failed", who, stage.stage, exc_info=cause, extra={"request_id": rid} if rid else {})
+    await context.abort(
+        grpc.StatusCode.INTERNAL, f"{who}: {stage.stage} failed: {type(cause).__name__}: {cause}"
+    )
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: ApiError) -> None:

@@ -1,7 +1,8 @@
 """Prometheus metrics: one registry per server, served on ``--metrics-port``.
 
-Counters and histograms are fed by engine hooks (:class:`MetricsObserver`) and by the API for
-requests refused before they reach the engine. Gauges that describe the engine's present state
+Counters and histograms are fed by engine hooks (:class:`MetricsObserver`) and by the API,
+which counts every Generate call's outcome (``stepserve_requests_total``) where the status the
+caller gets is known. Gauges that describe the engine's present state
 (queue depth, active requests, accelerator busy/idle time, device memory) are read from the
 engine at scrape time by :class:`EngineCollector`, so they can never drift from the truth.
 See README "Metrics" for the list and docs/architecture.md for the cost model.
@@ -32,8 +33,8 @@ from ..engine.types import FinishReason, Usage
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
-    from ..engine.request import RequestState
     from ..engine.engine import Engine
+    from ..engine.request import RequestState
 
 # Diffusion requests take from tens of milliseconds (a few steps of a small model) to minutes
 # (50 steps of SDXL behind a queue).
@@ -146,9 +147,15 @@ class Metrics:
             "stepserve_build_info", "Always 1; labels name the version.", ("version",), registry=r
         )
 
-    # -- API side: requests refused before reaching the engine ----------------------------
+    # -- API side: how each Generate call ended ----------------------------------------
     def count_refused(self, model: str, outcome: Outcome) -> None:
+        """A call refused before the engine took it (invalid, rejected, unavailable)."""
         self.requests.labels(model, outcome.value).inc()
+
+    def count_finished(self, model: str, outcome: Outcome, seconds: float) -> None:
+        """An accepted call ended with ``outcome`` ``seconds`` after it was accepted."""
+        self.requests.labels(model, outcome.value).inc()
+        self.request_duration.labels(model, outcome.value).observe(max(0.0, seconds))
 
     def init_model(self, model: str) -> None:
         """Create a model's label sets at zero, so rates and alerts see them before traffic."""
@@ -187,10 +194,8 @@ class MetricsObserver(EngineObserver):
     def request_finished(
         self, req: RequestState, reason: FinishReason, now: float, usage: Usage | None
     ) -> None:
+        # The call's outcome is counted by the API, which knows the status the caller got.
         model = req.model
-        outcome = OUTCOME_OF_REASON[reason]
-        self.m.requests.labels(model, outcome.value).inc()
-        self.m.request_duration.labels(model, outcome.value).observe(max(0.0, now - req.arrival_time))
         # Work done for a request that later failed was still spent: it is charged too.
         self.m.accelerator_charged.labels(model).inc(req.accelerator_s)
         self.m.cost_total.labels(model).inc(req.accelerator_s * self.usd_per_s)
