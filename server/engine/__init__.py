@@ -6,5 +6,5 @@ a plan's model work under ``fault_policy``; ``completions``, ``ledger`` and ``ou
 the accelerator's results into charges and events in order; ``inbox`` is all the engine
 thread shares with the API's threads; ``models`` adapts diffusers pipelines to encode /
 denoise-step / decode / preview functions. Nothing here imports the API, gRPC or the
-generated protobuf modules.
+generated protobuf modules (``tests/test_import_walls.py``).
 """
