@@ -93,7 +93,10 @@ def percentile(xs: list[float], q: float) -> float | None:
 
 
 class Server:
-    def __init__(self, mode: str, log: Path, setup: Setup) -> None:
+    """A server process for ``mode``: the reference, or stepserve (``executable``, by
+    default this install's) with that batching mode."""
+
+    def __init__(self, mode: str, log: Path, setup: Setup, executable: Path | None = None) -> None:
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -110,7 +113,7 @@ class Server:
             ]
         else:
             cmd = [
-                str(BIN / "stepserve"),
+                str(executable or BIN / "stepserve"),
                 "serve",
                 "--host",
                 "127.0.0.1",
