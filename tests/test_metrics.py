@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -17,6 +16,7 @@ from stepserve.server.config import ServerConfig
 from .metrics_helpers import Samples, promtool_check, scrape
 from .server_process import free_port
 from .server_thread import ServerThread
+from .waiting import wait_for
 
 PRICE_PER_HOUR = 36.0  # USD: makes cost_usd = accelerator_seconds / 100
 
@@ -36,13 +36,6 @@ def metered(tiny_sd_dir: Path):
     srv = ServerThread(cfg)
     yield srv
     srv.stop()
-
-
-def wait_for(predicate, timeout: float = 30.0) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "condition not reached"
-        time.sleep(0.05)
 
 
 def test_metrics_follow_ok_invalid_cancelled_and_rejected_requests(metered) -> None:

@@ -3,11 +3,9 @@ cancellations at random points while other requests run."""
 
 from __future__ import annotations
 
-import gc
 import io
 import random
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -16,9 +14,9 @@ import pytest
 from PIL import Image
 
 from stepserve.client import ImageClient, StepserveError
-from stepserve.server.engine.request import RequestState
 
 from .server_thread import ServerThread
+from .waiting import wait_until_idle
 
 
 def rss_bytes() -> int:
@@ -27,14 +25,7 @@ def rss_bytes() -> int:
 
 
 def assert_idle_without_leaks(srv: ServerThread) -> None:
-    engine = srv.engine
-    end = time.monotonic() + 30
-    while engine.in_flight() and time.monotonic() < end:
-        time.sleep(0.05)
-    assert engine.in_flight() == 0 and engine.queue_depth() == 0 and engine.active_requests() == 0
-    assert not engine.scheduler.has_unfinished()
-    gc.collect()
-    assert not [o for o in gc.get_objects() if isinstance(o, RequestState)], "request state leaked"
+    wait_until_idle(srv.engine)
 
 
 @pytest.fixture

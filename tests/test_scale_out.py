@@ -4,15 +4,19 @@ request, and the calls it refuses while draining are retried on the others."""
 
 from __future__ import annotations
 
+import itertools
 import re
 import signal
 import threading
-import time
 from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stepserve.client import ImageClient
 
 from .server_process import start_server
+from .waiting import wait_for
 
 
 def accepted(log: Path) -> int:
@@ -21,6 +25,13 @@ def accepted(log: Path) -> int:
 
 def refused_unavailable(log: Path) -> int:
     return len(re.findall(r"request refused from \S+: UNAVAILABLE", log.read_text()))
+
+
+def not_ready(target: str) -> bool:
+    """Whether the server's readiness (the overall health service) says NOT_SERVING."""
+    with grpc.insecure_channel(target) as ch:
+        status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+    return bool(status == health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
 def run_load(
@@ -49,7 +60,16 @@ def test_three_replicas_share_the_load_and_one_drains_without_losing_requests(
     servers: list = [None] * 3
 
     def start(i: int) -> None:
-        servers[i] = start_server(tiny_sd_dir, logs[i], "--threads", "1", "--drain-timeout-s", "60")
+        # The injected step delay keeps the long requests in flight for seconds on any hardware.
+        servers[i] = start_server(
+            tiny_sd_dir,
+            logs[i],
+            "--threads",
+            "1",
+            "--drain-timeout-s",
+            "60",
+            env={"STEPSERVE_FAULTS": "step_delay_s=0.02"},
+        )
 
     starters = [threading.Thread(target=start, args=(i,)) for i in range(3)]
     for t in starters:
@@ -61,20 +81,29 @@ def test_three_replicas_share_the_load_and_one_drains_without_losing_requests(
     try:
         with ImageClient([target for _, target in servers]) as client:
             results: dict = {}
-            for t in run_load(client, 12, 4, "warm", results):
-                t.join(120)
+            rounds = itertools.count()
+
+            def all_serve() -> bool:
+                """A round of three calls; true once every replica has accepted some. (The
+                client's round_robin spreads calls over the connections that are up, and a
+                replica's connection may come up a little after the others.)"""
+                for t in run_load(client, 3, 4, f"warm{next(rounds)}", results):
+                    t.join(120)
+                return all(accepted(log) > 0 for log in logs)
+
+            wait_for(all_serve, timeout_s=120, what="every replica serving")
             assert all(not isinstance(r, Exception) for r in results.values()), results
-            assert len(results) == 12
-            assert all(accepted(log) > 0 for log in logs), [accepted(log) for log in logs]
+            warm = sum(accepted(log) for log in logs)
+            assert warm == len(results)
 
             # Long requests in flight everywhere, then replica 1 is told to stop.
             results.clear()
             started = threading.Event()
             before = run_load(client, 9, 40, "before", results, started)
             assert started.wait(60)
-            time.sleep(0.5)
+            wait_for(lambda: sum(accepted(log) for log in logs) == warm + 9)  # all 9 are in flight
             procs[1].send_signal(signal.SIGTERM)
-            time.sleep(0.3)
+            wait_for(lambda: not_ready(servers[1][1]))  # replica 1 is draining
             after = run_load(client, 12, 4, "after", results)
             for t in before + after:
                 t.join(300)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import itertools
 import logging
 import re
-import threading
 from pathlib import Path
 
 import grpc
@@ -25,6 +25,7 @@ from stepserve.server.config import ServerConfig
 from .metrics_helpers import Samples, scrape
 from .server_process import free_port
 from .server_thread import ServerThread
+from .waiting import wait_for
 
 
 def serve(tiny_sd_dir: Path, **kw: object) -> ServerThread:
@@ -219,19 +220,31 @@ def test_oversized_messages_and_path_like_model_names_are_refused(server) -> Non
         assert len(c.generate("a red circle", steps=2).images) == 1  # and it still serves
 
 
-def test_connections_are_recycled_after_max_age_without_cutting_streams(tiny_sd_dir: Path, caplog) -> None:
+def test_connections_are_recycled_after_max_age_without_cutting_streams(
+    tiny_sd_dir: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     caplog.set_level(logging.INFO, logger="stepserve.server.api.servicer")
+    # Each step takes at least 10 ms (injected), so 150 steps outlive the 0.5 s age anywhere.
+    monkeypatch.setenv("STEPSERVE_FAULTS", "step_delay_s=0.01")
     srv = serve(tiny_sd_dir, max_connection_age_s=0.5, drain_timeout_s=60)
     try:
         with ImageClient(srv.target, service_config={}) as c:
             # A stream that outlives the connection's age is not cut (it gets the grace period).
             long = c.generate("a red circle", steps=150, request_id="long")
             assert long.usage.total_ms > 500
-            threading.Event().wait(1.0)
-            c.generate("a red circle", steps=2, request_id="later")
-        peers = dict(re.findall(r"request (\S+) accepted from (\S+):", caplog.text))
-        assert set(peers) == {"long", "later"}
-        # The same client channel came back on a new connection (a new local port).
-        assert peers["long"] != peers["later"]
+
+            def peers() -> dict[str, str]:
+                return dict(re.findall(r"request (\S+) accepted from (\S+):", caplog.text))
+
+            # The same client channel comes back on a new connection (a new local port) once
+            # the old one is closed: later calls go out until one arrives on it.
+            calls = itertools.count(1)
+
+            def on_new_connection() -> bool:
+                rid = f"later-{next(calls)}"
+                c.generate("a red circle", steps=2, request_id=rid)
+                return peers()[rid] != peers()["long"]
+
+            wait_for(on_new_connection, timeout_s=30, what="a call on a new connection")
     finally:
         srv.stop()

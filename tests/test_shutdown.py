@@ -1,11 +1,13 @@
 """A real server process: SIGTERM drains in-flight work, refuses new work and exits 0; an engine
-that dies takes health down, ends every stream and exits non-zero."""
+that dies takes health down, ends every stream and exits non-zero.
+
+Long requests are made long by an injected step delay (STEPSERVE_FAULTS="step_delay_s=..."),
+not by the hardware being slow, so the tests hold on a fast GPU runner too."""
 
 from __future__ import annotations
 
 import signal
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -15,6 +17,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from stepserve.client import ImageClient, StepserveError
 
 from .server_process import start_server
+from .waiting import wait_for
+
+# Every forward takes at least this long: 150 steps last 3 s or more on any hardware.
+SLOW = {"STEPSERVE_FAULTS": "step_delay_s=0.02"}
 
 
 def run_long_request(target: str, steps: int, started: threading.Event, out: dict, images: int = 1) -> None:
@@ -33,22 +39,23 @@ def test_sigterm_lets_in_flight_requests_finish_and_refuses_new_ones(
     tiny_sd_dir: Path, tmp_path: Path
 ) -> None:
     log = tmp_path / "server.log"
-    proc, target = start_server(tiny_sd_dir, log, "--drain-timeout-s", "60")
+    proc, target = start_server(tiny_sd_dir, log, "--drain-timeout-s", "60", env=SLOW)
     started, out = threading.Event(), {}
     t = threading.Thread(target=run_long_request, args=(target, 150, started, out))
     t.start()
     assert started.wait(60)
     proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)
     with grpc.insecure_channel(target) as ch:
         health = health_pb2_grpc.HealthStub(ch)
 
         def status(service: str) -> int:
             return health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
 
-        # Readiness goes down at once (no new traffic); liveness stays up while draining, so a
-        # liveness probe does not kill the pod before its streams finish.
-        assert status("") == health_pb2.HealthCheckResponse.NOT_SERVING
+        # Readiness goes down (no new traffic) while the long request is still running;
+        # liveness stays up while draining, so a liveness probe does not kill the pod before
+        # its streams finish.
+        wait_for(lambda: status("") == health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert "result" not in out and t.is_alive()
         assert status("stepserve.v1.ImageGenerationService") == health_pb2.HealthCheckResponse.NOT_SERVING
         assert status("stepserve.liveness") == health_pb2.HealthCheckResponse.SERVING
     with ImageClient(target, service_config={}) as c, pytest.raises(StepserveError) as refused:
@@ -61,9 +68,9 @@ def test_sigterm_lets_in_flight_requests_finish_and_refuses_new_ones(
 
 def test_requests_past_the_drain_timeout_end_with_unavailable(tiny_sd_dir: Path, tmp_path: Path) -> None:
     log = tmp_path / "server.log"
-    proc, target = start_server(tiny_sd_dir, log, "--drain-timeout-s", "0.5")
+    proc, target = start_server(tiny_sd_dir, log, "--drain-timeout-s", "0.5", env=SLOW)
     started, out = threading.Event(), {}
-    # 150 steps of 4 images take several seconds: far more than the 0.5 s drain.
+    # 150 steps take 3 s or more (the injected delay): far more than the 0.5 s drain.
     t = threading.Thread(target=run_long_request, args=(target, 150, started, out, 4))
     t.start()
     assert started.wait(60)
@@ -77,7 +84,9 @@ def test_requests_past_the_drain_timeout_end_with_unavailable(tiny_sd_dir: Path,
 
 def test_engine_death_ends_every_stream_and_exits_non_zero(tiny_sd_dir: Path, tmp_path: Path) -> None:
     log = tmp_path / "server.log"
-    proc, target = start_server(tiny_sd_dir, log, env={"STEPSERVE_FAULTS": "crash=KILL-THE-ENGINE"})
+    proc, target = start_server(
+        tiny_sd_dir, log, env={"STEPSERVE_FAULTS": "crash=KILL-THE-ENGINE;step_delay_s=0.02"}
+    )
     started, out = threading.Event(), {}
     t = threading.Thread(target=run_long_request, args=(target, 150, started, out))
     t.start()

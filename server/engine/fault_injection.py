@@ -11,11 +11,14 @@ real server process set ``STEPSERVE_FAULTS``, e.g.
 - ``oom_above_rows=N``: a batched forward of more than N rows raises ``torch.OutOfMemoryError``.
 - ``crash=TEXT``: a forward that includes such a request kills the engine thread (an error
   the engine cannot contain), to test that the process reports NOT_SERVING and exits.
+- ``step_delay_s=S``: every batched forward takes S seconds longer (a slow accelerator), so
+  tests that need work in flight for a while do not depend on the hardware's speed.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -40,6 +43,7 @@ class Faults:
     forward_error: str = ""
     oom_above_rows: int = 0
     crash: str = ""
+    step_delay_s: float = 0.0
 
     @classmethod
     def parse(cls, spec: str) -> Faults:
@@ -48,7 +52,8 @@ class Faults:
             key, _, value = item.partition("=")
             if key not in cls.__dataclass_fields__:
                 raise ValueError(f"{ENV}: unknown fault {key!r}")
-            setattr(out, key, int(value) if key == "oom_above_rows" else value)
+            kind = type(getattr(out, key))
+            setattr(out, key, kind(value))
         return out
 
     @classmethod
@@ -56,9 +61,13 @@ class Faults:
         return cls.parse(os.environ.get(ENV, ""))
 
     def __bool__(self) -> bool:
-        return bool(self.request_error or self.forward_error or self.oom_above_rows or self.crash)
+        return bool(
+            self.request_error or self.forward_error or self.oom_above_rows or self.crash or self.step_delay_s
+        )
 
     def before_forward(self, reqs: Sequence[RequestState], rows: int) -> None:
+        if self.step_delay_s:
+            time.sleep(self.step_delay_s)
         prompts = [r.params.prompt for r in reqs]
         if self.crash and any(self.crash in p for p in prompts):
             raise EngineCrash("injected engine crash")
