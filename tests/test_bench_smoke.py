@@ -31,7 +31,21 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert cap["errors"] == 0 and cap["images_per_s"] > 0
     assert r["capacity_rps"] == r["modes"]["step"]["mixed_capacity"]["images_per_s"]
     assert r["compute_images_per_s"] and all(v > 0 for v in r["compute_images_per_s"].values())
-    assert set(r["ratios"]["targets_met"]) >= {"lone_latency_vs_reference <= 1.05"}
+    # The smoke profile is too short to promise any target; what it checks is that each
+    # verdict is a boolean computed from the run's own figures.
+    ratios, met = r["ratios"], r["ratios"]["targets_met"]
+    assert all(isinstance(v, bool) for v in met.values())
+    assert met == {
+        "saturated_vs_compute_limit >= 0.90": (ratios["saturated_vs_compute_limit"] or 0) >= 0.90,
+        "saturated_vs_reference >= hardware_batch_gain": ratios["saturated_vs_sequential_reference"]
+        >= ratios["hardware_batch_gain"],
+        "lone_latency_vs_reference <= 1.05": ratios["lone_latency_vs_reference"] <= 1.05,
+        "mixed80 p50 and p99 step <= 0.6 x request": ratios["mixed80_p50_step_vs_request"] <= 0.6
+        and ratios["mixed80_p99_step_vs_request"] <= 0.6,
+        "ttfp after queue <= 2 steps (p50)": (ratios["ttfp_after_queue_steps_p50"] or 99) <= 2,
+    }
+    step_lone = r["modes"]["step"]["lone"]["latency_p50_s"]
+    assert ratios["lone_latency_vs_reference"] == step_lone / r["modes"]["reference"]["lone"]["latency_p50_s"]
     assert r["environment"]["command"] == "python bench/run.py --profile smoke"
     assert result.with_suffix(".png").stat().st_size > 10_000
     # The step-time curve it measured drives the scheduling simulator.

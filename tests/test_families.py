@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from stepserve.client import ImageClient, StepserveError
@@ -96,10 +97,38 @@ def test_sdxl_with_negative_prompt_other_size_and_karras(sdxl, tiny_sdxl_dir: Pa
 def test_sdxl_reports_its_family_and_added_conditioning_is_per_request(sdxl) -> None:
     assert sdxl.info.family == "stable-diffusion-xl"
     assert set(sdxl.info.samplers) == set(GENERAL_SAMPLERS) and not sdxl.info.guidance_embedded
-    # Same seed, different requested size: different time_ids, different images.
-    a = served(sdxl, params("a", model="xl", steps=3, seed=5, width=32, height=32), with_other=False)
-    b = served(sdxl, params("b", model="xl", steps=3, seed=5, width=40, height=32), with_other=False)
-    assert a[0].shape != b[0].shape
+    # What the UNet is given: each row's added conditioning is its own request's.
+    seen: list[dict] = []
+
+    def capture(module, args, kwargs):
+        seen.append({k: v.clone() for k, v in kwargs["added_cond_kwargs"].items()})
+
+    hook = sdxl.unet.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        wide = params("wide", model="xl", steps=2, seed=5, width=40, height=32)
+        alone = {p.request_id: served(sdxl, p, with_other=False) for p in (wide,)}
+        # The size conditioning follows the request's own size (height, width; CFG pair).
+        assert seen[0]["time_ids"].tolist() == [[32.0, 40.0, 0.0, 0.0, 32.0, 40.0]] * 2
+        seen.clear()
+        red = params("red", model="xl", steps=2, seed=5, prompt="a red circle")
+        blue = params("blue", model="xl", steps=2, seed=6, prompt="a blue square", guidance_scale=1.0)
+        alone |= {p.request_id: served(sdxl, p, with_other=False) for p in (red, blue)}
+        seen.clear()
+        h = Harness({"xl": sdxl})
+        for p in (red, blue):
+            h.submit(p)
+        h.run_until_idle()
+    finally:
+        hook.remove()
+    # Rows: red's CFG pair (zeroed negative, then its prompt), then blue's one row.
+    time_ids, text_embeds = seen[0]["time_ids"], seen[0]["text_embeds"]
+    assert time_ids.tolist() == [[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]] * 3
+    assert torch.count_nonzero(text_embeds[0]) == 0  # SDXL's zeroed unconditional row
+    assert not torch.equal(text_embeds[1], text_embeds[2])  # each prompt its own pooled embedding
+    # Batched together, each request gets exactly the images it gets alone.
+    for p in (red, blue):
+        np.testing.assert_array_equal(h.result(p.request_id).images[0], alone[p.request_id][0])
+    assert alone["wide"][0].shape == (32, 40, 3)
 
 
 # -- LCM -------------------------------------------------------------------------------------

@@ -33,4 +33,4 @@ def test_grpcurl_lists_describes_and_calls_via_reflection(server) -> None:
     assert "queued" in messages[0] and "result" in messages[-1]
     assert messages[-1]["result"]["images"][0]["seed"] == "9"
     health = run(server.target, "grpc.health.v1.Health/Check")
-    assert "SERVING" in health
+    assert json.loads(health) == {"status": "SERVING"}  # not NOT_SERVING, not UNKNOWN
