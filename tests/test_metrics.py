@@ -3,7 +3,6 @@ scrape of the HTTP endpoint, and the values checked against what the clients saw
 
 from __future__ import annotations
 
-import shutil
 import threading
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from stepserve.server.config import ServerConfig
 from .metrics_helpers import Samples, promtool_check, scrape
 from .server_process import free_port
 from .server_thread import ServerThread
+from .tools import require
 from .waiting import wait_for
 
 PRICE_PER_HOUR = 36.0  # USD: makes cost_usd = accelerator_seconds / 100
@@ -162,8 +162,7 @@ def test_metrics_follow_ok_invalid_cancelled_and_rejected_requests(metered) -> N
 
 
 def test_promtool_accepts_the_exposition(tiny_sd_dir: Path) -> None:
-    if shutil.which("promtool") is None:
-        pytest.skip("promtool not installed (Debian package 'prometheus'; .ci/run installs it)")
+    require("promtool", "Debian package 'prometheus'; .ci/run installs it")
     cfg = ServerConfig(
         host="127.0.0.1", port=0, metrics_port=free_port(), models=[f"tiny={tiny_sd_dir}"]
     ).validate()

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from stepserve.server.observability.metrics import EngineCollector, Metrics
+
+from .tools import require
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy/prometheus/stepserve-rules.yaml"
@@ -59,10 +58,8 @@ def test_dashboard_and_rules_name_only_exported_metrics() -> None:
         assert topic in titles, topic
 
 
-@pytest.mark.skipif(
-    shutil.which("promtool") is None, reason="promtool not installed (Debian package 'prometheus')"
-)
 def test_rules_pass_promtool_check_and_unit_tests() -> None:
+    promtool = require("promtool", "Debian package 'prometheus'; .ci/run installs it")
     for args in (["check", "rules", str(RULES)], ["test", "rules", str(RULE_TESTS)]):
-        out = subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=120)
+        out = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stdout + out.stderr

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import subprocess
 import threading
 import time
@@ -15,26 +14,21 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import pytest
-
 from stepserve.client import ImageClient
 from stepserve.server.config import ServerConfig
 
 from .server_process import free_port
 from .server_thread import ServerThread
+from .tools import require
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy/prometheus/stepserve-rules.yaml"
 DASHBOARD = ROOT / "deploy/grafana/stepserve-dashboard.json"
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("prometheus") is None,
-    reason="the prometheus binary is not installed (Debian package 'prometheus'; .ci/run installs it)",
-)
-
 
 class Prometheus:
     def __init__(self, tmp: Path, metrics_port: int) -> None:
+        binary = require("prometheus", "Debian package 'prometheus'; .ci/run installs it")
         self.port = free_port()
         config = tmp / "prometheus.yml"
         config.write_text(
@@ -54,7 +48,7 @@ class Prometheus:
         self.log = (tmp / "prometheus.log").open("w")
         self.proc = subprocess.Popen(
             [
-                str(shutil.which("prometheus")),
+                binary,
                 f"--config.file={config}",
                 f"--storage.tsdb.path={tmp / 'data'}",
                 f"--web.listen-address=127.0.0.1:{self.port}",
@@ -111,6 +105,7 @@ class Prometheus:
 def test_prometheus_scrapes_evaluates_rules_and_answers_dashboard_queries(
     tiny_sd_dir: Path, tmp_path: Path
 ) -> None:
+    require("prometheus", "Debian package 'prometheus'; .ci/run installs it")
     cfg = ServerConfig(
         host="127.0.0.1", port=0, metrics_port=free_port(), models=[f"tiny={tiny_sd_dir}"], max_batch_size=2
     ).validate()
