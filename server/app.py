@@ -207,13 +207,14 @@ class StepServer:
         """Load models, start the engine, warm up, then report SERVING."""
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
-        if self._preloaded is not None:
-            self.models = self._preloaded
-        else:
-            self.models = await asyncio.to_thread(load_models, self.config)
         faults = Faults.from_env()
         if faults:
             logger.warning("%s is set: injecting faults (testing only): %s", FAULTS_ENV, faults)
+        if self._preloaded is not None:
+            self.models = self._preloaded
+        else:
+            self.models = await asyncio.to_thread(faults.slow_load, load_models, self.config)
+        if faults:
             for adapter in self.models.values():
                 adapter.faults = faults
         observers: list[EngineObserver] = [

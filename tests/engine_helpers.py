@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import replace
 
 from stepserve.server.engine.engine import Engine, EngineConfig
 from stepserve.server.engine.models.base import ModelAdapter
+from stepserve.server.engine.observer import EngineObserver
 from stepserve.server.engine.types import (
     EngineEvent,
     FailedEvent,
@@ -46,9 +48,11 @@ class Recorder:
 
 
 class Harness:
-    def __init__(self, models: dict[str, ModelAdapter], **config: object) -> None:
+    def __init__(
+        self, models: dict[str, ModelAdapter], observers: Sequence[EngineObserver] = (), **config: object
+    ) -> None:
         self.clock = FakeClock()
-        self.engine = Engine(models, EngineConfig(**config), clock=self.clock)  # type: ignore[arg-type]
+        self.engine = Engine(models, EngineConfig(**config), clock=self.clock, observers=observers)  # type: ignore[arg-type]
         self.events: dict[str, list[EngineEvent]] = defaultdict(list)
 
     def submit(self, params: GenerationParams) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from stepserve.server.engine.fault_injection import NO_FAULTS, Faults
 from stepserve.server.engine.inbox import EngineStoppedError, QueueFullError
+from stepserve.server.engine.observer import EngineObserver
 from stepserve.server.engine.types import (
     FailedEvent,
     FinishReason,
@@ -266,6 +267,49 @@ def test_accelerator_time_is_split_without_loss_or_double_counting(harness) -> N
     )
     busy, idle = harness.engine.accelerator_seconds()
     assert busy == harness.engine.ledger.busy_s and idle >= 0
+
+
+class Charges(EngineObserver):
+    """Each request's charged accelerator seconds when it ended, whatever the outcome."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def request_finished(self, req, reason, now, usage) -> None:
+        self.seconds[req.request_id] = req.accelerator_s
+
+
+@pytest.mark.parametrize("run_ahead", [False, True], ids=["in-step", "run-ahead"])
+def test_charges_add_up_to_busy_time_after_retries_and_splits(tiny_adapter, faults, run_ahead) -> None:
+    """Failed attempts, halved retries, out-of-memory splits and requests that fail: every
+    second of model work is still charged to exactly the requests it was spent on."""
+    charges = Charges()
+    h = Harness({"tiny": tiny_adapter}, observers=[charges], run_ahead=run_ahead)
+    faults("oom_above_rows=6;forward_error=BREAKS;request_error=POISON")
+    ids = [f"r{i}" for i in range(4)]
+    for i, rid in enumerate(ids):
+        h.submit(params(rid, steps=3, seed=i, preview_every=2))
+    h.submit(params("breaks", prompt="this BREAKS the forward", steps=3))
+    h.submit(params("poison", prompt="POISON", steps=3, guidance_scale=1.0))
+    h.run_until_idle()
+    assert set(charges.seconds) == {*ids, "breaks", "poison"}
+    assert all(seconds > 0 for seconds in charges.seconds.values())
+    assert sum(charges.seconds.values()) == pytest.approx(h.engine.ledger.busy_s, rel=1e-9)
+    assert h.engine.scheduler.capacity["tiny"] < 16  # it did split for memory
+    for rid in ids:
+        assert h.result(rid).usage.accelerator_s == charges.seconds[rid]
+
+
+def test_requests_of_equal_shape_pay_equal_shares(harness) -> None:
+    """Same size, steps, guidance and images, run together: the same charge to the last bit,
+    whatever their prompts and seeds (the shares split each piece of work by rows/images)."""
+    for i, prompt in enumerate(["a red circle", "a blue square on the left", "x"]):
+        harness.submit(params(f"p{i}", prompt=prompt, seed=i, steps=4))
+    harness.submit(params("unguided", steps=4, guidance_scale=1.0))  # a different shape
+    harness.run_until_idle()
+    charged = {harness.result(f"p{i}").usage.accelerator_s for i in range(3)}
+    assert len(charged) == 1
+    assert harness.result("unguided").usage.accelerator_s < charged.pop()
 
 
 def test_running_ahead_queues_the_next_step_before_reading_the_last(tiny_adapter) -> None:

@@ -13,20 +13,25 @@ real server process set ``STEPSERVE_FAULTS``, e.g.
   the engine cannot contain), to test that the process reports NOT_SERVING and exits.
 - ``step_delay_s=S``: every batched forward takes S seconds longer (a slow accelerator), so
   tests that need work in flight for a while do not depend on the hardware's speed.
+- ``load_delay_s=S``: loading the models takes S seconds longer (a large model), to test
+  what happens while a server is still loading.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from .request import RequestState
 
 ENV = "STEPSERVE_FAULTS"
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class InjectedFault(RuntimeError):
@@ -44,6 +49,7 @@ class Faults:
     oom_above_rows: int = 0
     crash: str = ""
     step_delay_s: float = 0.0
+    load_delay_s: float = 0.0
 
     @classmethod
     def parse(cls, spec: str) -> Faults:
@@ -61,9 +67,13 @@ class Faults:
         return cls.parse(os.environ.get(ENV, ""))
 
     def __bool__(self) -> bool:
-        return bool(
-            self.request_error or self.forward_error or self.oom_above_rows or self.crash or self.step_delay_s
-        )
+        return any(getattr(self, name) for name in self.__dataclass_fields__)
+
+    def slow_load(self, load: Callable[[T], R], arg: T) -> R:
+        """``load(arg)``, ``load_delay_s`` later."""
+        if self.load_delay_s:
+            time.sleep(self.load_delay_s)
+        return load(arg)
 
     def before_forward(self, reqs: Sequence[RequestState], rows: int) -> None:
         if self.step_delay_s:
