@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,6 +201,48 @@ def _channel_args(
     ]
 
 
+# Sent with a stream sent again (below), so the server's metrics count it as a retry.
+PREVIOUS_ATTEMPTS_KEY = "stepserve-previous-attempts"
+
+
+class _Attempts:
+    """The attempts of one Generate stream. gRPC's own retries (the service config) end at
+    the first response: a replica that queued a request and then shut down before starting
+    it (its drain timeout passed) ends the stream UNAVAILABLE after Queued events only.
+    No work was lost, so the stream is sent again, once, within the caller's deadline; the
+    channel's balancer takes it to another replica, and a draining one refuses it before any
+    response, which gRPC's retries handle."""
+
+    def __init__(self, timeout_s: float | None, metadata: Sequence[tuple[str, str]]) -> None:
+        self._deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self._metadata = list(metadata)
+        self._previous = 0
+        self._started = False  # a response other than Queued arrived: the work began
+        self._queued = False
+
+    def timeout_s(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    def metadata(self) -> list[tuple[str, str]]:
+        extra = [(PREVIOUS_ATTEMPTS_KEY, str(self._previous))] if self._previous else []
+        return self._metadata + extra
+
+    def saw(self, resp: pb.GenerateResponse) -> None:
+        if resp.WhichOneof("event") == "queued":
+            self._queued = True
+        else:
+            self._started = True
+
+    def again(self, err: grpc.RpcError) -> bool:
+        """Whether to send the stream again after ``err``."""
+        unstarted = self._queued and not self._started and err.code() == grpc.StatusCode.UNAVAILABLE
+        if not unstarted or self._previous >= 1 or self.timeout_s() == 0.0:
+            return False
+        self._previous += 1
+        self._queued = False
+        return True
+
+
 class ImageClient:
     """Blocking client. ``target`` is ``host:port``, ``dns:///name:port`` or a list of
     ``host:port`` endpoints (balanced round-robin). ``timeout_s`` is the default deadline
@@ -237,14 +280,22 @@ class ImageClient:
         self, request: pb.GenerateRequest, *, timeout_s: float | None = None
     ) -> Iterator[pb.GenerateResponse]:
         """Every event of one generation; raises :class:`StepserveError` on failure.
-        Closing the iterator early cancels the generation."""
-        call = self.stub.Generate(request, timeout=timeout_s or self.timeout_s, metadata=self.metadata)
-        try:
-            yield from call
-        except grpc.RpcError as e:
-            raise StepserveError.from_rpc_error(e) from None
-        finally:
-            call.cancel()
+        Closing the iterator early cancels the generation. A stream its replica ended
+        UNAVAILABLE before starting the work (only Queued events: it was shutting down) is
+        sent again once, to the channel's next replica (see :class:`_Attempts`)."""
+        attempts = _Attempts(timeout_s or self.timeout_s, self.metadata)
+        while True:
+            call = self.stub.Generate(request, timeout=attempts.timeout_s(), metadata=attempts.metadata())
+            try:
+                for resp in call:
+                    attempts.saw(resp)
+                    yield resp
+                return
+            except grpc.RpcError as e:
+                if not attempts.again(e):
+                    raise StepserveError.from_rpc_error(e) from None
+            finally:
+                call.cancel()
 
     def generate_stream(self, prompt: str, **kwargs: Any) -> Iterator[pb.GenerateResponse]:
         timeout = kwargs.pop("timeout_s", None)
@@ -301,14 +352,20 @@ class AsyncImageClient:
     async def stream(
         self, request: pb.GenerateRequest, *, timeout_s: float | None = None
     ) -> AsyncIterator[pb.GenerateResponse]:
-        call = self.stub.Generate(request, timeout=timeout_s or self.timeout_s, metadata=self.metadata)
-        try:
-            async for resp in call:
-                yield resp
-        except grpc.RpcError as e:
-            raise StepserveError.from_rpc_error(e) from None
-        finally:
-            call.cancel()
+        """As :meth:`ImageClient.stream`."""
+        attempts = _Attempts(timeout_s or self.timeout_s, self.metadata)
+        while True:
+            call = self.stub.Generate(request, timeout=attempts.timeout_s(), metadata=attempts.metadata())
+            try:
+                async for resp in call:
+                    attempts.saw(resp)
+                    yield resp
+                return
+            except grpc.RpcError as e:
+                if not attempts.again(e):
+                    raise StepserveError.from_rpc_error(e) from None
+            finally:
+                call.cancel()
 
     def generate_stream(self, prompt: str, **kwargs: Any) -> AsyncIterator[pb.GenerateResponse]:
         timeout = kwargs.pop("timeout_s", None)

@@ -306,8 +306,14 @@ class StepServer:
             drained = await asyncio.to_thread(self.engine.drain, timeout)
             if not drained:
                 logger.warning("drain timeout (%.1fs) passed; ending the remaining requests", timeout)
+        # Stop taking calls before ending what is left (HTTP/2 GOAWAY: a call already on its way,
+        # such as a client sending again a request that never started here, is refused in a way
+        # gRPC retries on another replica); the remaining streams get their status within the
+        # grace period.
+        closing = asyncio.ensure_future(self.server.stop(grace=2.0))
+        if self.engine is not None:
             await asyncio.to_thread(self.engine.stop)
-        await self.server.stop(grace=2.0)
+        await closing
         self.pool.shutdown(wait=False)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()

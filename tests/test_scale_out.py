@@ -119,3 +119,72 @@ def test_three_replicas_share_the_load_and_one_drains_without_losing_requests(
                 p.send_signal(signal.SIGTERM)
         for p in procs:
             p.wait(60)
+
+
+def test_requests_queued_on_a_replica_that_shuts_down_finish_on_another(
+    tiny_sd_dir: Path, tmp_path: Path
+) -> None:
+    """Two replicas, one image per forward each, every step slowed to 50 ms. Replica 0 is
+    stopped with a drain timeout too short for its queue: the requests it had only queued
+    (Queued events, no work) end UNAVAILABLE there, and the client library sends each again,
+    once, to replica 1, where it finishes. The one it was running is cut (work was lost:
+    not resent)."""
+    logs = [tmp_path / f"server-{i}.log" for i in range(2)]
+    slow = {"STEPSERVE_FAULTS": "step_delay_s=0.05"}
+    servers = [
+        start_server(tiny_sd_dir, log, "--max-batch-size", "1", "--drain-timeout-s", "0.3", env=slow)
+        for log in logs
+    ]
+    procs = [p for p, _ in servers]
+    try:
+        with ImageClient([target for _, target in servers]) as client:
+            results: dict = {}
+            rounds = itertools.count()
+
+            def both_serve() -> bool:
+                for t in run_load(client, 2, 1, f"warm{next(rounds)}", results):
+                    t.join(60)
+                return all(accepted(log) > 0 for log in logs)
+
+            wait_for(both_serve, timeout_s=60, what="both replicas serving")
+            warm = [accepted(log) for log in logs]
+            results.clear()
+            progress: dict[str, int] = {}
+
+            def one(i: int) -> None:
+                rid = f"q-{i}"
+                progress[rid] = 0
+                try:
+                    for ev in client.generate_stream(f"shape {i}", steps=20, seed=i, request_id=rid):
+                        if ev.WhichOneof("event") == "progress":
+                            progress[rid] += 1
+                        elif ev.WhichOneof("event") == "result":
+                            results[rid] = ev.result
+                except Exception as e:  # recorded, and checked below
+                    results[rid] = e
+
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+            for t in threads:
+                t.start()
+            # Every call is in: one running and two queued on each replica.
+            wait_for(lambda: sum(accepted(log) for log in logs) == sum(warm) + 6)
+            on_0 = accepted(logs[0]) - warm[0]
+            procs[0].send_signal(signal.SIGTERM)
+            for t in threads:
+                t.join(120)
+            assert procs[0].wait(60) == 0, logs[0].read_text()[-3000:]
+        failed = {rid: r for rid, r in results.items() if isinstance(r, Exception)}
+        # Only the request replica 0 had started was lost; it had made progress.
+        assert len(failed) == 1, failed
+        ((rid, err),) = failed.items()
+        assert err.code == grpc.StatusCode.UNAVAILABLE and progress[rid] > 0
+        assert len(results) == 6
+        # Replica 0's queued requests were sent again and served by replica 1.
+        resent = len(re.findall(r"accepted from \S+ \(a retry\)", logs[1].read_text()))
+        assert resent == on_0 - 1 >= 1
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(60)

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -98,6 +98,19 @@ class _Call:
             self.outcome = outcome
 
 
+# Set by the client library when it sends a stream again that a replica ended UNAVAILABLE
+# before starting it (gRPC's own retries set grpc-previous-rpc-attempts).
+PREVIOUS_ATTEMPTS_KEY = "stepserve-previous-attempts"
+
+
+def is_retry(metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
+    """Whether a call is another attempt of an earlier one (for stepserve_request_retries_total)."""
+    for key, value in metadata or ():
+        if key in ("grpc-previous-rpc-attempts", PREVIOUS_ATTEMPTS_KEY) and value not in ("", "0", b"", b"0"):
+            return True
+    return False
+
+
 class _StageError(Exception):
     """A step of the API's own work for a request (``stage``) failed; the cause is chained."""
 
@@ -157,6 +170,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         label = self._model_label(getattr(request, "model", ""))
+        retry = is_retry(context.invocation_metadata())
         try:
             if isinstance(request, MalformedRequest):
                 raise request.to_error()
@@ -164,11 +178,11 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
         except ApiError as e:
             refused = Outcome.UNAVAILABLE if e.code == grpc.StatusCode.UNAVAILABLE else Outcome.INVALID
             logger.info("request refused from %s: %s: %s", context.peer(), e.code.name, e.message)
-            self.metrics.count_refused(label, refused)
+            self.metrics.count_refused(label, refused, retry)
             await _abort(context, e)
             return
         except Exception as e:  # the guard (see _guard), before the request has an id
-            self.metrics.count_refused(label, Outcome.ERROR)
+            self.metrics.count_refused(label, Outcome.ERROR, retry)
             await _guard(context, "", _StageError("validating the request"), e)
             return
         rid = params.request_id
@@ -188,23 +202,26 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
             engine.submit(params, sink, span_context if span_context.is_valid else None)
         except QueueFullError as e:
             logger.warning("request %s rejected: %s", rid, e)
-            self.metrics.count_refused(params.model, Outcome.REJECTED)
-            await _abort(context, resource_exhausted(str(e), e.retry_after_s))
+            self.metrics.count_refused(params.model, Outcome.REJECTED, retry)
+            await _abort(
+                context, resource_exhausted(str(e), e.retry_after_s, time_left_s=context.time_remaining())
+            )
             return
         except EngineStoppedError as e:
             logger.info("request %s refused: %s", rid, e)
-            self.metrics.count_refused(params.model, Outcome.UNAVAILABLE)
+            self.metrics.count_refused(params.model, Outcome.UNAVAILABLE, retry)
             await _abort(context, unavailable(str(e), retry_after_s=1.0))
             return
         except RequestInFlightError as e:
             logger.info("request %s refused: %s", rid, e)
-            self.metrics.count_refused(params.model, Outcome.INVALID)
+            self.metrics.count_refused(params.model, Outcome.INVALID, retry)
             await _abort(context, ApiError(grpc.StatusCode.ALREADY_EXISTS, str(e)))
             return
         logger.info(
-            "request %s accepted from %s: model=%s %dx%d steps=%d sampler=%s images=%d",
+            "request %s accepted from %s%s: model=%s %dx%d steps=%d sampler=%s images=%d",
             rid,
             context.peer(),
+            " (a retry)" if retry else "",
             params.model,
             params.width,
             params.height,
@@ -236,7 +253,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
                     rid, RequestStatus.FINISHED_DEADLINE if expired else RequestStatus.FINISHED_CANCELLED
                 )
             assert call.outcome is not None and call.ended_at is not None
-            self.metrics.count_finished(params.model, call.outcome, call.ended_at - call.accepted_at)
+            self.metrics.count_finished(params.model, call.outcome, call.ended_at - call.accepted_at, retry)
 
     async def _stream(
         self, params: GenerationParams, events: asyncio.Queue[EngineEvent], call: _Call

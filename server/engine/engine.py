@@ -75,15 +75,15 @@ class Engine:
             config.max_batch_delay_s,
             priority_delays(config.batch_priority_delay_s),
         )
-        self.inbox = Inbox(config.max_queue, self.scheduler.load())
         self.ledger = Ledger(models)
+        self.inbox = Inbox(config.max_queue, self._load())
         run_ahead = config.run_ahead
         if run_ahead is None:
             run_ahead = any(m.asynchronous for m in models.values())
         self.run_ahead = run_ahead
         self.completions = CompletionQueue(run_ahead)
         self.observer = ObserverGroup(observers)
-        self.outbox = Outbox(self.inbox, self.completions, self.observer, clock, self.scheduler.load)
+        self.outbox = Outbox(self.inbox, self.completions, self.observer, clock, self._load)
         self.runner = StepRunner(
             models,
             self.scheduler,
@@ -118,11 +118,7 @@ class Engine:
                 f"{params.num_images} images is more than model {params.model!r} can batch "
                 f"({model.info.max_batch_size})"
             )
-
-        def retry_after_s() -> float:  # about one generation of this size at the current pace
-            return self.ledger.step_time_s[params.model] * params.steps
-
-        self.inbox.submit(Submit(params, self.clock(), trace_context), sink, retry_after_s)
+        self.inbox.submit(Submit(params, self.clock(), trace_context), sink)
 
     def cancel(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_CANCELLED) -> None:
         """Drop a request at the next step boundary (no-op if it already ended)."""
@@ -202,7 +198,7 @@ class Engine:
         # Schedule: who ends now, who joins the running set, which bucket steps.
         plan = self.scheduler.schedule(self.clock())
         self._wake_at = plan.wake_at
-        self.inbox.publish(self.scheduler.load())
+        self.inbox.publish(self._load())
         # Execute: end the aborted, encode the newcomers, one batched forward.
         self.runner.end_aborted(plan.aborted)
         self.runner.prepare(plan.admitted)
@@ -214,9 +210,13 @@ class Engine:
         self.runner.report_progress(outcome)
         self.runner.finish(finished)
         self._report_positions()
-        self.inbox.publish(self.scheduler.load())
+        self.inbox.publish(self._load())
         self.completions.iteration_done(more_work=bool(self.scheduler.running))
         return plan
+
+    def _load(self) -> Load:
+        """The scheduler's counts now, with the current step times."""
+        return self.scheduler.load(self.ledger.step_time_s)
 
     def idle(self) -> bool:
         """Nothing waits, runs or sits in the inbox (for tests that drive :meth:`run_once`)."""
@@ -239,7 +239,7 @@ class Engine:
                         refused.append((req, refusal))
                 else:
                     s.abort(m.request_id, m.status)
-            return s.load()
+            return self._load()
 
         try:
             return self.inbox.take(block and not busy, self._wake_at, self.clock, deliver)

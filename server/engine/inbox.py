@@ -87,12 +87,12 @@ class Inbox:
         self.failure: BaseException | None = None
 
     # -- API threads ----------------------------------------------------------------------
-    def submit(self, submission: Submit, sink: EventSink, retry_after_s: Callable[[], float]) -> None:
+    def submit(self, submission: Submit, sink: EventSink) -> None:
         """Take a request in, or raise :class:`EngineError` (or ValueError for a duplicate id).
 
         The queue bound counts requests submitted but not yet running, minus the batch slots
         (images) that are free: requests that will fill them at the next step boundary are
-        not waiting."""
+        not waiting. A refusal says when to retry: when the model's next slot frees."""
         with self._cv:
             if self.failure is not None:
                 raise EngineStoppedError(f"the engine has failed: {self.failure}")
@@ -106,7 +106,7 @@ class Inbox:
             if depth >= self.max_queue:
                 raise QueueFullError(
                     f"the queue is full ({depth} requests waiting, limit {self.max_queue})",
-                    retry_after_s=retry_after_s(),
+                    retry_after_s=load.next_slot_s[submission.params.model],
                 )
             self._sinks[rid] = sink
             self._messages.append(submission)

@@ -58,6 +58,9 @@ class Load:
     running: Mapping[str, int]
     capacity: Mapping[str, int]
     free_images: Mapping[str, int]
+    # Seconds until a running request finishes and frees its slot at the model's current
+    # step time (one step when none runs): when a refused caller may find room.
+    next_slot_s: Mapping[str, float]
 
 
 class BaseScheduler:
@@ -118,17 +121,23 @@ class BaseScheduler:
         self._capacity[model] = new
         return old
 
-    def load(self) -> Load:
-        """A snapshot of each model's waiting and running requests and its capacity."""
+    def load(self, step_time_s: Mapping[str, float]) -> Load:
+        """A snapshot of each model's waiting and running requests and its capacity, with
+        ``step_time_s`` each model's seconds per step now."""
         waiting = dict.fromkeys(self._capacity, 0)
         running = dict.fromkeys(self._capacity, 0)
         used = dict.fromkeys(self._capacity, 0)
+        fewest_steps_left = dict.fromkeys(self._capacity, 1)
         for req in self.waiting:
             waiting[req.model] += 1
         for req in self.running.values():
             running[req.model] += 1
             used[req.model] += req.params.num_images
+            first = running[req.model] == 1
+            left = max(1, req.remaining_steps)
+            fewest_steps_left[req.model] = left if first else min(fewest_steps_left[req.model], left)
         return Load(
+            next_slot_s=MappingProxyType({m: n * step_time_s[m] for m, n in fewest_steps_left.items()}),
             waiting=MappingProxyType(waiting),
             running=MappingProxyType(running),
             capacity=MappingProxyType(dict(self._capacity)),

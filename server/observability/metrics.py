@@ -93,6 +93,13 @@ class Metrics:
         self.requests = counter(
             "stepserve_requests", "Generate calls by final outcome (code).", ("model", "code")
         )
+        self.retries = counter(
+            "stepserve_request_retries",
+            "Generate calls that were another attempt of an earlier call (gRPC's automatic retries, "
+            "or the client library's retry of a stream its replica never started), by outcome (code); "
+            "also counted in stepserve_requests_total.",
+            ("model", "code"),
+        )
         self.request_duration = hist(
             "stepserve_request_duration_seconds",
             "Time from acceptance to the final event of each accepted Generate call.",
@@ -148,19 +155,26 @@ class Metrics:
         )
 
     # -- API side: how each Generate call ended ----------------------------------------
-    def count_refused(self, model: str, outcome: Outcome) -> None:
-        """A call refused before the engine took it (invalid, rejected, unavailable)."""
-        self.requests.labels(model, outcome.value).inc()
+    def count_refused(self, model: str, outcome: Outcome, retry: bool = False) -> None:
+        """A call refused before the engine took it (invalid, rejected, unavailable);
+        ``retry``: it was another attempt of an earlier call."""
+        self._count(model, outcome, retry)
 
-    def count_finished(self, model: str, outcome: Outcome, seconds: float) -> None:
+    def count_finished(self, model: str, outcome: Outcome, seconds: float, retry: bool = False) -> None:
         """An accepted call ended with ``outcome`` ``seconds`` after it was accepted."""
-        self.requests.labels(model, outcome.value).inc()
+        self._count(model, outcome, retry)
         self.request_duration.labels(model, outcome.value).observe(max(0.0, seconds))
+
+    def _count(self, model: str, outcome: Outcome, retry: bool) -> None:
+        self.requests.labels(model, outcome.value).inc()
+        if retry:
+            self.retries.labels(model, outcome.value).inc()
 
     def init_model(self, model: str) -> None:
         """Create a model's label sets at zero, so rates and alerts see them before traffic."""
         for outcome in Outcome:
             self.requests.labels(model, outcome.value)
+            self.retries.labels(model, outcome.value)
         for metric in (self.steps, self.images, self.cost_total, self.accelerator_charged):
             metric.labels(model)
 
