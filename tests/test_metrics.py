@@ -41,8 +41,11 @@ def metered(tiny_sd_dir: Path):
 def test_metrics_follow_ok_invalid_cancelled_and_rejected_requests(metered) -> None:
     port = metered.server.metrics_port
     before = Samples(scrape(port))
-    # Warm-up generations are the server's own business: not counted.
+    # Warm-up generations are the server's own business: not counted as requests or steps,
+    # though their forwards are real work (step durations).
     assert before.get("stepserve_requests_total", model="tiny", code="ok") == 0
+    assert before.get("stepserve_steps_total", model="tiny") == 0
+    assert before.get("stepserve_step_duration_seconds_count", model="tiny") > 0
     assert before.get("stepserve_queue_depth", model="tiny") == 0
     assert before.get("stepserve_max_batch_size", model="tiny") == 2
 

@@ -199,7 +199,8 @@ class MetricsObserver(EngineObserver):
         self.m.step_duration.labels(model).observe(seconds)
         self.m.batch_size.labels(model).observe(sum(r.params.num_images for r in batch))
         self.m.batch_requests.labels(model).observe(len(batch))
-        self.m.steps.labels(model).inc(len(batch))
+        # Denoising steps of requests; the warm-up's (internal) forwards count as work only.
+        self.m.steps.labels(model).inc(sum(1 for r in batch if not r.params.internal))
 
     def preview_made(self, req: RequestState, now: float, seconds: float) -> None:
         if req.first_preview_time == now:
