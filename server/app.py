@@ -167,6 +167,7 @@ class StepServer:
             self.server,
         )
         self.failed = asyncio.Event()
+        self._watchdog: asyncio.Future[None] | None = None
 
     async def _set_health(self, serving: bool, liveness: bool = True) -> None:
         def status(ok: bool) -> health_pb2.HealthCheckResponse.ServingStatus.ValueType:
@@ -259,6 +260,34 @@ class StepServer:
         self.servicer.ready = True
         await self._set_health(True)
         logger.info("serving models: %s", ", ".join(self.models))
+        if self.config.liveness_stall_s > 0:
+            self._watchdog = asyncio.ensure_future(self._watch_for_stalls(self.config.liveness_stall_s))
+
+    async def _watch_for_stalls(self, limit_s: float) -> None:
+        """Liveness that catches a wedged engine, not only a dead one: while the engine has
+        spent ``limit_s`` in one iteration with work in flight, report NOT_SERVING (the
+        orchestrator restarts the pod); if it recovers, SERVING again."""
+        stalled = False
+        while not self.failed.is_set():
+            await asyncio.sleep(min(5.0, limit_s / 4))
+            engine = self.engine
+            if engine is None or not self.servicer.ready and not stalled:
+                continue
+            now_stalled = engine.stalled_s() > limit_s and engine.in_flight() > 0
+            if now_stalled and not stalled:
+                logger.error(
+                    "the engine has made no progress for %.0fs with %d request(s) in flight; "
+                    "reporting NOT_SERVING",
+                    engine.stalled_s(),
+                    engine.in_flight(),
+                )
+                self.servicer.ready = False
+                await self._set_health(False, liveness=False)
+            elif stalled and not now_stalled:
+                logger.warning("the engine is making progress again; reporting SERVING")
+                self.servicer.ready = True
+                await self._set_health(True)
+            stalled = now_stalled
 
     def _on_engine_failure(self, exc: BaseException) -> None:
         logger.error("engine failed (%s); reporting NOT_SERVING", exc)
@@ -300,6 +329,8 @@ class StepServer:
         """Graceful stop: NOT_SERVING, refuse new work, let in-flight requests finish
         within the drain timeout, end the rest with UNAVAILABLE, close the server."""
         timeout = self.config.drain_timeout_s if drain_timeout_s is None else drain_timeout_s
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         self.servicer.ready = False
         await self._set_health(False, liveness=not self.failed.is_set())
         if self.engine is not None:

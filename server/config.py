@@ -109,6 +109,11 @@ class ServerConfig:
     )
     encode_workers: int = _opt(2, "threads that encode PNG/JPEG/WebP off the engine thread")
     drain_timeout_s: float = _opt(30.0, "seconds in-flight requests get to finish after SIGTERM")
+    liveness_stall_s: float = _opt(
+        300.0,
+        "liveness (and readiness) report NOT_SERVING while the engine has spent this many seconds "
+        "in one iteration with work in flight (a wedged engine: a hung device, a deadlock); 0 = off",
+    )
     warmup: bool = _opt(True, "run one short generation per model before reporting SERVING")
     max_work: int = _opt(512 * 512 * 50 * 4, "largest width*height*steps*num_images of one request")
     metrics_port: int = _opt(9464, "Prometheus /metrics HTTP port, on --host (0 = no metrics endpoint)")
@@ -205,6 +210,7 @@ class ServerConfig:
         )
         need(1 <= self.encode_workers <= 64, f"--encode-workers {self.encode_workers}: must be 1..64")
         need(self.drain_timeout_s >= 0, f"--drain-timeout-s {self.drain_timeout_s}: must be >= 0")
+        need(self.liveness_stall_s >= 0, f"--liveness-stall-s {self.liveness_stall_s}: must be >= 0")
         need(self.max_work > 0, f"--max-work {self.max_work}: must be > 0")
         need(0 <= self.metrics_port <= 65535, f"--metrics-port {self.metrics_port}: must be 0..65535")
         need(

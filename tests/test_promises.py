@@ -191,3 +191,36 @@ def test_sigterm_while_models_load_refuses_calls_and_exits_cleanly(tiny_sd_dir: 
         if proc.poll() is None:
             proc.kill()
     assert client(target, "health").returncode != 0  # nothing listens any more
+
+
+def test_liveness_reports_a_wedged_engine_and_its_recovery(
+    tiny_sd_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step that takes longer than --liveness-stall-s with a request in flight is what a
+    wedged engine looks like from outside: liveness and readiness turn NOT_SERVING (so the
+    orchestrator restarts it), and back to SERVING once steps complete again."""
+    monkeypatch.setenv("STEPSERVE_FAULTS", "step_delay_s=1.5")  # each step "hangs" 1.5 s
+    srv = ServerThread.tiny(tiny_sd_dir, liveness_stall_s=0.4)
+    try:
+        with grpc.insecure_channel(srv.target) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+
+            def status(service: str) -> int:
+                return health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+
+            serving, not_serving = (
+                health_pb2.HealthCheckResponse.SERVING,
+                health_pb2.HealthCheckResponse.NOT_SERVING,
+            )
+            assert status("stepserve.liveness") == serving
+            out: dict = {}
+            with ImageClient(srv.target, service_config={}) as c:
+                t = start_long(c, "a red circle", 2, 1, out)
+                wait_for(lambda: status("stepserve.liveness") == not_serving, 30, "liveness NOT_SERVING")
+                assert status("") == not_serving  # no new traffic to a wedged replica either
+                t.join(60)
+            assert "result" in out  # it was slow, not dead: the request finished
+            wait_for(lambda: status("stepserve.liveness") == serving, 30, "liveness SERVING again")
+            assert status("") == serving
+    finally:
+        srv.stop()

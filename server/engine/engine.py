@@ -97,6 +97,10 @@ class Engine:
         self.on_failure: Callable[[BaseException], None] | None = None
         self._thread: threading.Thread | None = None
         self._wake_at: float | None = None
+        # For stalled_s(): when the loop last showed progress, and whether it is asleep
+        # waiting for work (then it owes none).
+        self._heartbeat = time.monotonic()
+        self._asleep = False
 
     # -- called from any thread ------------------------------------------------------------
     def start(self) -> None:
@@ -162,6 +166,11 @@ class Engine:
         """(busy, idle) seconds since start: busy is time in model work, idle the rest."""
         return self.ledger.accelerator_seconds()
 
+    def stalled_s(self) -> float:
+        """Seconds the loop has been inside one iteration (0 while it sleeps for lack of
+        work): a wedged engine (a hung device, a deadlock) shows as a number that only grows."""
+        return 0.0 if self._asleep else max(0.0, time.monotonic() - self._heartbeat)
+
     # -- the engine thread ---------------------------------------------------------------
     def run_forever(self) -> None:
         """The engine thread's body: iterate until stopped, then end what is left with
@@ -192,6 +201,7 @@ class Engine:
         """
         if not self._take_inbox(block):
             return None
+        self._heartbeat = time.monotonic()
         self.completions.next_iteration()
         # Newcomers hear their place before anything runs, even if they start right away.
         self._report_positions()
@@ -212,6 +222,7 @@ class Engine:
         self._report_positions()
         self.inbox.publish(self._load())
         self.completions.iteration_done(more_work=bool(self.scheduler.running))
+        self._heartbeat = time.monotonic()
         return plan
 
     def _load(self) -> Load:
@@ -241,9 +252,12 @@ class Engine:
                     s.abort(m.request_id, m.status)
             return self._load()
 
+        sleep = block and not busy
+        self._asleep = sleep
         try:
-            return self.inbox.take(block and not busy, self._wake_at, self.clock, deliver)
+            return self.inbox.take(sleep, self._wake_at, self.clock, deliver)
         finally:  # even if a later message broke the engine, the refused hear so
+            self._asleep = False
             for req, event in refused:
                 logger.info("request %s refused: %s", req.request_id, event.message, extra=req.log_extra)
                 self.outbox.end_later(req, event)
