@@ -7,7 +7,12 @@ ports into the container ports, probes and Services. This script parses that Con
 server's own settings parser (so a typo or a bad value fails here, not in a pod) and checks that
 everything else the cluster will do agrees with it: probe ports and health service names,
 termination grace vs. drain timeout, Service and NetworkPolicy ports and selectors, scrape
-annotations, autoscaler targets and metrics, and the PrometheusRule vs. deploy/prometheus.
+annotations, autoscaler targets and metrics, and the PrometheusRule vs. deploy/prometheus;
+then what production clusters hit first (check_production): autoscalers that own the replica
+count, scale on saturation and rejections, keep to their namespace and have a fallback; probes
+that do not flap; replicas spread over nodes and zones; disk requested for the emptyDirs; GPU
+memory request = limit and a writable CUDA cache; a shared models volume that can be shared,
+with a Job that fills it.
 
     python deploy/check.py               # check (exit 1 with one line per problem)
     python deploy/check.py --write-rules # regenerate the PrometheusRule from deploy/prometheus
@@ -33,6 +38,7 @@ K8S = ROOT / "deploy/k8s"
 RULES = ROOT / "deploy/prometheus/stepserve-rules.yaml"
 PROMETHEUS_RULE = K8S / "components/prometheus-operator/prometheusrule.yaml"
 DOCKERFILE = ROOT / "deploy/docker/Dockerfile"
+ADAPTER_VALUES = K8S / "components/hpa/prometheus-adapter-values.yaml"
 K8S_VERSION = "1.37.0"
 
 # What gets rendered: every overlay, the base, and the base with the components no overlay uses.
@@ -260,19 +266,147 @@ def check_docs(docs: list[dict[str, Any]]) -> list[str]:
                 f"ScaledObject query uses unknown metrics {names - exported}",
             )
             need(float(trig["metadata"]["threshold"]) > 0, "ScaledObject threshold must be > 0")
+    adapter = adapter_metrics()
     for hpa in (d for d in docs if d["kind"] == "HorizontalPodAutoscaler"):
         need(
             hpa["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"], "HPA targets another Deployment"
         )
         for m in hpa["spec"]["metrics"]:
             name = m.get("pods", {}).get("metric", {}).get("name")
-            need(name in exported, f"HPA metric {name} is not exported by the server")
+            need(
+                name in exported or name in adapter,
+                f"HPA metric {name} is neither exported by the server nor made by prometheus-adapter",
+            )
+    for name, used in adapter.items():
+        need(used <= exported, f"prometheus-adapter's {name} uses unknown metrics {used - exported}")
     for pm in (d for d in docs if d["kind"] == "PodMonitor"):
         need(_selects(pm["spec"]["selector"]["matchLabels"], labels), "PodMonitor does not select the pods")
         for ep in pm["spec"]["podMetricsEndpoints"]:
             need(ports.get(ep["port"]) == cfg.metrics_port, f"PodMonitor scrapes port {ep['port']!r}")
     for pr in (d for d in docs if d["kind"] == "PrometheusRule"):
         need(pr["spec"] == prometheus_rule()["spec"], "PrometheusRule is stale: run make deploy-rules")
+    return problems + check_production(docs, dep, cfg)
+
+
+def adapter_metrics() -> dict[str, set[str]]:
+    """The custom metrics prometheus-adapter's values define, with the server metrics each uses."""
+    values = yaml.safe_load(ADAPTER_VALUES.read_text())
+    return {
+        rule["name"]["as"]: set(re.findall(r"\bstepserve_[a-z_]+", rule["metricsQuery"]))
+        for rule in values["rules"]["custom"]
+    }
+
+
+_UNITS = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def _bytes(quantity: str) -> float:
+    number, unit = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(quantity)).groups()  # type: ignore[union-attr]
+    return float(number) * _UNITS[unit]
+
+
+def check_production(docs: list[dict[str, Any]], dep: dict[str, Any], cfg: Any) -> list[str]:
+    """What production clusters hit first: autoscaling that owns the replica count and means
+    saturation, probes that do not flap, replicas spread, disk and GPU memory requested."""
+    problems: list[str] = []
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            problems.append(msg)
+
+    spec = dep["spec"]["template"]["spec"]
+    labels = dep["spec"]["template"]["metadata"].get("labels", {})
+    (c,) = [c for c in spec["containers"] if c["name"] == "stepserve"]
+    namespace = dep["metadata"].get("namespace")
+
+    scalers = [d for d in docs if d["kind"] in ("ScaledObject", "HorizontalPodAutoscaler")]
+    if scalers:
+        need("replicas" not in dep["spec"], "an autoscaler owns the replica count: drop spec.replicas")
+    for so in (d for d in docs if d["kind"] == "ScaledObject"):
+        fallback = so["spec"].get("fallback", {})
+        need(fallback.get("replicas", 0) >= 1, "ScaledObject needs a fallback for when Prometheus is down")
+        queries = [t["metadata"].get("query", "") for t in so["spec"]["triggers"]]
+        for q in queries:
+            for selector in re.findall(r"\bstepserve_[a-z_]+(\{[^}]*\})?", q):
+                need(
+                    namespace is None or f'namespace="{namespace}"' in selector,
+                    f"ScaledObject query {q!r} does not keep to namespace {namespace!r}",
+                )
+        saturation = {"stepserve_queue_depth", "stepserve_active_requests", "stepserve_max_batch_size"}
+        need(
+            any(saturation <= set(re.findall(r"\bstepserve_[a-z_]+", q)) for q in queries),
+            "ScaledObject needs a saturation trigger: (queue depth + active requests) / max batch size",
+        )
+        need(
+            any("stepserve_requests_total" in q and 'code="rejected"' in q for q in queries),
+            "ScaledObject needs a trigger on the rejection rate",
+        )
+
+    ready, live = c.get("readinessProbe", {}), c.get("livenessProbe", {})
+    for name, probe in (("readinessProbe", ready), ("livenessProbe", live)):
+        need(probe.get("timeoutSeconds", 1) >= 2, f"{name}: timeoutSeconds under 2 s flaps under load")
+    need(ready.get("failureThreshold", 3) >= 2, "readinessProbe: one missed check must not drop the pod")
+
+    keys = {
+        t["topologyKey"]
+        for t in spec.get("topologySpreadConstraints", [])
+        if _selects(t.get("labelSelector", {}).get("matchLabels", {}), labels)
+    }
+    need(
+        {"kubernetes.io/hostname", "topology.kubernetes.io/zone"} <= keys,
+        "replicas must be spread over nodes and zones (topologySpreadConstraints)",
+    )
+
+    def requested(container: dict[str, Any], resource: str) -> float:
+        return _bytes(container.get("resources", {}).get("requests", {}).get(resource, "0"))
+
+    disk = max(
+        [sum(requested(x, "ephemeral-storage") for x in spec["containers"])]
+        + [requested(x, "ephemeral-storage") for x in spec.get("initContainers", [])]
+    )
+    empty_dirs = sum(_bytes(v["emptyDir"].get("sizeLimit", "0")) for v in spec["volumes"] if "emptyDir" in v)
+    need(disk >= empty_dirs, f"ephemeral-storage requested ({disk:.0f} B) < the emptyDirs' size limits")
+
+    if cfg.device.startswith("cuda"):
+        res = c.get("resources", {})
+        need(
+            res.get("requests", {}).get("memory") == res.get("limits", {}).get("memory"),
+            "a GPU pod's memory request must equal its limit",
+        )
+        cache = next((e.get("value", "") for e in c.get("env", []) if e["name"] == "CUDA_CACHE_PATH"), "")
+        need(
+            any(
+                cache.startswith(m["mountPath"] + "/")
+                for m in c.get("volumeMounts", [])
+                if not m.get("readOnly")
+            ),
+            "CUDA_CACHE_PATH must be on a writable volume (the root filesystem is read-only)",
+        )
+
+    claims = {
+        v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v
+    }
+    for claim in claims:
+        pvc = _one(docs, "PersistentVolumeClaim", claim)
+        need(pvc is not None, f"PersistentVolumeClaim {claim} is not in the manifests")
+        if pvc is None:
+            continue
+        modes = set(pvc["spec"].get("accessModes", []))
+        need(
+            bool(modes & {"ReadWriteMany", "ReadOnlyMany"}),
+            f"PersistentVolumeClaim {claim}: every replica mounts it, so it needs a *Many access mode",
+        )
+        need("storageClassName" in pvc["spec"], f"PersistentVolumeClaim {claim} must name its storage class")
+        fillers = [
+            j
+            for j in docs
+            if j["kind"] == "Job"
+            and any(
+                v.get("persistentVolumeClaim", {}).get("claimName") == claim
+                for v in j["spec"]["template"]["spec"].get("volumes", [])
+            )
+        ]
+        need(bool(fillers), f"no Job fills PersistentVolumeClaim {claim}")
     return problems
 
 

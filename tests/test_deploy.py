@@ -31,6 +31,14 @@ def gpu_docs() -> list[dict[str, Any]]:
     return check.render("overlays/gpu", [])
 
 
+def _deployment(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(d for d in docs if d["kind"] == "Deployment")
+
+
+def _scaledobject(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return next(d for d in docs if d["kind"] == "ScaledObject")
+
+
 def _container(docs: list[dict[str, Any]]) -> dict[str, Any]:
     dep = next(d for d in docs if d["kind"] == "Deployment")
     return dep["spec"]["template"]["spec"]["containers"][0]
@@ -98,6 +106,65 @@ def mutate(docs, fn) -> list[str]:
             "a model path on no volume",
             lambda d: _configmap(d).update(STEPSERVE_MODELS="sd15=/data/sd15"),
             "on no mounted volume",
+        ),
+        (
+            "replicas fixed under an autoscaler",
+            lambda d: _deployment(d)["spec"].update(replicas=2),
+            "drop spec.replicas",
+        ),
+        ("an autoscaler with no fallback", lambda d: _scaledobject(d)["spec"].pop("fallback"), "fallback"),
+        (
+            "an autoscaler reading every namespace",
+            lambda d: _scaledobject(d)["spec"]["triggers"][1]["metadata"].update(
+                query='sum(rate(stepserve_requests_total{code="rejected"}[2m]))'
+            ),
+            "does not keep to namespace",
+        ),
+        (
+            "scaling on queue depth alone",
+            lambda d: _scaledobject(d)["spec"]["triggers"][0]["metadata"].update(
+                query='sum(stepserve_queue_depth{namespace="stepserve"})'
+            ),
+            "saturation trigger",
+        ),
+        (
+            "a readiness probe that flaps",
+            lambda d: _container(d)["readinessProbe"].update(failureThreshold=1),
+            "one missed check",
+        ),
+        (
+            "replicas that may share a node",
+            lambda d: _deployment(d)["spec"]["template"]["spec"].pop("topologySpreadConstraints"),
+            "spread over nodes and zones",
+        ),
+        (
+            "GPU pod memory that can be squeezed",
+            lambda d: _container(d)["resources"]["requests"].update(memory="8Gi"),
+            "memory request must equal its limit",
+        ),
+        (
+            "a CUDA cache on the read-only root",
+            lambda d: next(e for e in _container(d)["env"] if e["name"] == "CUDA_CACHE_PATH").update(
+                value="/home/stepserve/.nv"
+            ),
+            "CUDA_CACHE_PATH",
+        ),
+        (
+            "emptyDirs bigger than the disk asked for",
+            lambda d: _container(d)["resources"]["requests"].pop("ephemeral-storage"),
+            "ephemeral-storage",
+        ),
+        (
+            "a models volume only one node can mount",
+            lambda d: next(x for x in d if x["kind"] == "PersistentVolumeClaim")["spec"].update(
+                accessModes=["ReadWriteOnce"]
+            ),
+            "access mode",
+        ),
+        (
+            "a models volume nobody fills",
+            lambda d: d.remove(next(x for x in d if x["kind"] == "Job")),
+            "no Job fills",
         ),
     ],
 )
