@@ -12,6 +12,7 @@ import asyncio
 import io
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import torch
@@ -31,20 +32,30 @@ SAMPLERS = {
 }
 
 
+def load_pipeline(path: str, device: str) -> StableDiffusionPipeline:
+    """The plain diffusers pipeline, as a user would load it: float16 weights on a GPU,
+    float32 on CPU (as stepserve), no safety checker, no progress bar."""
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    pipe = StableDiffusionPipeline.from_pretrained(
+        path,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        torch_dtype=dtype,
+    ).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 class Reference(pb_grpc.ImageGenerationServiceServicer):  # type: ignore[misc]
     def __init__(self, path: str, device: str) -> None:
-        # As stepserve: float16 weights on a GPU, float32 on CPU.
-        dtype = torch.float16 if device.startswith("cuda") else torch.float32
-        self.pipe = StableDiffusionPipeline.from_pretrained(
-            path,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-            torch_dtype=dtype,
-        ).to(device)
-        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe = load_pipeline(path, device)
         self.config = self.pipe.scheduler.config
         self.lock = asyncio.Lock()
+        # Every generation on one and the same thread, as a plain script runs it: torch's
+        # OpenMP keeps a team of threads per calling thread, and asyncio.to_thread's pool
+        # handing calls to different threads left idle teams spinning on the cores.
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reference-pipe")
 
     def _run(self, req: pb.GenerateRequest) -> bytes:
         sampler = SAMPLERS.get(req.sampler, Sampler.EULER)
@@ -65,7 +76,7 @@ class Reference(pb_grpc.ImageGenerationServiceServicer):  # type: ignore[misc]
         t0 = time.perf_counter()
         async with self.lock:  # one generation at a time
             waited = time.perf_counter() - t0
-            png = await asyncio.to_thread(self._run, request)
+            png = await asyncio.get_running_loop().run_in_executor(self.worker, self._run, request)
         usage = pb.Usage(steps=request.steps or 20, queue_ms=int(waited * 1000), mean_batch_size=1)
         result = pb.Result(
             images=[pb.Image(data=png, format=pb.IMAGE_FORMAT_PNG, seed=request.seed)], usage=usage

@@ -57,7 +57,15 @@ PROFILES: dict[str, dict[str, Any]] = {
     "quick": {**FULL, "sat_s": 20, "mixed_s": 40, "lone": 9},
     "brief": {**FULL, "sat_s": 10, "mixed_s": 20, "lone": 5, "reference_mixed": False},
     # CI: every mode and workload once, briefly (about a minute of load plus start-ups).
-    "smoke": {"sat_s": 3, "mixed_s": 4, "streams": [1, 4], "loads": [0.8], "lone": 1, "lone_warmup": 0},
+    "smoke": {
+        "sat_s": 3,
+        "mixed_s": 4,
+        "streams": [1, 4],
+        "loads": [0.8],
+        "lone": 1,
+        "lone_warmup": 0,
+        "pipeline_runs": 2,
+    },
 }
 MODES = ("step", "request", "reference")
 
@@ -328,7 +336,33 @@ def run(profile: str, out_dir: Path, setup: Setup) -> dict[str, Any]:
     limit = compute_limit(sizes, setup, parts=parts)
     results["compute_images_per_s"] = {str(b): limit[str(b)] for b in reached}
     results["compute_parts"] = parts
+    print("== plain diffusers pipeline, in process", flush=True)
+    results["pipeline_images_per_s"] = pipeline_rate(
+        setup, runs=p.get("pipeline_runs", 7), warmup=p["lone_warmup"]
+    )
     return results
+
+
+def pipeline_rate(setup: Setup, steps: int = 20, runs: int = 7, warmup: int = 2) -> float:
+    """Images/s of the plain diffusers pipeline called in a loop in this process, one image at
+    a time: what a user's own script gets, with no server in the way (the second baseline)."""
+    import torch
+    from reference_server import load_pipeline
+
+    pipe = load_pipeline(str(setup.model_path()), setup.device)
+    times = []
+    for i in range(warmup + runs):
+        t0 = time.perf_counter()
+        pipe(
+            f"a small red circle {i}",
+            num_inference_steps=steps,
+            guidance_scale=7.5,
+            generator=torch.Generator().manual_seed(i),
+        )
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    del pipe
+    return 1.0 / statistics.median(times)
 
 
 def _load_tests(mode: str, srv: Server, p: dict[str, Any], results: dict[str, Any]) -> None:
@@ -394,6 +428,12 @@ def ratios(r: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "saturated_vs_compute_limit": sat16["images_per_s"] / limit if limit else None,
         "saturated_vs_sequential_reference": sat16["images_per_s"] / ref_tp,
+        "saturated_vs_in_process_pipeline": sat16["images_per_s"] / r["pipeline_images_per_s"]
+        if r.get("pipeline_images_per_s")
+        else None,
+        "reference_vs_in_process_pipeline": ref_tp / r["pipeline_images_per_s"]
+        if r.get("pipeline_images_per_s")
+        else None,
         "hardware_batch_gain": hw_gain,
         "lone_latency_vs_reference": step["lone"]["latency_p50_s"] / ref["lone"]["latency_p50_s"],
     }

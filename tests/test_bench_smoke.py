@@ -31,6 +31,9 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert cap["errors"] == 0 and cap["images_per_s"] > 0
     assert r["capacity_rps"] == r["modes"]["step"]["mixed_capacity"]["images_per_s"]
     assert r["compute_images_per_s"] and all(v > 0 for v in r["compute_images_per_s"].values())
+    assert r["pipeline_images_per_s"] > 0  # the in-process diffusers baseline
+    ref_tp = r["modes"]["reference"]["saturation"]["1"]["images_per_s"]
+    assert r["ratios"]["reference_vs_in_process_pipeline"] == ref_tp / r["pipeline_images_per_s"]
     # The smoke profile is too short to promise any target; what it checks is that each
     # verdict is a boolean computed from the run's own figures.
     ratios, met = r["ratios"], r["ratios"]["targets_met"]
