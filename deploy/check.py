@@ -47,6 +47,7 @@ RENDERS: dict[str, tuple[str, list[str]]] = {
     "overlays/cpu": ("overlays/cpu", []),
     "overlays/gpu": ("overlays/gpu", []),
     "base+hpa+models-init": ("base", ["components/hpa", "components/models-init"]),
+    "base+models-node-cache": ("base", ["components/models-node-cache"]),
 }
 # Custom resources: no upstream schema to validate against; checked by this script instead.
 CUSTOM_KINDS = {
