@@ -140,11 +140,6 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
 
-    @property
-    def failure(self) -> BaseException | None:
-        """What killed the engine thread (None while it lives)."""
-        return self.inbox.failure
-
     def load(self) -> Load:
         """Per model: requests waiting (the inbox's included) and running, and the batch
         capacity, as of the scheduler's last change (one consistent snapshot)."""

@@ -210,8 +210,3 @@ class Inbox:
         with self._cv:
             self.failure = exc
             self._cv.notify_all()
-
-    @property
-    def stopping(self) -> bool:
-        with self._cv:
-            return self._stopping
