@@ -7,7 +7,10 @@ saturation (closed-loop streams, 20 steps) and the mix's capacity (closed-loop m
 requests with previews every step), both by Little's law as in bench/run.py.
 
     python bench/ab.py --a /path/to/old/.venv/bin/stepserve --b .venv/bin/stepserve \\
+        [--a-batching step|request] [--b-batching step|request] \\
         [--rounds 3] [--seconds 20] [--streams 16] [--out bench/results]
+
+(Two batching modes of one install compare the same way: --a and --b the same executable.)
 
 Writes bench/results/<date>-<host>-ab.json with every round, the B/A ratio of each round
 and their median, and prints them. A change is within noise when the per-round ratios
@@ -50,6 +53,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--a", type=Path, required=True, help="the baseline's stepserve executable")
     ap.add_argument("--b", type=Path, required=True, help="the candidate's stepserve executable")
+    ap.add_argument("--a-batching", default="step", choices=("step", "request"), help="A's --batching")
+    ap.add_argument("--b-batching", default="step", choices=("step", "request"), help="B's --batching")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=20.0, help="per load, per round")
     ap.add_argument("--streams", type=int, default=16)
@@ -59,8 +64,8 @@ def main() -> int:
     logs = args.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     servers = {
-        name: Server("step", logs / f"ab-{name}.log", setup, executable=exe)
-        for name, exe in (("a", args.a), ("b", args.b))
+        name: Server(mode, logs / f"ab-{name}.log", setup, executable=exe)
+        for name, exe, mode in (("a", args.a, args.a_batching), ("b", args.b, args.b_batching))
     }
     rounds: list[dict[str, Any]] = []
     try:
@@ -86,8 +91,9 @@ def main() -> int:
         }
         print(f"{key}: B/A median {statistics.median(per_round):.3f}, per round {per_round}")
     result = {
-        "command": f"python bench/ab.py --a {args.a} --b {args.b} --rounds {args.rounds} "
-        f"--seconds {args.seconds} --streams {args.streams}",
+        "command": f"python bench/ab.py --a {args.a} --b {args.b} --a-batching {args.a_batching} "
+        f"--b-batching {args.b_batching} --rounds {args.rounds} --seconds {args.seconds} "
+        f"--streams {args.streams}",
         "rounds": rounds,
         "summary": summary,
         "environment": {
@@ -97,7 +103,8 @@ def main() -> int:
             "platform": platform.platform(),
         },
     }
-    path = args.out / f"{datetime.date.today().isoformat()}-{socket.gethostname()}-ab.json"
+    modes = "" if args.a_batching == args.b_batching else f"-{args.a_batching}-vs-{args.b_batching}"
+    path = args.out / f"{datetime.date.today().isoformat()}-{socket.gethostname()}-ab{modes}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path}")
     return 0
