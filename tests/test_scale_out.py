@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import re
 import signal
+import subprocess
 import threading
 from pathlib import Path
 
@@ -53,6 +54,29 @@ def run_load(
     return threads
 
 
+def stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every server still running, and wait for each to exit."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        p.wait(60)
+
+
+def warm_until_every_replica_serves(client: ImageClient, logs: list[Path], results: dict, steps: int) -> None:
+    """Rounds of one call per replica until every replica has accepted some. (The client's
+    round_robin spreads calls over the connections that are up, and a replica's connection
+    may come up a little after the others.)"""
+    rounds = itertools.count()
+
+    def all_serve() -> bool:
+        for t in run_load(client, len(logs), steps, f"warm{next(rounds)}", results):
+            t.join(120)
+        return all(accepted(log) > 0 for log in logs)
+
+    wait_for(all_serve, timeout_s=120, what="every replica serving")
+
+
 def test_three_replicas_share_the_load_and_one_drains_without_losing_requests(
     tiny_sd_dir: Path, tmp_path: Path
 ) -> None:
@@ -81,17 +105,7 @@ def test_three_replicas_share_the_load_and_one_drains_without_losing_requests(
     try:
         with ImageClient([target for _, target in servers]) as client:
             results: dict = {}
-            rounds = itertools.count()
-
-            def all_serve() -> bool:
-                """A round of three calls; true once every replica has accepted some. (The
-                client's round_robin spreads calls over the connections that are up, and a
-                replica's connection may come up a little after the others.)"""
-                for t in run_load(client, 3, 4, f"warm{next(rounds)}", results):
-                    t.join(120)
-                return all(accepted(log) > 0 for log in logs)
-
-            wait_for(all_serve, timeout_s=120, what="every replica serving")
+            warm_until_every_replica_serves(client, logs, results, steps=4)
             assert all(not isinstance(r, Exception) for r in results.values()), results
             warm = sum(accepted(log) for log in logs)
             assert warm == len(results)
@@ -114,11 +128,7 @@ def test_three_replicas_share_the_load_and_one_drains_without_losing_requests(
             # Replica 1 refused new calls while it drained; the client retried them elsewhere.
             assert refused_unavailable(logs[1]) > 0, logs[1].read_text()[-3000:]
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            p.wait(60)
+        stop_all(procs)
 
 
 def test_requests_queued_on_a_replica_that_shuts_down_finish_on_another(
@@ -139,14 +149,7 @@ def test_requests_queued_on_a_replica_that_shuts_down_finish_on_another(
     try:
         with ImageClient([target for _, target in servers]) as client:
             results: dict = {}
-            rounds = itertools.count()
-
-            def both_serve() -> bool:
-                for t in run_load(client, 2, 1, f"warm{next(rounds)}", results):
-                    t.join(60)
-                return all(accepted(log) > 0 for log in logs)
-
-            wait_for(both_serve, timeout_s=60, what="both replicas serving")
+            warm_until_every_replica_serves(client, logs, results, steps=1)
             warm = [accepted(log) for log in logs]
             results.clear()
             progress: dict[str, int] = {}
@@ -183,8 +186,4 @@ def test_requests_queued_on_a_replica_that_shuts_down_finish_on_another(
         resent = len(re.findall(r"accepted from \S+ \(a retry\)", logs[1].read_text()))
         assert resent == on_0 - 1 >= 1
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            p.wait(60)
+        stop_all(procs)
