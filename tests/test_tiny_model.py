@@ -123,3 +123,26 @@ def test_last_preview_resembles_the_final_image() -> None:
     assert err(blue, "blue") < 0.08 and err(yellow, "yellow") < 0.08
     # Each preview shows its own image, not just a plausible background.
     assert err(blue, "blue") < err(blue, "yellow") and err(yellow, "yellow") < err(yellow, "blue")
+
+
+def test_ddim_draws_the_same_image_as_euler() -> None:
+    """DDIM (eta 0) and Euler integrate the same ODE: on the embedded model they give the same
+    image, not noise (DDIM built from the model's config must not clip its x0 estimate)."""
+    adapter = load_model("tiny-shapes", default_model_path())
+    h = Harness({"tiny-shapes": adapter})
+    for sampler in (Sampler.EULER, Sampler.DDIM):
+        h.submit(
+            params(
+                sampler.value,
+                model="tiny-shapes",
+                prompt="a red circle",
+                seed=0,
+                width=32,
+                height=32,
+                steps=20,
+                sampler=sampler,
+            )
+        )
+    h.run_until_idle()
+    euler, ddim = (h.result(s.value).images[0].astype(int) for s in (Sampler.EULER, Sampler.DDIM))
+    assert np.abs(euler - ddim).mean() < 1.0

@@ -75,4 +75,9 @@ def make_unet() -> UNet2DConditionModel:
 
 
 def make_sampler() -> EulerDiscreteScheduler:
-    return EulerDiscreteScheduler(**SCHEDULER_CONFIG)
+    sampler = EulerDiscreteScheduler(**SCHEDULER_CONFIG)
+    # Saved with the model, so that a DDIM sampler built from this config (from_config, as
+    # diffusers users and stepserve do) does not clip its x0 estimate to [-1, 1], DDIM's
+    # default for pixel-space models: on these latents it turns the image into noise.
+    sampler.register_to_config(clip_sample=False)
+    return sampler
