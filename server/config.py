@@ -25,6 +25,7 @@ MODEL_OPTION_KEYS = {
     "max_size",
     "max_steps",
     "max_images_per_request",
+    "preview_decoder",
 }
 PRESET_KEYS = {"presets.draft", "presets.standard", "presets.high"}
 

@@ -480,3 +480,28 @@ def test_a_completion_that_fails_partway_still_answers_its_requests(tiny_adapter
         failed = h.failure(rid)
         assert failed.reason is FinishReason.ERROR and "illegal memory access" in failed.message
     assert h.engine.in_flight() == 0
+
+
+def test_previews_through_a_tiny_preview_decoder(tiny_sd_dir, tmp_path) -> None:
+    """--model-option NAME.preview_decoder=PATH: previews decoded by diffusers' AutoencoderTiny
+    (TAESD) at the image's own size instead of the linear map's latent-size sketch; the final
+    images do not change."""
+    from stepserve.server.engine.models import load_model
+
+    from .tiny_pipelines import build_tiny_preview_decoder
+
+    decoder = build_tiny_preview_decoder(tmp_path / "taesd")
+    images = {}
+    for name, overrides in (("linear", {}), ("taesd", {"preview_decoder": str(decoder)})):
+        adapter = load_model("tiny", tiny_sd_dir, overrides=overrides)
+        assert (adapter.preview_decoder is not None) == (name == "taesd")
+        h = Harness({"tiny": adapter})
+        h.submit(params("a", steps=3, preview_every=1))
+        h.submit(params("b", steps=3, preview_every=2, seed=5))
+        h.run_until_idle()
+        previews = [e.preview for e in h.events["a"] if isinstance(e, ProgressEvent)]
+        expected = (32, 32, 3) if name == "taesd" else (16, 16, 3)
+        assert [p.shape for p in previews] == [expected] * 3
+        assert all(p.dtype == np.uint8 for p in previews)
+        images[name] = h.result("a").images[0]
+    np.testing.assert_array_equal(images["linear"], images["taesd"])

@@ -187,3 +187,19 @@ def build_tiny_lcm(path: Path, *, seed: int = 4, max_tokens: int = 16) -> Path:
     # Few-step serving defaults, as a real LCM checkpoint's stepserve.json would set them.
     (path / "stepserve.json").write_text('{"default_steps": 4, "default_guidance_scale": 1.5}')
     return path
+
+
+def build_tiny_preview_decoder(path: Path, *, seed: int = 0) -> Path:
+    """A random diffusers ``AutoencoderTiny`` (the TAESD architecture) at toy width, for 4-channel
+    latents: its decoder doubles the latent size once (16x16 latents -> 32x32 previews)."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    AutoencoderTiny(
+        encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8),
+        num_encoder_blocks=(1, 1),
+        num_decoder_blocks=(1, 1),
+        latent_channels=4,
+    ).save_pretrained(path)
+    return path

@@ -234,6 +234,7 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
         self._embed_cache: OrderedDict[str, Conditioning] = OrderedDict()
         self._embed_cache_size = embed_cache_size
         self._latent_rgb = self._fit_latent_rgb(settings.get("latent_rgb_factors"))
+        self.preview_decoder = self._load_preview_decoder(settings.get("preview_decoder"))
 
     # -- prompts ------------------------------------------------------------------------
     def count_prompt_tokens(self, text: str) -> int:
@@ -453,18 +454,42 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
         due = [i for i, w in enumerate(works) if w is not None and w.preview_x0 is not None]
         if not due:
             return out
-        wgt, bias = self._latent_rgb
-        rgb = []
+        estimates = []
         for i in due:
             w = _work(reqs[i])
             x0, w.preview_x0 = w.preview_x0, None
             assert x0 is not None
-            p = torch.einsum("chw,cr->hwr", x0[0].float(), wgt) + bias
-            rgb.append((p.clamp(0, 1) * 255).round().to(torch.uint8))
-        host = self._to_host(torch.stack(rgb))
+            estimates.append(x0)
+        host = self._to_host(self._preview_rgb(torch.cat(estimates)))
         for k, i in enumerate(due):
             out[i] = host[k]
         return out
+
+    def _preview_rgb(self, x0: torch.Tensor) -> torch.Tensor:
+        """N x H x W x 3 uint8 previews of clean-latent estimates (N x C x h x w): through the
+        tiny preview decoder when the model has one (full size, readable colours and shapes),
+        else the linear latent -> RGB map (latent size, a few operations)."""
+        if self.preview_decoder is not None:
+            decoder = self.preview_decoder
+            # diffusers' convention for AutoencoderTiny: the pipeline's latents over its
+            # scaling factor (1 for TAESD, which reads SD's scaled latents), output in [-1, 1].
+            images: torch.Tensor = decoder.decode(x0.to(decoder.dtype) / decoder.config.scaling_factor).sample
+            return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+        wgt, bias = self._latent_rgb
+        p = torch.einsum("nchw,cr->nhwr", x0.float(), wgt) + bias
+        return (p.clamp(0, 1) * 255).round().to(torch.uint8)
+
+    def _load_preview_decoder(self, path: str | None) -> Any:
+        """diffusers' ``AutoencoderTiny`` (TAESD, as ComfyUI and A1111 preview with) from a
+        local directory, for previews; None: the linear map."""
+        if not path:
+            return None
+        from diffusers import AutoencoderTiny
+
+        decoder = AutoencoderTiny.from_pretrained(  # type: ignore[no-untyped-call]
+            str(path), local_files_only=True, torch_dtype=self.dtype
+        )
+        return decoder.to(self.device).eval()
 
     @torch.inference_mode()
     def _fit_latent_rgb(self, factors: list[list[float]] | None) -> tuple[torch.Tensor, torch.Tensor]:
