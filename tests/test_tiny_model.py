@@ -8,8 +8,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from models.tiny import data, judge
-from stepserve.server.engine.models import default_model_path, load_model
-from stepserve.server.engine.types import Sampler
+from stepserve.server.engine.models import ModelAdapter, default_model_path, load_model
+from stepserve.server.engine.types import GenerationParams, Sampler
 
 from .engine_helpers import Harness, params
 
@@ -25,6 +25,21 @@ def pipe() -> StableDiffusionPipeline:
 
 def to_u8(images: np.ndarray) -> list[np.ndarray]:
     return [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in images]
+
+
+def tiny_params(rid: str, **kw: object) -> GenerationParams:
+    """A request for the embedded model at its own size and 20 steps."""
+    return params(rid, **{"model": "tiny-shapes", "width": 32, "height": 32, "steps": 20, **kw})
+
+
+def serve_eval_prompts(adapter: ModelAdapter, sampler: Sampler, guidance: float = 7.5) -> list[np.ndarray]:
+    """The card's 48 prompts (seeds 0-47) served together by the engine with ``sampler``."""
+    prompts = data.eval_prompts()
+    h = Harness({"tiny-shapes": adapter})
+    for i, (prompt, _) in enumerate(prompts):
+        h.submit(tiny_params(f"r{i}", prompt=prompt, seed=i, sampler=sampler, guidance_scale=guidance))
+    h.run_until_idle()
+    return [h.result(f"r{i}").images[0] for i in range(len(prompts))]
 
 
 def test_judge_reads_ground_truth_renders_correctly() -> None:
@@ -59,23 +74,7 @@ def test_served_images_match_the_reference_and_follow_prompts(reference_images: 
     info = adapter.info
     assert (info.default_width, info.default_steps, info.default_sampler) == (32, 20, Sampler.EULER)
     prompts = data.eval_prompts()
-    h = Harness({"tiny-shapes": adapter})
-    for i, (prompt, _) in enumerate(prompts):
-        h.submit(
-            params(
-                f"r{i}",
-                model="tiny-shapes",
-                prompt=prompt,
-                seed=i,
-                width=32,
-                height=32,
-                steps=info.default_steps,
-                guidance_scale=info.default_guidance_scale,
-                sampler=info.default_sampler,
-            )
-        )
-    h.run_until_idle()
-    images = [h.result(f"r{i}").images[0] for i in range(len(prompts))]
+    images = serve_eval_prompts(adapter, info.default_sampler, info.default_guidance_scale)
     # Served in batches of up to 16 requests, each image still matches the reference.
     for ours, ref in zip(images, reference_images, strict=True):
         assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 2
@@ -131,18 +130,7 @@ def test_ddim_draws_the_same_image_as_euler() -> None:
     adapter = load_model("tiny-shapes", default_model_path())
     h = Harness({"tiny-shapes": adapter})
     for sampler in (Sampler.EULER, Sampler.DDIM):
-        h.submit(
-            params(
-                sampler.value,
-                model="tiny-shapes",
-                prompt="a red circle",
-                seed=0,
-                width=32,
-                height=32,
-                steps=20,
-                sampler=sampler,
-            )
-        )
+        h.submit(tiny_params(sampler.value, prompt="a red circle", seed=0, sampler=sampler))
     h.run_until_idle()
     euler, ddim = (h.result(s.value).images[0].astype(int) for s in (Sampler.EULER, Sampler.DDIM))
     assert np.abs(euler - ddim).mean() < 1.0
@@ -157,21 +145,6 @@ def test_every_listed_sampler_follows_the_prompts(sampler: Sampler) -> None:
     adapter = load_model("tiny-shapes", default_model_path(), max_batch_size=48)
     assert sampler in adapter.info.samplers
     prompts = data.eval_prompts()
-    h = Harness({"tiny-shapes": adapter})
-    for i, (prompt, _) in enumerate(prompts):
-        h.submit(
-            params(
-                f"r{i}",
-                model="tiny-shapes",
-                prompt=prompt,
-                seed=i,
-                width=32,
-                height=32,
-                steps=20,
-                sampler=sampler,
-            )
-        )
-    h.run_until_idle()
-    images = [h.result(f"r{i}").images[0] for i in range(len(prompts))]
+    images = serve_eval_prompts(adapter, sampler)
     scores = judge.score(images, [spec for _, spec in prompts])
     assert all(v >= THRESHOLD for v in scores.values()), scores
