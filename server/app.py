@@ -271,7 +271,8 @@ class StepServer:
         while not self.failed.is_set():
             await asyncio.sleep(min(5.0, limit_s / 4))
             engine = self.engine
-            if engine is None or not self.servicer.ready and not stalled:
+            draining = not self.servicer.ready and not stalled  # not ready, and not because of us
+            if engine is None or draining:
                 continue
             now_stalled = engine.stalled_s() > limit_s and engine.in_flight() > 0
             if now_stalled and not stalled:

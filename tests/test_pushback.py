@@ -9,7 +9,6 @@ the retry delays) does not depend on the hardware."""
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -41,14 +40,12 @@ def counts(srv: ServerThread, code: str) -> tuple[float, float]:
 
 
 def test_an_unmeetable_deadline_is_refused_at_once_and_not_retried(slow_server) -> None:
-    with ImageClient(slow_server.target) as c:  # the default service config: retries on
-        start = time.monotonic()
-        with pytest.raises(StepserveError) as e:
-            c.generate("a red circle", steps=100, timeout_s=1.0)
-        elapsed = time.monotonic() - start
+    with ImageClient(slow_server.target) as c, pytest.raises(StepserveError) as e:  # retries on
+        c.generate("a red circle", steps=100, timeout_s=1.0)
+    # The server's own answer (not DEADLINE_EXCEEDED after retries ran out the deadline),
+    # from the one attempt the server saw.
     assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "cannot be met" in e.value.message
     assert e.value.retry_after_s is not None and e.value.retry_after_s > 1.0
-    assert elapsed < 0.9  # the server's answer, not the client's deadline running out
     assert counts(slow_server, "rejected") == (1, 0)  # one attempt, no retries
 
 
@@ -73,16 +70,12 @@ def fill_the_batch(srv: ServerThread, steps: int) -> tuple[threading.Thread, dic
 
 def test_a_full_queue_with_too_little_time_left_answers_at_once(slow_server) -> None:
     t, out = fill_the_batch(slow_server, steps=40)  # its slot frees in 2 s at best
-    with ImageClient(slow_server.target) as c:
-        start = time.monotonic()
-        with pytest.raises(StepserveError) as e:
-            c.generate("a blue square", steps=2, timeout_s=1.0)
-        elapsed = time.monotonic() - start
+    with ImageClient(slow_server.target) as c, pytest.raises(StepserveError) as e:
+        c.generate("a blue square", steps=2, timeout_s=1.0)
     t.join(60)
     assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "queue is full" in e.value.message
     assert e.value.retry_after_s is not None and e.value.retry_after_s >= 1.0
-    assert elapsed < 0.9
-    assert counts(slow_server, "rejected") == (1, 0)
+    assert counts(slow_server, "rejected") == (1, 0)  # answered at once: not retried
     assert "result" in out
 
 

@@ -90,12 +90,12 @@ class _Call:
     ended_at: float | None = None
     outcome: Outcome | None = None
 
-    def end(self, outcome: Outcome | None) -> None:
-        """The call ended now; ``outcome`` None: set by whoever reports it (engine failures)."""
+    def end(self, outcome: Outcome) -> None:
+        """The call ended with ``outcome``; the first ending's time is kept (a result whose
+        encoding then fails ends at the result, as an error)."""
         if self.ended_at is None:
             self.ended_at = time.monotonic()
-        if outcome is not None:
-            self.outcome = outcome
+        self.outcome = outcome
 
 
 # Set by the client library when it sends a stream again that a replica ended UNAVAILABLE
@@ -235,7 +235,6 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
                 async for response in stream:
                     yield response
         except _EngineFailure as failure:
-            call.outcome = OUTCOME_OF_REASON[failure.event.reason]
             await self._abort_failed(context, rid, failure.event)
         except grpc.aio.AbortError:
             raise
@@ -260,13 +259,11 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
     ) -> AsyncGenerator[pb.GenerateResponse, None]:
         """The responses for the engine's events up to the result; raises _EngineFailure
         when the engine ends the request without one, and _StageError naming the step of
-        the API's own work that failed. Marks ``call`` ended when the engine's terminal
-        event arrives."""
+        the API's own work that failed. Ends ``call`` when the engine's terminal event
+        arrives."""
         rid = params.request_id
         while True:
             event = await events.get()
-            if isinstance(event, ResultEvent | FailedEvent):
-                call.end(Outcome.OK if isinstance(event, ResultEvent) else None)
             if isinstance(event, QueuedEvent):
                 yield pb.GenerateResponse(
                     request_id=rid,
@@ -281,6 +278,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
                     raise _StageError(f"encoding the progress of step {event.step}") from e
                 yield response
             elif isinstance(event, ResultEvent):
+                call.end(Outcome.OK)
                 try:
                     response = await self._result(params, event)
                 except Exception as e:
@@ -288,6 +286,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
                 yield response
                 return
             elif isinstance(event, FailedEvent):
+                call.end(OUTCOME_OF_REASON[event.reason])
                 raise _EngineFailure(event)
 
     async def _abort_failed(self, context: grpc.aio.ServicerContext, rid: str, event: FailedEvent) -> None:

@@ -114,14 +114,7 @@ class Engine:
         taken now, ValueError when it can never be (an id in flight, a model not loaded, more
         images than the model batches). ``trace_context`` (the caller's OpenTelemetry span
         context) goes to observers."""
-        model = self.models.get(params.model)
-        if model is None:
-            raise ValueError(f"model {params.model!r} is not loaded")
-        if params.num_images > model.info.max_batch_size:
-            raise ValueError(
-                f"{params.num_images} images is more than model {params.model!r} can batch "
-                f"({model.info.max_batch_size})"
-            )
+        self.scheduler.check_admissible(params)  # never let the engine thread meet one
         self.inbox.submit(Submit(params, self.clock(), trace_context), sink)
 
     def cancel(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_CANCELLED) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from .request import BucketKey, RequestState, RequestStatus
-from .types import Priority
+from .types import GenerationParams, Priority
 
 # How much later than an interactive request a batch request counts as having arrived, by
 # default (see :meth:`BaseScheduler.queue_key`; ``--batch-priority-delay-s`` sets it).
@@ -82,12 +82,21 @@ class BaseScheduler:
         self._bucket_last_step: dict[BucketKey, int] = {}
 
     # -- intake -------------------------------------------------------------------------
-    def add(self, req: RequestState) -> None:
-        if req.params.num_images > self.max_images[req.model]:
+    def check_admissible(self, params: GenerationParams) -> None:
+        """Raise ValueError for a request no capacity could ever take (a model it does not
+        schedule, more images than the model batches). Reads only settings fixed at start, so
+        any thread may call it."""
+        limit = self.max_images.get(params.model)
+        if limit is None:
+            raise ValueError(f"model {params.model!r} is not loaded")
+        if params.num_images > limit:
             raise ValueError(
-                f"request {req.request_id} asks for {req.params.num_images} images, more than "
-                f"model {req.model!r} can batch ({self.max_images[req.model]})"
+                f"request {params.request_id} asks for {params.num_images} images, more than "
+                f"model {params.model!r} can batch ({limit})"
             )
+
+    def add(self, req: RequestState) -> None:
+        self.check_admissible(req.params)
         req.status = RequestStatus.WAITING
         keys = [self.queue_key(r) for r in self.waiting]
         self.waiting.insert(bisect.bisect_right(keys, self.queue_key(req)), req)
@@ -127,17 +136,18 @@ class BaseScheduler:
         waiting = dict.fromkeys(self._capacity, 0)
         running = dict.fromkeys(self._capacity, 0)
         used = dict.fromkeys(self._capacity, 0)
-        fewest_steps_left = dict.fromkeys(self._capacity, 1)
+        fewest_steps_left: dict[str, int] = {}
         for req in self.waiting:
             waiting[req.model] += 1
         for req in self.running.values():
             running[req.model] += 1
             used[req.model] += req.params.num_images
-            first = running[req.model] == 1
             left = max(1, req.remaining_steps)
-            fewest_steps_left[req.model] = left if first else min(fewest_steps_left[req.model], left)
+            fewest_steps_left[req.model] = min(fewest_steps_left.get(req.model, left), left)
         return Load(
-            next_slot_s=MappingProxyType({m: n * step_time_s[m] for m, n in fewest_steps_left.items()}),
+            next_slot_s=MappingProxyType(
+                {m: fewest_steps_left.get(m, 1) * step_time_s[m] for m in self._capacity}
+            ),
             waiting=MappingProxyType(waiting),
             running=MappingProxyType(running),
             capacity=MappingProxyType(dict(self._capacity)),
