@@ -78,7 +78,7 @@ bench: setup
 bench-quick: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/run.py --profile quick
 
-# Rebuild the embedded model from scratch (about 40 minutes on 2 CPU cores).
+# Rebuild the embedded model from scratch (about 30 minutes on 2 idle CPU cores).
 train-tiny: setup
 	$(BIN)/python models/tiny/train.py --out server/assets/tiny-shapes
 

@@ -64,9 +64,26 @@ def _run(adapter, target, others, join_after: int = 0):
     return res.images
 
 
-def test_previews_are_each_requests_own_alone_or_batched(tiny_adapter) -> None:
+@pytest.fixture(scope="module")
+def embedded_adapter():
+    """The embedded model, previews through its shipped tiny decoder (AutoencoderTiny), served
+    under the name the requests here use."""
+    from stepserve.server.engine.models import default_model_path, load_model
+
+    adapter = load_model("tiny", default_model_path())
+    assert adapter.preview_decoder is not None
+    return adapter
+
+
+@pytest.mark.parametrize("previewer", ["linear map", "preview decoder"])
+def test_previews_are_each_requests_own_alone_or_batched(request, previewer: str) -> None:
     """Previews are made for the whole batch at once (one host copy per step): each request
-    still gets its own, the same as alone, and only at the steps it asked for."""
+    still gets its own, the same as alone, and only at the steps it asked for; through the
+    linear latent -> RGB map (the tiny random model) and through a preview decoder (the
+    embedded model's, whose convolutions differ between odd and even batches on CPU)."""
+    tiny_adapter = request.getfixturevalue(
+        "tiny_adapter" if previewer == "linear map" else "embedded_adapter"
+    )
     target = params("target", steps=5, preview_every=2, sampler=Sampler.DPM_SOLVER_MULTISTEP)
     others = [replace(o, preview_every=i % 3) for i, o in enumerate(_others(6))]
 

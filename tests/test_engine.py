@@ -487,6 +487,7 @@ def test_previews_through_a_tiny_preview_decoder(tiny_sd_dir, tmp_path) -> None:
     (TAESD) at the image's own size instead of the linear map's latent-size sketch; the final
     images do not change."""
     from stepserve.server.engine.models import load_model
+    from stepserve.server.engine.models.registry import ModelLoadError
 
     from .tiny_pipelines import build_tiny_preview_decoder
 
@@ -505,3 +506,5 @@ def test_previews_through_a_tiny_preview_decoder(tiny_sd_dir, tmp_path) -> None:
         assert all(p.dtype == np.uint8 for p in previews)
         images[name] = h.result("a").images[0]
     np.testing.assert_array_equal(images["linear"], images["taesd"])
+    with pytest.raises(ModelLoadError, match="preview decoder .* is not a diffusers AutoencoderTiny"):
+        load_model("tiny", tiny_sd_dir, overrides={"preview_decoder": str(tmp_path / "nowhere")})

@@ -1,45 +1,49 @@
-"""The embedded tiny-shapes model: loads with plain diffusers, offline, and follows prompts."""
+"""The embedded tiny-shapes model: loads with plain diffusers, offline, follows prompts (the
+model card's judge, strict about color), with every sampler it lists, and previews it."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from models.tiny import data, judge
-from stepserve.server.engine.models import ModelAdapter, default_model_path, load_model
-from stepserve.server.engine.types import GenerationParams, Sampler
+from models.tiny import data, judge, served
+from stepserve.server.engine.models import ModelAdapter
+from stepserve.server.engine.types import ProgressEvent, Sampler
 
-from .engine_helpers import Harness, params
+# Per attribute (color, shape, size, position, one_color); the committed weights reach 98% or
+# more on the model card's figures, the margin is for CPU nondeterminism across machines.
+THRESHOLD = 0.95
 
-THRESHOLD = 0.9
+
+def passes(scores: dict[str, float]) -> bool:
+    return set(scores) == {*judge.ATTRIBUTES, "one_color"} and all(v >= THRESHOLD for v in scores.values())
 
 
 @pytest.fixture(scope="module")
-def pipe() -> StableDiffusionPipeline:
-    p = StableDiffusionPipeline.from_pretrained(str(default_model_path()))
-    p.set_progress_bar_config(disable=True)
-    return p
+def adapter() -> ModelAdapter:
+    return served.load(max_batch_size=64)
 
 
-def to_u8(images: np.ndarray) -> list[np.ndarray]:
-    return [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in images]
-
-
-def tiny_params(rid: str, **kw: object) -> GenerationParams:
-    """A request for the embedded model at its own size and 20 steps."""
-    return params(rid, **{"model": "tiny-shapes", "width": 32, "height": 32, "steps": 20, **kw})
-
-
-def serve_eval_prompts(adapter: ModelAdapter, sampler: Sampler, guidance: float = 7.5) -> list[np.ndarray]:
-    """The card's 48 prompts (seeds 0-47) served together by the engine with ``sampler``."""
-    prompts = data.eval_prompts()
-    h = Harness({"tiny-shapes": adapter})
-    for i, (prompt, _) in enumerate(prompts):
-        h.submit(tiny_params(f"r{i}", prompt=prompt, seed=i, sampler=sampler, guidance_scale=guidance))
-    h.run_until_idle()
-    return [h.result(f"r{i}").images[0] for i in range(len(prompts))]
+@pytest.fixture(scope="module")
+def reference_images(adapter: ModelAdapter) -> list[np.ndarray]:
+    """The 48 evaluation prompts through plain diffusers, at the model's default steps and
+    guidance (its stepserve.json), seeds 0-47."""
+    pipe = StableDiffusionPipeline.from_pretrained(str(served.default_model_path()))
+    pipe.set_progress_bar_config(disable=True)
+    prompts, seeds = served.eval_sets()["eval_48"]
+    out = pipe(
+        [p for p, _ in prompts],
+        num_inference_steps=adapter.info.default_steps,
+        guidance_scale=adapter.info.default_guidance_scale,
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+        output_type="np",
+    ).images
+    assert out.shape == (48, 32, 32, 3)
+    return [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in out]
 
 
 def test_judge_reads_ground_truth_renders_correctly() -> None:
@@ -48,103 +52,131 @@ def test_judge_reads_ground_truth_renders_correctly() -> None:
         assert min(scores.values()) >= 0.99, (blur, scores)
 
 
-@pytest.fixture(scope="module")
-def reference_images(pipe: StableDiffusionPipeline) -> list[np.ndarray]:
-    """The 48 evaluation prompts through plain diffusers: 20 steps, default guidance, seeds 0-47."""
-    prompts = data.eval_prompts()
-    out = pipe(
-        [p for p, _ in prompts],
-        num_inference_steps=20,
-        generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))],
-        output_type="np",
-    ).images
-    assert out.shape == (48, 32, 32, 3)
-    return to_u8(out)
+def test_judge_rejects_off_palette_and_two_colored_shapes() -> None:
+    """An olive or brownish-gray "red" is no color of the palette, and a shape half red, half
+    green is two colors: the judge must not read either as the nearest palette color."""
+    spec = data.Sample("red", "square", "large", "center")
+    red = np.asarray(data.render(spec))
+    assert judge.read(red).color == "red" and not judge.read(red).mixed
+    for off in ((130, 105, 50), (120, 90, 80)):  # olive; grayish brown
+        reading = judge.read(np.asarray(data.render(spec, fill=off)))
+        assert reading.color == judge.OFF_PALETTE, (off, reading)
+    green = np.asarray(data.render(replace(spec, color="green")))
+    half = red.copy()
+    half[:, 16:] = green[:, 16:]
+    assert judge.read(half).mixed
+    assert judge.score([half], [spec])["one_color"] == 0.0
 
 
 def test_plain_diffusers_pipeline_follows_the_48_prompts(reference_images: list[np.ndarray]) -> None:
-    prompts = data.eval_prompts()
-    assert len(prompts) == 48
+    prompts, _ = served.eval_sets()["eval_48"]
     scores = judge.score(reference_images, [s for _, s in prompts])
-    assert all(v >= THRESHOLD for v in scores.values()), scores
+    assert passes(scores), scores
 
 
-def test_served_images_match_the_reference_and_follow_prompts(reference_images: list[np.ndarray]) -> None:
-    adapter = load_model("tiny-shapes", default_model_path())
+def test_served_images_match_the_reference_and_follow_prompts(
+    adapter: ModelAdapter, reference_images: list[np.ndarray]
+) -> None:
     info = adapter.info
     assert (info.default_width, info.default_steps, info.default_sampler) == (32, 20, Sampler.EULER)
-    prompts = data.eval_prompts()
-    images = serve_eval_prompts(adapter, info.default_sampler, info.default_guidance_scale)
-    # Served in batches of up to 16 requests, each image still matches the reference.
+    prompts, seeds = served.eval_sets()["eval_48"]
+    images = served.serve_prompts(adapter, prompts, seeds)
+    # Served in batches of up to 32 requests, each image still matches the reference.
     for ours, ref in zip(images, reference_images, strict=True):
         assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 2
     scores = judge.score(images, [s for _, s in prompts])
-    assert all(v >= THRESHOLD for v in scores.values()), scores
+    assert passes(scores), scores
 
 
-def test_last_preview_resembles_the_final_image() -> None:
-    from PIL import Image
-
-    from stepserve.server.engine.types import ProgressEvent
-
-    adapter = load_model("tiny-shapes", default_model_path())
-    h = Harness({"tiny-shapes": adapter})
-    for rid, prompt in (
-        ("blue", "a large blue square on the left"),
-        ("yellow", "a large yellow circle on the right"),
-    ):
-        h.submit(
-            params(
-                rid,
-                model="tiny-shapes",
-                prompt=prompt,
-                seed=3,
-                width=32,
-                height=32,
-                steps=20,
-                preview_every=5,
-            )
-        )
-    h.run_until_idle()
-
-    def last_preview(rid: str) -> np.ndarray:
-        previews = [
-            e.preview for e in h.events[rid] if isinstance(e, ProgressEvent) and e.preview is not None
-        ]
-        assert len(previews) == 4
-        return previews[-1]
-
-    def err(preview: np.ndarray, rid: str) -> float:
-        final = Image.fromarray(h.result(rid).images[0]).resize(preview.shape[1::-1], Image.Resampling.BOX)
-        return float(np.abs(preview.astype(float) - np.asarray(final).astype(float)).mean() / 255)
-
-    blue, yellow = last_preview("blue"), last_preview("yellow")
-    assert err(blue, "blue") < 0.08 and err(yellow, "yellow") < 0.08
-    # Each preview shows its own image, not just a plausible background.
-    assert err(blue, "blue") < err(blue, "yellow") and err(yellow, "yellow") < err(yellow, "blue")
-
-
-def test_ddim_draws_the_same_image_as_euler() -> None:
-    """DDIM (eta 0) and Euler integrate the same ODE: on the embedded model they give the same
-    image, not noise (DDIM built from the model's config must not clip its x0 estimate)."""
-    adapter = load_model("tiny-shapes", default_model_path())
-    h = Harness({"tiny-shapes": adapter})
-    for sampler in (Sampler.EULER, Sampler.DDIM):
-        h.submit(tiny_params(sampler.value, prompt="a red circle", seed=0, sampler=sampler))
-    h.run_until_idle()
-    euler, ddim = (h.result(s.value).images[0].astype(int) for s in (Sampler.EULER, Sampler.DDIM))
-    assert np.abs(euler - ddim).mean() < 1.0
+def test_random_prompts_with_other_seeds_are_followed(adapter: ModelAdapter) -> None:
+    """200 random prompts (every attribute named, any phrasing), seeds from 1000, served by
+    the engine: the model follows prompts it was not tuned on, not only the card's 48."""
+    prompts, seeds = served.eval_sets()["random_200"]
+    scores = judge.score(served.serve_prompts(adapter, prompts, seeds), [s for _, s in prompts])
+    assert passes(scores), scores
 
 
 @pytest.mark.parametrize(
     "sampler", [s for s in Sampler if s not in (Sampler.LCM, Sampler.EULER)], ids=lambda s: s.value
 )
-def test_every_listed_sampler_follows_the_prompts(sampler: Sampler) -> None:
+def test_every_listed_sampler_follows_the_prompts(adapter: ModelAdapter, sampler: Sampler) -> None:
     """Each other sampler the model lists (its default, Euler, is judged above) gives clean
-    images that the judge reads as the prompts."""
-    adapter = load_model("tiny-shapes", default_model_path(), max_batch_size=48)
+    images that the judge reads as the prompts (DDIM too: the model's scheduler config turns
+    off DDIM's clipping, which turned these latents into noise)."""
     assert sampler in adapter.info.samplers
-    prompts = data.eval_prompts()
-    images = serve_eval_prompts(adapter, sampler)
-    scores = judge.score(images, [spec for _, spec in prompts])
-    assert all(v >= THRESHOLD for v in scores.values()), scores
+    prompts, seeds = served.eval_sets()["eval_48"]
+    images = served.serve_prompts(adapter, prompts, seeds, sampler=sampler)
+    scores = judge.score(images, [s for _, s in prompts])
+    assert passes(scores), scores
+
+
+def test_shipped_preview_decoder_shows_the_image_forming() -> None:
+    """The embedded model ships a tiny preview decoder (AutoencoderTiny, named in its
+    stepserve.json): previews are full size, the last one is close to the final image, the
+    judge reads the shape off the middle step's preview and color and shape off the previews
+    from three quarters of the way on. Without it (the option set empty) previews fall back
+    to the latent-size linear map; the images are the same either way."""
+    prompts, seeds = served.eval_sets()["eval_48"]
+    prompts, seeds = prompts[::3], seeds[::3]
+    events = {}
+    for name, overrides in (("decoder", {}), ("linear", {"preview_decoder": ""})):
+        adapter = served.load(**overrides)
+        assert (adapter.preview_decoder is not None) == (name == "decoder")
+        reqs = [
+            served.request(adapter, f"r{i}", p, seed, preview_every=5)
+            for i, ((p, _), seed) in enumerate(zip(prompts, seeds, strict=True))
+        ]
+        events[name] = served.serve(adapter, reqs)
+
+    def preview(name: str, i: int, step: int) -> np.ndarray:
+        got = [e.preview for e in events[name][f"r{i}"] if isinstance(e, ProgressEvent) and e.step == step]
+        assert len(got) == 1 and got[0] is not None
+        return got[0]
+
+    shape_at_middle = both_at_three_quarters = 0
+    for i, (_, spec) in enumerate(prompts):
+        final = served.final_image(events["decoder"][f"r{i}"])
+        assert np.array_equal(final, served.final_image(events["linear"][f"r{i}"]))
+        assert preview("decoder", i, 10).shape == (32, 32, 3) and preview("linear", i, 10).shape == (
+            16,
+            16,
+            3,
+        )
+        assert np.abs(preview("decoder", i, 20).astype(float) - final.astype(float)).mean() < 8, spec
+        middle, late = judge.read(preview("decoder", i, 10)), judge.read(preview("decoder", i, 15))
+        shape_at_middle += middle.shape == spec.shape
+        both_at_three_quarters += late.color == spec.color and late.shape == spec.shape
+    assert shape_at_middle >= 0.8 * len(prompts), shape_at_middle
+    assert both_at_three_quarters >= 0.9 * len(prompts), both_at_three_quarters
+
+
+def test_previews_show_each_request_own_image(adapter: ModelAdapter) -> None:
+    """A preview shows its own request's image, not a plausible average: each last preview is
+    nearer its own final image than the other request's."""
+    reqs = [
+        served.request(adapter, "blue", "a large blue square on the left", 3, preview_every=5),
+        served.request(adapter, "yellow", "a large yellow circle on the right", 3, preview_every=5),
+    ]
+    events = served.serve(adapter, reqs)
+    last = {
+        r: [e.preview for e in events[r] if isinstance(e, ProgressEvent) and e.preview is not None]
+        for r in events
+    }
+    assert all(len(p) == 4 for p in last.values())
+
+    def err(rid: str, other: str) -> float:
+        final = served.final_image(events[other]).astype(float)
+        return float(np.abs(last[rid][-1].astype(float) - final).mean())
+
+    assert err("blue", "blue") < err("blue", "yellow") and err("yellow", "yellow") < err("yellow", "blue")
+
+
+def test_ddim_draws_the_same_image_as_euler(adapter: ModelAdapter) -> None:
+    """DDIM (eta 0) and Euler integrate the same ODE: on the embedded model they give the same
+    image, not noise (DDIM built from the model's config must not clip its x0 estimate)."""
+    reqs = [
+        served.request(adapter, s.value, "a red circle", 0, sampler=s) for s in (Sampler.EULER, Sampler.DDIM)
+    ]
+    events = served.serve(adapter, reqs)
+    euler, ddim = (served.final_image(events[s.value]).astype(int) for s in (Sampler.EULER, Sampler.DDIM))
+    assert np.abs(euler - ddim).mean() < 1.0

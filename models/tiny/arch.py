@@ -8,7 +8,7 @@ linear beta schedule (1e-4..0.02, near-zero terminal SNR) and v-prediction.
 
 from __future__ import annotations
 
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, EulerDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 LATENT_CHANNELS = 4
@@ -40,6 +40,20 @@ def make_vae() -> AutoencoderKL:
         latent_channels=LATENT_CHANNELS,
         norm_num_groups=16,
         sample_size=32,
+    )
+
+
+def make_preview_decoder() -> AutoencoderTiny:
+    """TAESD's architecture (diffusers' ``AutoencoderTiny``) at this model's scale: one 2x
+    upsampling, 16x16x4 scaled latents -> 32x32 RGB previews. Scaling factor 1: it reads the
+    pipeline's scaled latents, as TAESD reads Stable Diffusion's."""
+    return AutoencoderTiny(
+        encoder_block_out_channels=(32, 32),
+        decoder_block_out_channels=(48, 48),
+        num_encoder_blocks=(1, 1),
+        num_decoder_blocks=(2, 1),
+        latent_channels=LATENT_CHANNELS,
+        scaling_factor=1.0,
     )
 
 

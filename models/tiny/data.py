@@ -12,7 +12,7 @@ The same attribute tables drive the judge (``judge.py``), so the two cannot drif
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -52,6 +52,10 @@ JITTER_PX = 1
 # Probability that a caption leaves an attribute out.
 P_OMIT = {"size": 0.25, "color": 0.1, "position": 0.25}
 SUPERSAMPLE = 8
+# The random evaluation prompts: drawn with this seed, generated with seeds from 1000 on
+# (the 48 fixed prompts use seeds 0-47).
+RANDOM_EVAL_PROMPTS_SEED = 2026
+RANDOM_EVAL_SEEDS_FROM = 1000
 
 
 @dataclass(frozen=True)
@@ -80,15 +84,16 @@ def caption(s: Sample, rng: random.Random | None = None, omit: frozenset[str] = 
     return " ".join(words)
 
 
-def render(s: Sample) -> Image.Image:
-    """Draw ``s`` anti-aliased (drawn at 8x, then downsampled) at IMAGE_SIZE_PX."""
+def render(s: Sample, fill: tuple[int, int, int] | None = None) -> Image.Image:
+    """Draw ``s`` anti-aliased (drawn at 8x, then downsampled) at IMAGE_SIZE_PX, in its
+    palette color or in ``fill``."""
     k = SUPERSAMPLE
     img = Image.new("RGB", (IMAGE_SIZE_PX * k, IMAGE_SIZE_PX * k), BACKGROUND_RGB)
     draw = ImageDraw.Draw(img)
     cx, cy = POSITIONS[s.position]
     cx, cy = (cx + s.dx) * k, (cy + s.dy) * k
     r = SIZES[s.size] * k
-    fill = COLORS[s.color]
+    fill = fill or COLORS[s.color]
     if s.shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
     elif s.shape == "square":
@@ -140,6 +145,18 @@ def eval_prompts() -> list[tuple[str, Sample]]:
                     s = Sample(color, shape, size, pos[i % len(pos)])
                     out.append((caption(s), s))
                     i += 1
+    return out
+
+
+def random_eval_prompts(n: int = 200) -> list[tuple[str, Sample]]:
+    """``n`` prompts naming every attribute, drawn at random (phrasing too) with a fixed seed,
+    for evaluation beyond the fixed 48 (generated with seeds RANDOM_EVAL_SEEDS_FROM + i);
+    the nominal position (no jitter) is the target."""
+    rng = random.Random(RANDOM_EVAL_PROMPTS_SEED)
+    out: list[tuple[str, Sample]] = []
+    for _ in range(n):
+        s = replace(random_sample(rng), dx=0, dy=0)
+        out.append((caption(s, rng), s))
     return out
 
 

@@ -2,15 +2,17 @@
 
 Stages (all seeded; the same command gives the same weights on the same torch build):
 1. render the procedural data set (``data.py``) and build the tokenizer (``tokenizer.py``);
-2. train the VAE (L1 + MSE reconstruction, tiny KL), then measure the latent scaling factor;
-3. encode every image to latents with the frozen VAE;
+2. train the VAE (L1 + MSE reconstruction, KL weight 1e-3: with v1's 1e-4 the UNet mixed
+   colors, see the model card), then measure the latent scaling factor;
+3. encode every image to latents with the frozen VAE, and train the tiny preview decoder
+   (diffusers' ``AutoencoderTiny``) on them;
 4. train the UNet and the text encoder jointly with v-prediction on the DDPM linear schedule,
    dropping 10% of captions (empty prompt) so classifier-free guidance works, keeping an EMA
    of the UNet and text-encoder weights;
 5. save a diffusers ``StableDiffusionPipeline`` directory (float32 safetensors, so a plain
    ``from_pretrained`` runs on CPU without a dtype argument), then generate
-   the 48-prompt evaluation set with the reference pipeline, judge it, write the sample
-   grid and the figures into ``metrics.json``.
+   the 48-prompt evaluation set and 200 random prompts with the reference pipeline, judge
+   them, write the sample grid and the figures into ``metrics.json``.
 
 Run from the repo root: ``python models/tiny/train.py --out server/assets/tiny-shapes``.
 """
@@ -39,6 +41,7 @@ import tokenizer as tok_mod  # noqa: E402
 
 logger = logging.getLogger("train-tiny")
 
+PREVIEW_DECODER_DIR = "preview_decoder"
 SERVING_DEFAULTS = {
     "default_steps": 20,
     "default_guidance_scale": 7.5,
@@ -61,7 +64,7 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def train_vae(images: np.ndarray, steps: int, batch: int, seed: int):
+def train_vae(images: np.ndarray, steps: int, batch: int, seed: int, kl_weight: float = 1e-4):
     vae = arch.make_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
@@ -75,7 +78,7 @@ def train_vae(images: np.ndarray, steps: int, batch: int, seed: int):
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
         rec = vae.decode(z).sample
         kl = post.kl().mean() / x[0].numel()
-        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-4 * kl
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -160,27 +163,75 @@ def train_unet(latents, ids, empty_ids, vocab, steps, batch, seed, lr):
     return ema_unet.eval(), ema_text.eval()
 
 
-def evaluate(pipe_dir: Path, steps: int = 20) -> tuple[dict[str, float], list[np.ndarray]]:
-    """Generate the 48 evaluation prompts with diffusers' own pipeline and judge them."""
-    from diffusers import StableDiffusionPipeline
+def train_preview_decoder(images: np.ndarray, latents: torch.Tensor, steps: int, batch: int, seed: int):
+    """A tiny TAESD (diffusers' ``AutoencoderTiny``) for this model's previews, by TAESD's
+    recipe: the decoder learns images from the VAE's (scaled) latents, the encoder the VAE's
+    latents from images. Previews decode the clean-image estimates of unfinished steps,
+    which are washed out (pulled toward the mean latent), blurred and noisy compared with
+    the data's latents; the decoder sees latents degraded that way too (half of them) and
+    learns to show the image they are heading for."""
+    tiny = arch.make_preview_decoder()
+    opt = torch.optim.AdamW(tiny.parameters(), lr=2e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    mean = latents.mean(0, keepdim=True)
+    t0 = time.time()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, 2e-3, 50)
+        idx = torch.randint(0, len(images), (batch,), generator=gen)
+        x, z = to_tensor(images[idx.numpy()]), latents[idx]
+        degraded = (torch.rand(batch, 1, 1, 1, generator=gen) < 0.5).float()
+        keep = 1 - degraded * 0.7 * torch.rand(batch, 1, 1, 1, generator=gen)
+        blur = degraded * torch.rand(batch, 1, 1, 1, generator=gen)
+        sigma = 0.2 * torch.rand(batch, 1, 1, 1, generator=gen)
+        zin = mean + keep * (z - mean)
+        zin = (1 - blur) * zin + blur * F.avg_pool2d(zin, 3, stride=1, padding=1, count_include_pad=False)
+        rec = tiny.decode(zin + sigma * torch.randn(z.shape, generator=gen)).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + F.mse_loss(tiny.encode(x).latents, z)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 200 == 0 or step == steps - 1:
+            logger.info(
+                "preview decoder step %d/%d loss %.4f (%.0fs)", step, steps, loss.item(), time.time() - t0
+            )
+    return tiny.eval().requires_grad_(False)
 
-    try:
-        from . import judge  # type: ignore[import-not-found]
-    except ImportError:
-        import judge  # type: ignore[no-redef]
+
+def generate(
+    pipe, prompts: list[tuple[str, data.Sample]], seeds: list[int], steps: int = 20
+) -> list[np.ndarray]:
+    """Images of ``prompts`` from diffusers' own pipeline (default guidance and sampler)."""
+    images: list[np.ndarray] = []
+    for i in range(0, len(prompts), 64):
+        out = pipe(
+            [p for p, _ in prompts[i : i + 64]],
+            num_inference_steps=steps,
+            generator=[torch.Generator().manual_seed(s) for s in seeds[i : i + 64]],
+            output_type="np",
+        ).images
+        images += [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in out]
+    return images
+
+
+def evaluate(pipe_dir: Path) -> tuple[dict[str, dict[str, float]], list[np.ndarray]]:
+    """Generate the 48 evaluation prompts (seeds 0-47) and 200 random ones (seeds from 1000)
+    with diffusers' own pipeline and judge them; also returns the 48 images."""
+    import judge
+    from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(pipe_dir)
     pipe.set_progress_bar_config(disable=True)
-    prompts = data.eval_prompts()
-    gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
-    out = pipe(
-        [p for p, _ in prompts],
-        num_inference_steps=steps,
-        generator=gens,
-        output_type="np",
-    ).images
-    images = [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in out]
-    return judge.score(images, [s for _, s in prompts]), images
+    scores = {}
+    for name, prompts, seeds in (
+        ("eval_48", data.eval_prompts(), list(range(48))),
+        ("random_200", data.random_eval_prompts(200), [data.RANDOM_EVAL_SEEDS_FROM + i for i in range(200)]),
+    ):
+        images = generate(pipe, prompts, seeds)
+        scores[name] = judge.score(images, [s for _, s in prompts])
+        if name == "eval_48":
+            samples = images
+    return scores, samples
 
 
 def grid(images: list[np.ndarray], cols: int, scale: int = 2):
@@ -202,9 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=40_000, help="training set size")
     p.add_argument("--vae-steps", type=int, default=600)
     p.add_argument("--vae-batch", type=int, default=32)
-    p.add_argument("--unet-steps", type=int, default=1500)
+    p.add_argument("--vae-kl", type=float, default=1e-3, help="weight of the VAE's KL term")
+    p.add_argument("--unet-steps", type=int, default=2600)
     p.add_argument("--unet-batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=8e-4)
+    p.add_argument("--preview-steps", type=int, default=1000, help="preview decoder (AutoencoderTiny) steps")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--eval-only", action="store_true", help="only re-judge the pipeline at --out")
     args = p.parse_args(argv)
@@ -241,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("data: %d images, %d distinct captions, vocab %d", len(images), len(set(captions)), len(tok))
 
     t = time.time()
-    vae = train_vae(images, args.vae_steps, args.vae_batch, args.seed + 1)
+    vae = train_vae(images, args.vae_steps, args.vae_batch, args.seed + 1, args.vae_kl)
     raw = encode_all(vae, images)
     # The UNet is built for arch.LATENT_SIZE; a VAE with another downsampling factor would
     # train it on latents of the wrong size (and the pipeline would sample tiled images).
@@ -253,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     vae_scores = judge_reconstructions(vae, args.seed + 3)
     logger.info("vae reconstructions judged: %s", vae_scores)
     logger.info("vae done, scaling_factor %.4f", scaling)
+
+    t = time.time()
+    preview_decoder = train_preview_decoder(images, latents, args.preview_steps, 32, args.seed + 6)
+    timings["preview_decoder_s"] = time.time() - t
 
     t = time.time()
     vocab = (len(tok), tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
@@ -276,8 +333,15 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(args.out, safe_serialization=True)
     tok_mod.save_tokenizer(tok, args.out / "tokenizer")
+    # Not a pipeline component (model_index.json does not name it; diffusers ignores it):
+    # stepserve.json points stepserve's previews at it.
+    preview_decoder.save_pretrained(args.out / PREVIEW_DECODER_DIR, safe_serialization=True)
     # stepserve's per-model defaults (the serving code reads them; diffusers ignores the file).
-    serving = dict(SERVING_DEFAULTS, latent_rgb_factors=fit_latent_rgb(vae, args.seed + 4))
+    serving = dict(
+        SERVING_DEFAULTS,
+        preview_decoder=PREVIEW_DECODER_DIR,
+        latent_rgb_factors=fit_latent_rgb(vae, args.seed + 4),
+    )
     (args.out / "stepserve.json").write_text(json.dumps(serving, indent=2) + "\n")
     timings["train_total_s"] = time.time() - started
 
@@ -287,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     grid(samples, cols=8, scale=4).save(args.out / "samples.png")
     metrics = {
         "judge_20_steps": scores,
+        "judge_vae_reconstructions": vae_scores,
         "timings": timings,
         "args": {k: str(v) for k, v in vars(args).items()},
     }

@@ -19,6 +19,7 @@ import copy
 import json
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,7 @@ from ..samplers import (
 )
 from ..types import ModelInfo, Preset, Sampler
 from .base import Mark, ModelAdapter, RequestStepFailures
+from .registry import ModelLoadError
 
 if TYPE_CHECKING:
     from ..request import RequestState
@@ -195,6 +197,10 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
         settings_path = self.path / SETTINGS_FILE
         if settings_path.exists():
             settings = json.loads(settings_path.read_text())
+            # A preview decoder the model ships is named relative to the model directory
+            # (a --model-option path is the operator's own, used as given).
+            if settings.get("preview_decoder"):
+                settings["preview_decoder"] = str(self.path / settings["preview_decoder"])
         settings.update(overrides or {})
         native = int(self.unet.config.sample_size) * self.vae_scale_factor
         default_sampler = settings.get("default_sampler")
@@ -425,14 +431,19 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
         return z / self.scaling_factor
 
     @torch.inference_mode()
-    def decode(self, reqs: list[RequestState[RequestWork]]) -> list[list[RGBArray]]:
-        lat = [im.latents for req in reqs for im in _work(req).images]
-        n = len(lat)
+    def _evenly(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """``fn`` (a convolutional decoder) over the batch ``x``, each row's output independent
+        of the batch's size: on CPU these kernels give a row the same bits in every even-sized
+        batch, but not in odd ones (batch 1 included), so an odd batch is padded with a copy
+        of its last row, dropped after."""
+        n = len(x)
         if self.batch_invariant and n % 2:
-            # On CPU the VAE's kernels give an image the same bits in every even-sized batch,
-            # but not in odd ones (batch 1 included): pad to even with a copy, drop it after.
-            lat = [*lat, lat[-1]]
-        images = self.vae.decode(self._unscale(torch.cat(lat)), return_dict=False)[0][:n]
+            x = torch.cat([x, x[-1:]])
+        return fn(x)[:n]
+
+    def decode(self, reqs: list[RequestState[RequestWork]]) -> list[list[RGBArray]]:
+        lat = torch.cat([im.latents for req in reqs for im in _work(req).images])
+        images = self._evenly(lambda x: self.vae.decode(self._unscale(x), return_dict=False)[0], lat)
         # The pipeline's post-processing ("np" output, then x 255 and round), on the device:
         # only uint8 pixels cross to the host.
         pixels = self.pipe.image_processor.postprocess(images, output_type="pt")
@@ -473,7 +484,8 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
             decoder = self.preview_decoder
             # diffusers' convention for AutoencoderTiny: the pipeline's latents over its
             # scaling factor (1 for TAESD, which reads SD's scaled latents), output in [-1, 1].
-            images: torch.Tensor = decoder.decode(x0.to(decoder.dtype) / decoder.config.scaling_factor).sample
+            scaled = x0.to(decoder.dtype) / decoder.config.scaling_factor
+            images = self._evenly(lambda x: decoder.decode(x).sample, scaled)
             return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
         wgt, bias = self._latent_rgb
         p = torch.einsum("nchw,cr->nhwr", x0.float(), wgt) + bias
@@ -481,11 +493,17 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
 
     def _load_preview_decoder(self, path: str | None) -> Any:
         """diffusers' ``AutoencoderTiny`` (TAESD, as ComfyUI and A1111 preview with) from a
-        local directory, for previews; None: the linear map."""
+        local directory, for previews; None (or an empty option, to turn a model's own
+        decoder off): the linear map."""
         if not path:
             return None
         from diffusers import AutoencoderTiny
 
+        if not (Path(path) / "config.json").is_file():
+            raise ModelLoadError(
+                f"model {self.name}: preview decoder {str(path)!r} is not a diffusers AutoencoderTiny "
+                "directory (no config.json)"
+            )
         decoder = AutoencoderTiny.from_pretrained(  # type: ignore[no-untyped-call]
             str(path), local_files_only=True, torch_dtype=self.dtype
         )

@@ -1,0 +1,113 @@
+"""The embedded model served by stepserve's engine (in process): the model card's figures
+"through stepserve", and the helper the tests and ``bench/previews.py`` generate with.
+
+    python models/tiny/served.py            # judge the 48 card prompts and the 200 random ones
+    python models/tiny/served.py --samplers # ... and the 48 with every sampler the model lists
+
+Requests run 16 at a time (32 forward rows with guidance), as a busy server batches them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+if __package__ in (None, ""):  # run as a script: import as the package the tests use
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from models.tiny import data, judge
+from stepserve.server.engine.engine import Engine, EngineConfig
+from stepserve.server.engine.models import ModelAdapter, default_model_path, load_model
+
+__all__ = ["default_model_path", "eval_sets", "final_image", "load", "request", "serve", "serve_prompts"]
+from stepserve.server.engine.types import EngineEvent, GenerationParams, ResultEvent
+
+MODEL = "tiny-shapes"
+
+
+def load(max_batch_size: int = 32, **overrides: object) -> ModelAdapter:
+    """The embedded model's adapter (``overrides``: its stepserve.json settings changed)."""
+    return load_model(MODEL, default_model_path(), max_batch_size=max_batch_size, overrides=dict(overrides))
+
+
+def request(adapter: ModelAdapter, rid: str, prompt: str, seed: int, **kw: object) -> GenerationParams:
+    """A request at the model's own size with its defaults (steps, guidance, sampler),
+    ``kw`` changing any field."""
+    info = adapter.info
+    fields: dict[str, object] = {
+        "negative_prompt": "",
+        "width": info.default_width,
+        "height": info.default_height,
+        "steps": info.default_steps,
+        "guidance_scale": info.default_guidance_scale,
+        "sampler": info.default_sampler,
+        **kw,
+    }
+    cfg = info.runs_cfg(float(fields["guidance_scale"]))  # type: ignore[arg-type]
+    return GenerationParams(request_id=rid, model=MODEL, prompt=prompt, seed=seed, cfg=cfg, **fields)  # type: ignore[arg-type]
+
+
+def serve(adapter: ModelAdapter, reqs: list[GenerationParams]) -> dict[str, list[EngineEvent]]:
+    """Run ``reqs`` through an engine to the end; every event of each request, by id."""
+    engine = Engine({MODEL: adapter}, EngineConfig())
+    events: dict[str, list[EngineEvent]] = {r.request_id: [] for r in reqs}
+    for r in reqs:
+        engine.submit(r, events[r.request_id].append)
+    while not engine.idle():
+        engine.run_once()
+    return events
+
+
+def final_image(events: list[EngineEvent]) -> np.ndarray:
+    last = events[-1]
+    assert isinstance(last, ResultEvent), last
+    return last.images[0]
+
+
+def serve_prompts(
+    adapter: ModelAdapter,
+    prompts: list[tuple[str, data.Sample]],
+    seeds: list[int],
+    **kw: object,
+) -> list[np.ndarray]:
+    """One image per prompt (with its seed), served together; ``kw`` changes the requests."""
+    pairs = enumerate(zip(prompts, seeds, strict=True))
+    reqs = [request(adapter, f"r{i}", p, seed, **kw) for i, ((p, _), seed) in pairs]
+    events = serve(adapter, reqs)
+    return [final_image(events[r.request_id]) for r in reqs]
+
+
+def eval_sets() -> dict[str, tuple[list[tuple[str, data.Sample]], list[int]]]:
+    """The card's prompt sets: the 48 fixed prompts (seeds 0-47) and the 200 random ones."""
+    return {
+        "eval_48": (data.eval_prompts(), list(range(48))),
+        "random_200": (data.random_eval_prompts(200), [data.RANDOM_EVAL_SEEDS_FROM + i for i in range(200)]),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samplers", action="store_true", help="also judge the 48 prompts with every sampler")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    adapter = load()
+    out: dict[str, dict[str, float]] = {}
+    for name, (prompts, seeds) in eval_sets().items():
+        out[name] = judge.score(serve_prompts(adapter, prompts, seeds), [s for _, s in prompts])
+    if args.samplers:
+        prompts, seeds = eval_sets()["eval_48"]
+        for sampler in adapter.info.samplers:
+            images = serve_prompts(adapter, prompts, seeds, sampler=sampler)
+            out[f"eval_48_{sampler.value}"] = judge.score(images, [s for _, s in prompts])
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
