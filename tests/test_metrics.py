@@ -178,6 +178,9 @@ def test_promtool_accepts_the_exposition(tiny_sd_dir: Path) -> None:
         srv.stop()
 
 
+CODES = ("ok", "cancelled", "error")
+
+
 @pytest.mark.parametrize(
     ("target", "stage"),
     [("encode", "encoding the result images"), ("preview_image", "encoding the progress of step 1")],
@@ -210,10 +213,16 @@ def test_an_unexpected_failure_in_the_api_ends_the_call_with_internal_and_counts
     monkeypatch.undo()
 
     wait_for(lambda: metered.engine.in_flight() == 0)
+    # The servicer counts the call as it returns, which may be just after the client sees it end.
+    wait_for(
+        lambda: (
+            sum(Samples(scrape(port)).get("stepserve_requests_total", model="tiny", code=c) for c in CODES)
+            > 0
+        ),
+        what="the call counted",
+    )
     s = Samples(scrape(port))
-    counts = {
-        c: s.get("stepserve_requests_total", model="tiny", code=c) for c in ("ok", "cancelled", "error")
-    }
+    counts = {c: s.get("stepserve_requests_total", model="tiny", code=c) for c in CODES}
     assert counts == {"ok": 0, "cancelled": 0, "error": 1}
     assert s.get("stepserve_request_duration_seconds_count", model="tiny", code="error") == 1
     with ImageClient(metered.target) as c:
