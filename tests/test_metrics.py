@@ -213,14 +213,14 @@ def test_an_unexpected_failure_in_the_api_ends_the_call_with_internal_and_counts
     monkeypatch.undo()
 
     wait_for(lambda: metered.engine.in_flight() == 0)
-    # The servicer counts the call as it returns, which may be just after the client sees it end.
-    wait_for(
-        lambda: (
-            sum(Samples(scrape(port)).get("stepserve_requests_total", model="tiny", code=c) for c in CODES)
-            > 0
-        ),
-        what="the call counted",
-    )
+
+    # The servicer counts the call as it returns, which may be just after the client sees it
+    # end; its duration is observed last.
+    def counted() -> bool:
+        s = Samples(scrape(port))
+        return sum(s.get("stepserve_request_duration_seconds_count", model="tiny", code=c) for c in CODES) > 0
+
+    wait_for(counted, what="the call counted")
     s = Samples(scrape(port))
     counts = {c: s.get("stepserve_requests_total", model="tiny", code=c) for c in CODES}
     assert counts == {"ok": 0, "cancelled": 0, "error": 1}
