@@ -47,7 +47,7 @@ STEPS = 20
 
 
 def requests(adapter: ModelAdapter, preview_every: int) -> list[GenerationParams]:
-    prompts, seeds = served.eval_sets()["eval_48"]
+    prompts, seeds = data.eval_sets()["eval_48"]
     pairs = enumerate(zip(prompts, seeds, strict=True))
     return [
         served.request(adapter, f"r{i}", p, seed, steps=STEPS, preview_every=preview_every)

@@ -34,7 +34,7 @@ def reference_images(adapter: ModelAdapter) -> list[np.ndarray]:
     guidance (its stepserve.json), seeds 0-47."""
     pipe = StableDiffusionPipeline.from_pretrained(str(served.default_model_path()))
     pipe.set_progress_bar_config(disable=True)
-    prompts, seeds = served.eval_sets()["eval_48"]
+    prompts, seeds = data.eval_sets()["eval_48"]
     out = pipe(
         [p for p, _ in prompts],
         num_inference_steps=adapter.info.default_steps,
@@ -69,7 +69,7 @@ def test_judge_rejects_off_palette_and_two_colored_shapes() -> None:
 
 
 def test_plain_diffusers_pipeline_follows_the_48_prompts(reference_images: list[np.ndarray]) -> None:
-    prompts, _ = served.eval_sets()["eval_48"]
+    prompts, _ = data.eval_sets()["eval_48"]
     scores = judge.score(reference_images, [s for _, s in prompts])
     assert passes(scores), scores
 
@@ -79,7 +79,7 @@ def test_served_images_match_the_reference_and_follow_prompts(
 ) -> None:
     info = adapter.info
     assert (info.default_width, info.default_steps, info.default_sampler) == (32, 20, Sampler.EULER)
-    prompts, seeds = served.eval_sets()["eval_48"]
+    prompts, seeds = data.eval_sets()["eval_48"]
     images = served.serve_prompts(adapter, prompts, seeds)
     # Served in batches of up to 32 requests, each image still matches the reference.
     for ours, ref in zip(images, reference_images, strict=True):
@@ -91,7 +91,7 @@ def test_served_images_match_the_reference_and_follow_prompts(
 def test_random_prompts_with_other_seeds_are_followed(adapter: ModelAdapter) -> None:
     """200 random prompts (every attribute named, any phrasing), seeds from 1000, served by
     the engine: the model follows prompts it was not tuned on, not only the card's 48."""
-    prompts, seeds = served.eval_sets()["random_200"]
+    prompts, seeds = data.eval_sets()["random_200"]
     scores = judge.score(served.serve_prompts(adapter, prompts, seeds), [s for _, s in prompts])
     assert passes(scores), scores
 
@@ -104,7 +104,7 @@ def test_every_listed_sampler_follows_the_prompts(adapter: ModelAdapter, sampler
     images that the judge reads as the prompts (DDIM too: the model's scheduler config turns
     off DDIM's clipping, which turned these latents into noise)."""
     assert sampler in adapter.info.samplers
-    prompts, seeds = served.eval_sets()["eval_48"]
+    prompts, seeds = data.eval_sets()["eval_48"]
     images = served.serve_prompts(adapter, prompts, seeds, sampler=sampler)
     scores = judge.score(images, [s for _, s in prompts])
     assert passes(scores), scores
@@ -116,7 +116,7 @@ def test_shipped_preview_decoder_shows_the_image_forming() -> None:
     judge reads the shape off the middle step's preview and color and shape off the previews
     from three quarters of the way on. Without it (the option set empty) previews fall back
     to the latent-size linear map; the images are the same either way."""
-    prompts, seeds = served.eval_sets()["eval_48"]
+    prompts, seeds = data.eval_sets()["eval_48"]
     prompts, seeds = prompts[::3], seeds[::3]
     events = {}
     for name, overrides in (("decoder", {}), ("linear", {"preview_decoder": ""})):

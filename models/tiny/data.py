@@ -160,6 +160,15 @@ def random_eval_prompts(n: int = 200) -> list[tuple[str, Sample]]:
     return out
 
 
+def eval_sets() -> dict[str, tuple[list[tuple[str, Sample]], list[int]]]:
+    """The model card's prompt sets with their generation seeds: the 48 fixed prompts
+    (seeds 0-47) and the 200 random ones (seeds from RANDOM_EVAL_SEEDS_FROM)."""
+    return {
+        "eval_48": (eval_prompts(), list(range(48))),
+        "random_200": (random_eval_prompts(200), [RANDOM_EVAL_SEEDS_FROM + i for i in range(200)]),
+    }
+
+
 def vocabulary_corpus() -> list[str]:
     """Every word the captions can use (for training the tokenizer)."""
     words = {"a", *COLORS, *SHAPES, *SIZES}

@@ -24,7 +24,7 @@ from models.tiny import data, judge
 from stepserve.server.engine.engine import Engine, EngineConfig
 from stepserve.server.engine.models import ModelAdapter, default_model_path, load_model
 
-__all__ = ["default_model_path", "eval_sets", "final_image", "load", "request", "serve", "serve_prompts"]
+__all__ = ["default_model_path", "final_image", "load", "request", "serve", "serve_prompts"]
 from stepserve.server.engine.types import EngineEvent, GenerationParams, ResultEvent
 
 MODEL = "tiny-shapes"
@@ -82,14 +82,6 @@ def serve_prompts(
     return [final_image(events[r.request_id]) for r in reqs]
 
 
-def eval_sets() -> dict[str, tuple[list[tuple[str, data.Sample]], list[int]]]:
-    """The card's prompt sets: the 48 fixed prompts (seeds 0-47) and the 200 random ones."""
-    return {
-        "eval_48": (data.eval_prompts(), list(range(48))),
-        "random_200": (data.random_eval_prompts(200), [data.RANDOM_EVAL_SEEDS_FROM + i for i in range(200)]),
-    }
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samplers", action="store_true", help="also judge the 48 prompts with every sampler")
@@ -98,10 +90,10 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     adapter = load()
     out: dict[str, dict[str, float]] = {}
-    for name, (prompts, seeds) in eval_sets().items():
+    for name, (prompts, seeds) in data.eval_sets().items():
         out[name] = judge.score(serve_prompts(adapter, prompts, seeds), [s for _, s in prompts])
     if args.samplers:
-        prompts, seeds = eval_sets()["eval_48"]
+        prompts, seeds = data.eval_sets()["eval_48"]
         for sampler in adapter.info.samplers:
             images = serve_prompts(adapter, prompts, seeds, sampler=sampler)
             out[f"eval_48_{sampler.value}"] = judge.score(images, [s for _, s in prompts])

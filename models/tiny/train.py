@@ -64,7 +64,7 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def train_vae(images: np.ndarray, steps: int, batch: int, seed: int, kl_weight: float = 1e-4):
+def train_vae(images: np.ndarray, steps: int, batch: int, seed: int, kl_weight: float):
     vae = arch.make_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
@@ -223,10 +223,7 @@ def evaluate(pipe_dir: Path) -> tuple[dict[str, dict[str, float]], list[np.ndarr
     pipe = StableDiffusionPipeline.from_pretrained(pipe_dir)
     pipe.set_progress_bar_config(disable=True)
     scores = {}
-    for name, prompts, seeds in (
-        ("eval_48", data.eval_prompts(), list(range(48))),
-        ("random_200", data.random_eval_prompts(200), [data.RANDOM_EVAL_SEEDS_FROM + i for i in range(200)]),
-    ):
+    for name, (prompts, seeds) in data.eval_sets().items():
         images = generate(pipe, prompts, seeds)
         scores[name] = judge.score(images, [s for _, s in prompts])
         if name == "eval_48":

@@ -430,7 +430,6 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
             return z * s / self.scaling_factor + m
         return z / self.scaling_factor
 
-    @torch.inference_mode()
     def _evenly(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """``fn`` (a convolutional decoder) over the batch ``x``, each row's output independent
         of the batch's size: on CPU these kernels give a row the same bits in every even-sized
@@ -441,6 +440,7 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
             x = torch.cat([x, x[-1:]])
         return fn(x)[:n]
 
+    @torch.inference_mode()
     def decode(self, reqs: list[RequestState[RequestWork]]) -> list[list[RGBArray]]:
         lat = torch.cat([im.latents for req in reqs for im in _work(req).images])
         images = self._evenly(lambda x: self.vae.decode(self._unscale(x), return_dict=False)[0], lat)
