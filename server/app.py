@@ -270,6 +270,8 @@ class StepServer:
         stalled = False
         while not self.failed.is_set():
             await asyncio.sleep(min(5.0, limit_s / 4))
+            if self.failed.is_set():  # the engine died while we slept: it is not "recovered"
+                return
             engine = self.engine
             draining = not self.servicer.ready and not stalled  # not ready, and not because of us
             if engine is None or draining:

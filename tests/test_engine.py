@@ -508,3 +508,16 @@ def test_previews_through_a_tiny_preview_decoder(tiny_sd_dir, tmp_path) -> None:
     np.testing.assert_array_equal(images["linear"], images["taesd"])
     with pytest.raises(ModelLoadError, match="preview decoder .* is not a diffusers AutoencoderTiny"):
         load_model("tiny", tiny_sd_dir, overrides={"preview_decoder": str(tmp_path / "nowhere")})
+
+
+def test_stall_clock_restarts_with_every_iteration(tiny_adapter) -> None:
+    """The liveness watchdog reads ``stalled_s``: it counts time inside one iteration only, so
+    an engine that keeps stepping (however long it idled before) never reads as stalled."""
+    import time
+
+    h = Harness({"tiny": tiny_adapter})
+    time.sleep(0.3)  # idle time before work arrives is not a stall
+    h.submit(params("a", steps=3))
+    for _ in range(3):
+        h.step()
+        assert h.engine.stalled_s() < 0.2

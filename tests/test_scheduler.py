@@ -164,7 +164,8 @@ def test_estimated_wait_grows_with_position() -> None:
 def test_too_many_images_for_the_model_is_refused() -> None:
     s = StepLevelScheduler({"m": 2})
     with pytest.raises(ValueError, match="more than model"):
-        s.add(req("a", images=3))
+        s.check_admissible(req("a", images=3).params)
+    s.check_admissible(req("b", images=2).params)
 
 
 def test_make_scheduler_rejects_unknown_mode() -> None:

@@ -189,7 +189,6 @@ class Engine:
         """
         if not self._take_inbox(block):
             return None
-        self._heartbeat = time.monotonic()
         self.completions.next_iteration()
         # Newcomers hear their place before anything runs, even if they start right away.
         self._report_positions()
@@ -245,6 +244,9 @@ class Engine:
         try:
             return self.inbox.take(sleep, self._wake_at, self.clock, deliver)
         finally:  # even if a later message broke the engine, the refused hear so
+            # The iteration starts now: beat before leaving the sleep, so that no watchdog
+            # poll in between reads the idle time as a stall.
+            self._heartbeat = time.monotonic()
             self._asleep = False
             for req, event in refused:
                 logger.info("request %s refused: %s", req.request_id, event.message, extra=req.log_extra)

@@ -96,7 +96,8 @@ class BaseScheduler:
             )
 
     def add(self, req: RequestState) -> None:
-        self.check_admissible(req.params)
+        """Queue ``req``; the engine's door (``Engine.submit``) has already checked it with
+        :meth:`check_admissible`, so nothing here can refuse on the engine thread."""
         req.status = RequestStatus.WAITING
         keys = [self.queue_key(r) for r in self.waiting]
         self.waiting.insert(bisect.bisect_right(keys, self.queue_key(req)), req)
