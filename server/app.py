@@ -47,7 +47,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ImageGenerationService"].full_nam
 # "" and SERVICE_NAME are readiness: SERVING only while new requests are welcome.
 LIVENESS_SERVICE = "stepserve.liveness"
 # Requests are small; responses carry images (a few MB at most for SDXL-size PNGs x 8).
-MAX_RECEIVE_BYTES = 1 << 20
 MAX_SEND_BYTES = 64 << 20
 
 
@@ -124,7 +123,11 @@ class StepServer:
             else trace.NoOpTracer()
         )
         self.servicer = ImageGenerationServicer(
-            default_model_name(config), Limits(max_work=config.max_work), self.pool, self.metrics, tracer
+            default_model_name(config),
+            Limits(max_work=config.max_work, max_image_pixels=config.max_image_pixels),
+            self.pool,
+            self.metrics,
+            tracer,
         )
         interceptors: list[grpc.aio.ServerInterceptor] = []
         if tracer_provider is not None:
@@ -139,7 +142,7 @@ class StepServer:
                 )
             )
         options: list[tuple[str, Any]] = [
-            ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+            ("grpc.max_receive_message_length", config.max_request_bytes),
             ("grpc.max_send_message_length", MAX_SEND_BYTES),
             ("grpc.keepalive_time_ms", 60_000),
             ("grpc.keepalive_timeout_ms", 20_000),
@@ -234,6 +237,7 @@ class StepServer:
                 batch_priority_delay_s=self.config.batch_priority_delay_s,
                 reject_unmeetable_deadlines=self.config.reject_unmeetable_deadlines,
                 run_ahead={"on": True, "off": False}.get(self.config.run_ahead),
+                max_queued_input_bytes=self.config.max_queued_input_bytes or None,
             ),
             observers=observers,
         )

@@ -90,6 +90,19 @@ class ServerConfig:
         _ENGINE.max_queue,
         "most requests waiting beyond the free batch slots; beyond it Generate answers RESOURCE_EXHAUSTED",
     )
+    max_queued_input_bytes: int = _opt(
+        _ENGINE.max_queued_input_bytes or 0,
+        "most bytes the waiting requests' decoded init images and masks may hold; beyond it a request "
+        "with image inputs answers RESOURCE_EXHAUSTED (0 = no limit)",
+    )
+    max_request_bytes: int = _opt(
+        16 << 20,
+        "largest request message accepted, in bytes (the gRPC receive limit; image inputs need room); "
+        "beyond it gRPC answers RESOURCE_EXHAUSTED",
+    )
+    max_image_pixels: int = _opt(
+        4096 * 4096, "most pixels an init_image or mask_image may have (checked before decoding)"
+    )
     reject_unmeetable_deadlines: bool = _opt(
         _ENGINE.reject_unmeetable_deadlines,
         "refuse at once (RESOURCE_EXHAUSTED, RetryInfo) a request whose deadline the current load "
@@ -197,6 +210,18 @@ class ServerConfig:
             f"--max-batch-delay-ms {self.max_batch_delay_ms}: must be 0..60000",
         )
         need(0 <= self.max_queue <= 1_000_000, f"--max-queue {self.max_queue}: must be 0..1000000")
+        need(
+            self.max_queued_input_bytes >= 0,
+            f"--max-queued-input-bytes {self.max_queued_input_bytes}: must be >= 0",
+        )
+        need(
+            1024 <= self.max_request_bytes <= 1 << 30,
+            f"--max-request-bytes {self.max_request_bytes}: must be 1024..{1 << 30}",
+        )
+        need(
+            1 <= self.max_image_pixels <= 1 << 30,
+            f"--max-image-pixels {self.max_image_pixels}: must be 1..{1 << 30}",
+        )
         need(
             self.dtype in ("auto", "float32", "float16", "bfloat16"), f"--dtype {self.dtype!r}: unknown dtype"
         )

@@ -37,10 +37,17 @@ from ..engine.types import (
 )
 from ..logging_setup import request_id_var
 from ..observability.metrics import OUTCOME_OF_REASON, UNKNOWN_MODEL, Metrics, Outcome
-from . import imaging
+from . import image_inputs, imaging
 from .errors import ApiError, resource_exhausted, unavailable
 from .registration import MalformedRequest
-from .validation import FORMAT_TO_PROTO, PRESET_TO_PROTO, SAMPLER_TO_PROTO, Limits, validate_generate
+from .validation import (
+    FORMAT_TO_PROTO,
+    PRESET_TO_PROTO,
+    SAMPLER_TO_PROTO,
+    TASK_TO_PROTO,
+    Limits,
+    validate_generate,
+)
 
 if TYPE_CHECKING:
     from ..engine.models.base import ModelAdapter
@@ -78,6 +85,7 @@ def model_info_proto(info: ModelInfo, is_default: bool) -> pb.ModelInfo:
         ],
         karras_samplers=[SAMPLER_TO_PROTO[s] for s in info.karras_samplers],
         guidance_embedded=info.guidance_embedded,
+        tasks=[TASK_TO_PROTO[t] for t in info.tasks],
     )
 
 
@@ -175,6 +183,11 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
             if isinstance(request, MalformedRequest):
                 raise request.to_error()
             params = self._admit(request, context)
+            if request.init_image:
+                # Decoding takes milliseconds: in the worker pool, not on the event loop.
+                params = await asyncio.get_running_loop().run_in_executor(
+                    self.pool, image_inputs.decode_inputs, params, request.init_image, request.mask_image
+                )
         except ApiError as e:
             refused = Outcome.UNAVAILABLE if e.code == grpc.StatusCode.UNAVAILABLE else Outcome.INVALID
             logger.info("request refused from %s: %s: %s", context.peer(), e.code.name, e.message)
@@ -218,13 +231,15 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
             await _abort(context, ApiError(grpc.StatusCode.ALREADY_EXISTS, str(e)))
             return
         logger.info(
-            "request %s accepted from %s%s: model=%s %dx%d steps=%d sampler=%s images=%d",
+            "request %s accepted from %s%s: model=%s %s %dx%d steps=%d/%d sampler=%s images=%d",
             rid,
             context.peer(),
             " (a retry)" if retry else "",
             params.model,
+            params.task.value,
             params.width,
             params.height,
+            params.steps_run,
             params.steps,
             params.sampler.value,
             params.num_images,
@@ -379,6 +394,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
                 accelerator_seconds=u.accelerator_s,
                 mean_batch_size=u.mean_batch_size,
                 cost_usd=u.cost_usd,
+                image_encode_seconds=u.image_encode_s,
             ),
             model=params.model,
         )

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 from stepserve.v1 import image_generation_pb2 as pb
 
-from ..engine.types import GenerationParams, ImageFormat, ModelInfo, Preset, Priority, Sampler
+from ..engine.types import GenerationParams, ImageFormat, ModelInfo, Preset, Priority, Sampler, Task
 from .errors import ApiError, FieldViolation, invalid_argument, not_found
+from .image_inputs import ImageHeader, probe
 
 SAMPLER_FROM_PROTO: dict[int, Sampler] = {
     pb.SAMPLER_EULER: Sampler.EULER,
@@ -44,6 +45,20 @@ FORMAT_TO_PROTO = {
     ImageFormat.JPEG: pb.IMAGE_FORMAT_JPEG,
     ImageFormat.WEBP: pb.IMAGE_FORMAT_WEBP,
 }
+TASK_TO_PROTO = {
+    Task.TEXT_TO_IMAGE: pb.TASK_TEXT_TO_IMAGE,
+    Task.IMAGE_TO_IMAGE: pb.TASK_IMAGE_TO_IMAGE,
+    Task.INPAINTING: pb.TASK_INPAINTING,
+}
+_TASK_NAMES = {
+    Task.TEXT_TO_IMAGE: "text-to-image",
+    Task.IMAGE_TO_IMAGE: "image-to-image",
+    Task.INPAINTING: "inpainting",
+}
+# GenerateRequest.strength when an init image comes without one (diffusers' img2img default).
+DEFAULT_STRENGTH = 0.8
+DEFAULT_MASK_FEATHER_PX = 4
+MAX_MASK_FEATHER_PX = 64
 PRIORITY_FROM_PROTO: dict[int, Priority] = {
     pb.PRIORITY_UNSPECIFIED: Priority.INTERACTIVE,
     pb.PRIORITY_INTERACTIVE: Priority.INTERACTIVE,
@@ -66,6 +81,9 @@ class Limits:
     max_guidance_scale: float = 30.0
     # Longest accepted prompt or negative prompt, in characters (token limits are per model).
     max_prompt_chars: int = 4096
+    # Most pixels an init image or mask may have, read from its header before decoding
+    # (--max-image-pixels).
+    max_image_pixels: int = 4096 * 4096
 
 
 def validate_generate(
@@ -102,13 +120,29 @@ def validate_generate(
             )
     check(bool(req.prompt.strip()), "prompt", "must not be empty")
 
-    width = req.width_px or info.default_width
-    height = req.height_px or info.default_height
-    for field, v in (("width_px", width), ("height_px", height)):
+    task, init, mask = _image_inputs(req, limits, bad)
+    if task not in info.tasks:
+        served = " and ".join(_TASK_NAMES[t] for t in info.tasks)
+        field = {Task.TEXT_TO_IMAGE: "init_image", Task.IMAGE_TO_IMAGE: "mask_image"}.get(task, "mask_image")
+        check(False, field, f"model {name!r} serves {served} only; this request is {_TASK_NAMES[task]}")
+
+    # The output takes the init image's size (rounded down to the size multiple) unless set.
+    width = req.width_px or (init.width - init.width % info.size_multiple if init else info.default_width)
+    height = req.height_px or (
+        init.height - init.height % info.size_multiple if init else info.default_height
+    )
+    for field, v, explicit in (("width_px", width, req.width_px), ("height_px", height, req.height_px)):
+        where = field if explicit or init is None else "init_image"
+        what = f"{v}" if where == field else f"its {field[:-3]} ({v} after rounding down to a multiple of 8)"
         if v % info.size_multiple:
-            check(False, field, f"{v} is not a multiple of {info.size_multiple}")
+            check(False, where, f"{what} is not a multiple of {info.size_multiple}")
         elif not info.min_size <= v <= info.max_size:
-            check(False, field, f"{v} is outside model {name!r}'s range {info.min_size}..{info.max_size}")
+            hint = "" if where == field else "; set width_px and height_px to resize it"
+            check(
+                False,
+                where,
+                f"{what} is outside model {name!r}'s range {info.min_size}..{info.max_size}{hint}",
+            )
 
     steps = req.steps or info.default_steps
     if req.preset != pb.PRESET_UNSPECIFIED:
@@ -145,6 +179,42 @@ def validate_generate(
             False,
             "karras_sigmas",
             f"sampler {sampler.value} has no Karras schedule (samplers with one: {names})",
+        )
+
+    strength = 1.0
+    if req.HasField("strength"):
+        strength = float(req.strength)
+        if task is Task.TEXT_TO_IMAGE:
+            check(False, "strength", "applies only with an init_image")
+        elif not (math.isfinite(strength) and 0.0 < strength <= 1.0):
+            check(False, "strength", f"{strength} is outside (0, 1]")
+        strength = round(strength, 6)  # a float32 0.7 is 0.7, as the caller meant
+    elif task is not Task.TEXT_TO_IMAGE:
+        strength = DEFAULT_STRENGTH
+    first_step, steps_run = info.schedule(steps, strength, task)
+    if task is not Task.TEXT_TO_IMAGE and 0.0 < strength <= 1.0 and steps_run == 0:
+        if info.strength_sets_schedule is not None and task is Task.IMAGE_TO_IMAGE:
+            need = steps / info.strength_sets_schedule
+            check(
+                False,
+                "strength",
+                f"{strength} leaves fewer than {steps} of model {name!r}'s {info.strength_sets_schedule} "
+                f"original steps; with {steps} steps it must be at least {need:.4g}",
+            )
+        else:
+            check(False, "strength", f"{strength} runs no step of {steps} (int(steps * strength) = 0)")
+
+    check(
+        req.preserve_unmasked is False or task is Task.INPAINTING,
+        "preserve_unmasked",
+        "applies only to inpainting (with init_image and mask_image)",
+    )
+    feather = DEFAULT_MASK_FEATHER_PX
+    if req.HasField("mask_feather_px"):
+        feather = req.mask_feather_px
+        check(task is Task.INPAINTING, "mask_feather_px", "applies only to inpainting")
+        check(
+            feather <= MAX_MASK_FEATHER_PX, "mask_feather_px", f"{feather} is more than {MAX_MASK_FEATHER_PX}"
         )
 
     num_images = req.num_images or 1
@@ -207,7 +277,43 @@ def validate_generate(
         priority=priority,
         karras=req.karras_sigmas,
         cfg=info.runs_cfg(guidance),
+        strength=strength,
+        first_step=first_step,
+        preserve_unmasked=req.preserve_unmasked,
+        mask_feather=feather,
     )
 
 
+def _image_inputs(
+    req: pb.GenerateRequest, limits: Limits, bad: list[FieldViolation]
+) -> tuple[Task, ImageHeader | None, ImageHeader | None]:
+    """The request's task and the headers of its image inputs (violations appended to
+    ``bad``). Only headers are read here; the pixels are decoded later, off the event loop
+    (see image_inputs.decode_inputs)."""
+    if req.mask_image and not req.init_image:
+        bad.append(FieldViolation("mask_image", "needs an init_image (inpainting repaints part of one)"))
+    if not req.init_image:
+        return Task.TEXT_TO_IMAGE, None, None
+    init = _header(req.init_image, "init_image", limits, bad)
+    if not req.mask_image:
+        return Task.IMAGE_TO_IMAGE, init, None
+    mask = _header(req.mask_image, "mask_image", limits, bad)
+    if mask is not None and init is not None and (mask.width, mask.height) != (init.width, init.height):
+        bad.append(
+            FieldViolation(
+                "mask_image",
+                f"is {mask.width}x{mask.height}; it must be init_image's size, {init.width}x{init.height}",
+            )
+        )
+    return Task.INPAINTING, init, mask
+
+
 __all__ = ["ApiError", "Limits", "validate_generate"]
+
+
+def _header(data: bytes, field: str, limits: Limits, bad: list[FieldViolation]) -> ImageHeader | None:
+    found = probe(data, field, limits.max_image_pixels)
+    if isinstance(found, FieldViolation):
+        bad.append(found)
+        return None
+    return found

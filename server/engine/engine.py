@@ -54,6 +54,9 @@ class EngineConfig:
     # Queue step k+1 on the accelerator before reading step k's times, previews and images
     # (see completions.py). None: when a model's device runs asynchronously (CUDA).
     run_ahead: bool | None = None
+    # Most host bytes the waiting requests' decoded image inputs may hold; beyond it a request
+    # with image inputs is refused like one past max_queue. None: no byte limit.
+    max_queued_input_bytes: int | None = 512 << 20
 
 
 class Engine:
@@ -76,7 +79,7 @@ class Engine:
             priority_delays(config.batch_priority_delay_s),
         )
         self.ledger = Ledger(models)
-        self.inbox = Inbox(config.max_queue, self._load())
+        self.inbox = Inbox(config.max_queue, self._load(), config.max_queued_input_bytes)
         run_ahead = config.run_ahead
         if run_ahead is None:
             run_ahead = any(m.asynchronous for m in models.values())
@@ -260,7 +263,8 @@ class Engine:
         pos = self.scheduler.queue_positions()[req.request_id]
         info = self.models[req.model].info
         return (
-            self.scheduler.estimated_wait(pos, req.model, step, info.default_steps) + req.params.steps * step
+            self.scheduler.estimated_wait(pos, req.model, step, info.default_steps)
+            + req.params.steps_run * step
         )
 
     def _refuse_if_unmeetable(self, req: RequestState) -> FailedEvent | None:

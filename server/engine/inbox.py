@@ -76,8 +76,9 @@ Message = Submit | Cancel
 class Inbox:
     """The engine's door: messages in, the sink of every request in flight, closing state."""
 
-    def __init__(self, max_queue: int, load: Load) -> None:
+    def __init__(self, max_queue: int, load: Load, max_queued_input_bytes: int | None = None) -> None:
         self.max_queue = max_queue
+        self.max_queued_input_bytes = max_queued_input_bytes
         self._cv = threading.Condition()
         self._messages: deque[Message] = deque()
         self._sinks: dict[str, EventSink] = {}
@@ -106,6 +107,14 @@ class Inbox:
             if depth >= self.max_queue:
                 raise QueueFullError(
                     f"the queue is full ({depth} requests waiting, limit {self.max_queue})",
+                    retry_after_s=load.next_slot_s[submission.params.model],
+                )
+            size = submission.params.input_bytes
+            limit = self.max_queued_input_bytes
+            if size and limit is not None and load.waiting_input_bytes + size > limit:
+                raise QueueFullError(
+                    f"waiting requests' image inputs hold {load.waiting_input_bytes / 2**20:.1f} MiB; this "
+                    f"one's {size / 2**20:.1f} MiB would pass the limit of {limit / 2**20:.1f} MiB",
                     retry_after_s=load.next_slot_s[submission.params.model],
                 )
             self._sinks[rid] = sink
@@ -145,10 +154,12 @@ class Inbox:
         submissions still in the inbox counted as waiting: one consistent snapshot."""
         with self._cv:
             waiting = dict(self._load.waiting)
+            input_bytes = self._load.waiting_input_bytes
             for m in self._messages:
                 if isinstance(m, Submit):
                     waiting[m.params.model] = waiting.get(m.params.model, 0) + 1
-            return replace(self._load, waiting=MappingProxyType(waiting))
+                    input_bytes += m.params.input_bytes
+            return replace(self._load, waiting=MappingProxyType(waiting), waiting_input_bytes=input_bytes)
 
     def in_flight(self) -> int:
         """Accepted requests that have not yet had their terminal event."""

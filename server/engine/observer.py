@@ -27,6 +27,10 @@ class EngineObserver:
     def prompts_encoded(self, reqs: Sequence[RequestState], seconds: float) -> None:
         """The admitted ``reqs`` (one model) had their prompts encoded together in ``seconds``."""
 
+    def images_encoded(self, reqs: Sequence[RequestState], seconds: float) -> None:
+        """The admitted ``reqs`` (one model) had their init images (and masks) encoded
+        together in ``seconds``."""
+
     def batch_stepped(self, batch: Sequence[RequestState], rows: int, seconds: float) -> None:
         """One batched denoiser forward (plus sampler steps) for ``batch`` took ``seconds``;
         each request's ``steps_done`` already counts it."""
@@ -61,6 +65,9 @@ class ObserverGroup(EngineObserver):
 
     def prompts_encoded(self, reqs: Sequence[RequestState], seconds: float) -> None:
         self._call("prompts_encoded", reqs, seconds)
+
+    def images_encoded(self, reqs: Sequence[RequestState], seconds: float) -> None:
+        self._call("images_encoded", reqs, seconds)
 
     def batch_stepped(self, batch: Sequence[RequestState], rows: int, seconds: float) -> None:
         self._call("batch_stepped", batch, rows, seconds)

@@ -68,6 +68,8 @@ class RequestState(Generic[WorkT]):
     reported_position: int | None = None
     # Accounting, in seconds of accelerator time attributed to this request.
     accelerator_s: float = 0.0
+    # Of accelerator_s, the share of encoding its image inputs.
+    image_encode_s: float = 0.0
     forwards: int = 0
     batch_images_sum: int = 0
     first_preview_time: float | None = None
@@ -103,15 +105,17 @@ class RequestState(Generic[WorkT]):
 
     @property
     def total_steps(self) -> int:
-        return self.params.steps
+        """Steps the request runs (fewer than its schedule's when an init image stands in
+        for the first ones)."""
+        return self.params.steps_run
 
     @property
     def remaining_steps(self) -> int:
-        return self.params.steps - self.steps_done
+        return self.params.steps_run - self.steps_done
 
     @property
     def steps_complete(self) -> bool:
-        return self.steps_done >= self.params.steps
+        return self.steps_done >= self.params.steps_run
 
     def preview_due(self) -> bool:
         """Whether the step about to run should produce a preview."""

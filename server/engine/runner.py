@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from .completions import CompletionQueue
 from .fault_policy import Attempt, Forward, StepOutcome, denoise_with_retries
 from .ledger import Ledger
-from .models.base import ModelAdapter
+from .models.base import Mark, ModelAdapter
 from .observer import EngineObserver
 from .outbox import Outbox
 from .request import RequestState, RequestStatus
@@ -99,6 +99,30 @@ class StepRunner:
         def encoded() -> None:
             seconds = self.ledger.charge(reqs, [r.params.rows for r in reqs], start, end)
             self.observer.prompts_encoded(reqs, seconds)
+
+        self.completions.defer(end, encoded)
+        with_images = [r for r in reqs if r.params.init_image is not None]
+        if with_images:
+            self._encode_images(adapter, with_images, end)
+
+    def _encode_images(self, adapter: ModelAdapter, reqs: list[RequestState], start: Mark) -> None:
+        """The image inputs of ``reqs`` (just prepared), encoded in one batch and charged to
+        them alone, by images."""
+        try:
+            adapter.encode_images(reqs)
+        except Exception as e:
+            logger.exception("encoding the init images of %d request(s) failed", len(reqs))
+            for req in reqs:
+                self.fail(req, f"encoding the init image failed: {e}")
+            return
+        end = adapter.mark()
+
+        def encoded() -> None:
+            before = [r.accelerator_s for r in reqs]
+            seconds = self.ledger.charge(reqs, [r.params.num_images for r in reqs], start, end)
+            for req, b in zip(reqs, before, strict=True):
+                req.image_encode_s += req.accelerator_s - b
+            self.observer.images_encoded(reqs, seconds)
 
         self.completions.defer(end, encoded)
 
@@ -212,7 +236,8 @@ class StepRunner:
 
     def _send_result(self, req: RequestState, images: list[RGBArray], now: float) -> None:
         usage = Usage(
-            steps=req.params.steps,
+            steps=req.params.steps_run,
+            image_encode_s=req.image_encode_s,
             queue_s=(req.admitted_time or now) - req.arrival_time,
             total_s=now - req.arrival_time,
             accelerator_s=req.accelerator_s,

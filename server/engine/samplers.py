@@ -71,15 +71,22 @@ class SamplerFactory:
     def __init__(self, base_config: Any, device: str = "cpu", max_templates: int = 64) -> None:
         self._device = device
         self._base_config = base_config
-        self._templates: OrderedDict[tuple[Sampler, int, bool], DiffusersSampler] = OrderedDict()
+        self._templates: OrderedDict[tuple[Sampler, int, bool, float], DiffusersSampler] = OrderedDict()
         self._max = max_templates
 
-    def create(self, sampler: Sampler, steps: int, karras: bool = False) -> DiffusersSampler:
-        key = (sampler, steps, karras)
+    def create(
+        self, sampler: Sampler, steps: int, karras: bool = False, strength: float = 1.0
+    ) -> DiffusersSampler:
+        """A sampler with its schedule for ``steps``; ``strength`` below 1 only for samplers
+        whose schedule takes it (LCM's img2img schedule)."""
+        key = (sampler, steps, karras, strength)
         tpl = self._templates.get(key)
         if tpl is None:
             tpl = make_sampler(self._base_config, sampler, karras)
-            tpl.set_timesteps(steps, device=self._device)
+            if strength != 1.0:
+                tpl.set_timesteps(steps, device=self._device, strength=strength)
+            else:
+                tpl.set_timesteps(steps, device=self._device)
             self._templates[key] = tpl
             if len(self._templates) > self._max:
                 self._templates.popitem(last=False)

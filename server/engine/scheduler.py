@@ -61,6 +61,8 @@ class Load:
     # Seconds until a running request finishes and frees its slot at the model's current
     # step time (one step when none runs): when a refused caller may find room.
     next_slot_s: Mapping[str, float]
+    # Host bytes the waiting requests' decoded image inputs hold (init images and masks).
+    waiting_input_bytes: int = 0
 
 
 class BaseScheduler:
@@ -138,8 +140,10 @@ class BaseScheduler:
         running = dict.fromkeys(self._capacity, 0)
         used = dict.fromkeys(self._capacity, 0)
         fewest_steps_left: dict[str, int] = {}
+        input_bytes = 0
         for req in self.waiting:
             waiting[req.model] += 1
+            input_bytes += req.params.input_bytes
         for req in self.running.values():
             running[req.model] += 1
             used[req.model] += req.params.num_images
@@ -153,6 +157,7 @@ class BaseScheduler:
             running=MappingProxyType(running),
             capacity=MappingProxyType(dict(self._capacity)),
             free_images=MappingProxyType({m: max(0, c - used[m]) for m, c in self._capacity.items()}),
+            waiting_input_bytes=input_bytes,
         )
 
     def has_unfinished(self) -> bool:

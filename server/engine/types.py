@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
     RGBArray = npt.NDArray[np.uint8]
+    GrayArray = npt.NDArray[np.uint8]
 
 
 class Sampler(str, enum.Enum):
@@ -44,6 +45,18 @@ class Priority(str, enum.Enum):
 
     INTERACTIVE = "interactive"
     BATCH = "batch"
+
+
+class Task(str, enum.Enum):
+    """Kinds of generation: from a prompt, from a prompt and an image, or repainting a
+    masked region of an image."""
+
+    TEXT_TO_IMAGE = "text_to_image"
+    IMAGE_TO_IMAGE = "image_to_image"
+    INPAINTING = "inpainting"
+
+
+ALL_TASKS = (Task.TEXT_TO_IMAGE, Task.IMAGE_TO_IMAGE, Task.INPAINTING)
 
 
 class FinishReason(str, enum.Enum):
@@ -88,6 +101,35 @@ class GenerationParams:
     # A server-internal request (model warm-up): served like any other but not counted in
     # request metrics nor traced.
     internal: bool = False
+    # Image inputs, already decoded and resized to width x height: the init image (H x W x 3
+    # uint8) for image-to-image and inpainting, the mask (H x W uint8, white = repaint) for
+    # inpainting. Not compared (arrays).
+    init_image: RGBArray | None = field(default=None, compare=False, repr=False)
+    mask: GrayArray | None = field(default=None, compare=False, repr=False)
+    # Share of the schedule run from the init image, in (0, 1] (1.0 without one).
+    strength: float = 1.0
+    # Schedule steps skipped because the init image stands in for them: the request runs
+    # ``steps - first_step`` steps (see ModelInfo.schedule).
+    first_step: int = 0
+    # Inpainting: paste the init image back outside the mask, over a feathered edge (pixels).
+    preserve_unmasked: bool = False
+    mask_feather: int = 4
+
+    @property
+    def task(self) -> Task:
+        if self.init_image is None:
+            return Task.TEXT_TO_IMAGE
+        return Task.IMAGE_TO_IMAGE if self.mask is None else Task.INPAINTING
+
+    @property
+    def steps_run(self) -> int:
+        """Denoising steps this request runs (progress counts these)."""
+        return self.steps - self.first_step
+
+    @property
+    def input_bytes(self) -> int:
+        """Host memory its image inputs hold (counted against the queue's input budget)."""
+        return sum(a.nbytes for a in (self.init_image, self.mask) if a is not None)
 
     @property
     def rows(self) -> int:
@@ -125,6 +167,24 @@ class ModelInfo:
     karras_samplers: tuple[Sampler, ...] = ()
     # The model takes the guidance scale as an input embedding (LCM): no CFG rows.
     guidance_embedded: bool = False
+    # The generations it serves: all three for ordinary models; inpainting only for dedicated
+    # inpainting models (UNets with mask and masked-image input channels).
+    tasks: tuple[Task, ...] = ALL_TASKS
+    # Latent-consistency models: image-to-image strength chooses the schedule from the first
+    # strength share of these original (training) steps and every step runs, as diffusers'
+    # LCM img2img pipeline; None: strength truncates the schedule (the other pipelines).
+    strength_sets_schedule: int | None = None
+
+    def schedule(self, steps: int, strength: float, task: Task) -> tuple[int, int]:
+        """(first_step, steps run) for a request: the one rule, as diffusers' pipelines apply
+        strength. Steps run is 0 when strength is too low for any step to run."""
+        if task is Task.TEXT_TO_IMAGE:
+            return 0, steps
+        if self.strength_sets_schedule is not None and task is Task.IMAGE_TO_IMAGE:
+            # LCMScheduler.set_timesteps(steps, strength=...): needs one original step per step.
+            return 0, steps if int(self.strength_sets_schedule * strength) >= steps else 0
+        run = min(int(steps * strength), steps)
+        return steps - run, run
 
     def runs_cfg(self, guidance_scale: float) -> bool:
         """Whether a request with this guidance scale runs classifier-free guidance here."""
@@ -142,6 +202,8 @@ class Usage:
     """What one generation consumed (see README "Cost model")."""
 
     steps: int = 0
+    # Of accelerator_s, the time spent encoding the init image (and masked image) to latents.
+    image_encode_s: float = 0.0
     queue_s: float = 0.0
     total_s: float = 0.0
     accelerator_s: float = 0.0

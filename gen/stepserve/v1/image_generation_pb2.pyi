@@ -140,9 +140,40 @@ PRIORITY_BATCH: Priority.ValueType  # 2
 """Offline or bulk work that can yield to interactive requests."""
 Global___Priority: _TypeAlias = Priority  # noqa: Y015
 
+class _Task:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TaskEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Task.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TASK_UNSPECIFIED: _Task.ValueType  # 0
+    """Not a task; never listed."""
+    TASK_TEXT_TO_IMAGE: _Task.ValueType  # 1
+    """Images from a prompt alone."""
+    TASK_IMAGE_TO_IMAGE: _Task.ValueType  # 2
+    """A variation of GenerateRequest.init_image, guided by the prompt."""
+    TASK_INPAINTING: _Task.ValueType  # 3
+    """GenerateRequest.init_image with the region GenerateRequest.mask_image marks repainted."""
+
+class Task(_Task, metaclass=_TaskEnumTypeWrapper):
+    """Task is a kind of generation a model serves (see ModelInfo.tasks)."""
+
+TASK_UNSPECIFIED: Task.ValueType  # 0
+"""Not a task; never listed."""
+TASK_TEXT_TO_IMAGE: Task.ValueType  # 1
+"""Images from a prompt alone."""
+TASK_IMAGE_TO_IMAGE: Task.ValueType  # 2
+"""A variation of GenerateRequest.init_image, guided by the prompt."""
+TASK_INPAINTING: Task.ValueType  # 3
+"""GenerateRequest.init_image with the region GenerateRequest.mask_image marks repainted."""
+Global___Task: _TypeAlias = Task  # noqa: Y015
+
 @_typing.final
 class GenerateRequest(_message.Message):
-    """GenerateRequest describes one text-to-image generation of one or more images."""
+    """GenerateRequest describes one generation of one or more images: from the prompt alone
+    (text-to-image), from the prompt and init_image (image-to-image), or from the prompt,
+    init_image and mask_image (inpainting). Requests of every kind share batched steps.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -164,6 +195,11 @@ class GenerateRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     PRESET_FIELD_NUMBER: _builtins.int
     KARRAS_SIGMAS_FIELD_NUMBER: _builtins.int
+    INIT_IMAGE_FIELD_NUMBER: _builtins.int
+    STRENGTH_FIELD_NUMBER: _builtins.int
+    MASK_IMAGE_FIELD_NUMBER: _builtins.int
+    PRESERVE_UNMASKED_FIELD_NUMBER: _builtins.int
+    MASK_FEATHER_PX_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Registry name of the model to run (see ListModels); empty selects the server's default."""
     prompt: _builtins.str
@@ -210,6 +246,37 @@ class GenerateRequest(_message.Message):
     """Use the Karras et al. (2022) noise schedule (sigmas) with the sampler; only for samplers
     listed in ModelInfo.karras_samplers.
     """
+    init_image: _builtins.bytes
+    """An image to start from, as PNG, JPEG or WebP bytes (alpha is dropped): with it the
+    request is image-to-image. The images come out at its size, rounded down to a multiple
+    of 8, unless width_px / height_px are set: then it is resized to them first (Lanczos, as
+    diffusers' image processor does). Larger than the server's pixel limit (ListModels does
+    not list it; the error names it) is INVALID_ARGUMENT, checked before decoding.
+    """
+    strength: _builtins.float
+    """How much of the denoising schedule runs from init_image, in (0, 1]; unset means 0.8,
+    read to 6 decimal places. As diffusers' img2img pipelines: init_image is noised to the
+    schedule's step steps * (1 - strength) and int(steps * strength) steps run (Progress
+    counts those); 1 starts from pure noise (inpainting) or almost (image-to-image).
+    Latent-consistency models (ModelInfo.guidance_embedded) run all steps, over a schedule
+    drawn from the first strength share of their training steps, as diffusers' LCM img2img.
+    Only with init_image.
+    """
+    mask_image: _builtins.bytes
+    """With init_image, the request is inpainting: PNG, JPEG or WebP bytes of init_image's
+    size, white where the image is repainted and black where it is kept (grayscale or RGB,
+    thresholded at half brightness after resizing, as diffusers' mask processor).
+    """
+    preserve_unmasked: _builtins.bool
+    """Inpainting only: paste init_image's own pixels back where the mask keeps them, blended
+    across a feathered edge of mask_feather_px. Without it the kept region is what the
+    model decodes, as diffusers' inpaint pipelines return it: close to init_image, not equal
+    (the VAE's round trip, and with ordinary models the blend in latent space).
+    """
+    mask_feather_px: _builtins.int
+    """Width in pixels of the blend between repainted and kept pixels when preserve_unmasked
+    is set: unset means 4, 0 a hard edge, at most 64.
+    """
     def __init__(
         self,
         *,
@@ -231,19 +298,32 @@ class GenerateRequest(_message.Message):
         priority: Global___Priority.ValueType = ...,
         preset: Global___Preset.ValueType = ...,
         karras_sigmas: _builtins.bool = ...,
+        init_image: _builtins.bytes = ...,
+        strength: _builtins.float | None = ...,
+        mask_image: _builtins.bytes = ...,
+        preserve_unmasked: _builtins.bool = ...,
+        mask_feather_px: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "guidance_scale", b"guidance_scale", "seed", b"seed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_mask_feather_px", b"_mask_feather_px", "_seed", b"_seed", "_strength", b"_strength", "guidance_scale", b"guidance_scale", "mask_feather_px", b"mask_feather_px", "seed", b"seed", "strength", b"strength"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_seed", b"_seed", "guidance_scale", b"guidance_scale", "height_px", b"height_px", "karras_sigmas", b"karras_sigmas", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "output_format", b"output_format", "output_quality", b"output_quality", "preset", b"preset", "preview_every_n_steps", b"preview_every_n_steps", "preview_max_size_px", b"preview_max_size_px", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "sampler", b"sampler", "seed", b"seed", "steps", b"steps", "width_px", b"width_px"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_mask_feather_px", b"_mask_feather_px", "_seed", b"_seed", "_strength", b"_strength", "guidance_scale", b"guidance_scale", "height_px", b"height_px", "init_image", b"init_image", "karras_sigmas", b"karras_sigmas", "mask_feather_px", b"mask_feather_px", "mask_image", b"mask_image", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "output_format", b"output_format", "output_quality", b"output_quality", "preserve_unmasked", b"preserve_unmasked", "preset", b"preset", "preview_every_n_steps", b"preview_every_n_steps", "preview_max_size_px", b"preview_max_size_px", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "sampler", b"sampler", "seed", b"seed", "steps", b"steps", "strength", b"strength", "width_px", b"width_px"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance_scale: _TypeAlias = _typing.Literal["guidance_scale"]  # noqa: Y015
     _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
+    _WhichOneofReturnType__mask_feather_px: _TypeAlias = _typing.Literal["mask_feather_px"]  # noqa: Y015
+    _WhichOneofArgType__mask_feather_px: _TypeAlias = _typing.Literal["_mask_feather_px", b"_mask_feather_px"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__strength: _TypeAlias = _typing.Literal["strength"]  # noqa: Y015
+    _WhichOneofArgType__strength: _TypeAlias = _typing.Literal["_strength", b"_strength"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__guidance_scale) -> _WhichOneofReturnType__guidance_scale | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__mask_feather_px) -> _WhichOneofReturnType__mask_feather_px | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__strength) -> _WhichOneofReturnType__strength | None: ...
 
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
 
@@ -405,6 +485,7 @@ class Usage(_message.Message):
     ACCELERATOR_SECONDS_FIELD_NUMBER: _builtins.int
     MEAN_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     COST_USD_FIELD_NUMBER: _builtins.int
+    IMAGE_ENCODE_SECONDS_FIELD_NUMBER: _builtins.int
     steps: _builtins.int
     """Denoising steps run per image."""
     queue_ms: _builtins.int
@@ -419,6 +500,10 @@ class Usage(_message.Message):
     """Mean number of images in the batched denoiser forwards this request took part in."""
     cost_usd: _builtins.float
     """accelerator_seconds priced at the server's configured accelerator cost, in US dollars."""
+    image_encode_seconds: _builtins.float
+    """Accelerator time spent encoding the request's init_image (and masked image) into
+    latents, in seconds; included in accelerator_seconds; 0 for text-to-image.
+    """
     def __init__(
         self,
         *,
@@ -428,10 +513,11 @@ class Usage(_message.Message):
         accelerator_seconds: _builtins.float = ...,
         mean_batch_size: _builtins.float = ...,
         cost_usd: _builtins.float = ...,
+        image_encode_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accelerator_seconds", b"accelerator_seconds", "cost_usd", b"cost_usd", "mean_batch_size", b"mean_batch_size", "queue_ms", b"queue_ms", "steps", b"steps", "total_ms", b"total_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accelerator_seconds", b"accelerator_seconds", "cost_usd", b"cost_usd", "image_encode_seconds", b"image_encode_seconds", "mean_batch_size", b"mean_batch_size", "queue_ms", b"queue_ms", "steps", b"steps", "total_ms", b"total_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -535,6 +621,7 @@ class ModelInfo(_message.Message):
     PRESETS_FIELD_NUMBER: _builtins.int
     KARRAS_SAMPLERS_FIELD_NUMBER: _builtins.int
     GUIDANCE_EMBEDDED_FIELD_NUMBER: _builtins.int
+    TASKS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Registry name, as used in GenerateRequest.model."""
     family: _builtins.str
@@ -577,6 +664,13 @@ class ModelInfo(_message.Message):
     def karras_samplers(self) -> _containers.RepeatedScalarFieldContainer[Global___Sampler.ValueType]:
         """Samplers that accept GenerateRequest.karras_sigmas."""
 
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedScalarFieldContainer[Global___Task.ValueType]:
+        """The tasks this model serves. Ordinary models serve all three; dedicated inpainting
+        models (a UNet with 9 input channels: latents, mask, masked-image latents) serve
+        TASK_INPAINTING only, and other requests to them are INVALID_ARGUMENT.
+        """
+
     def __init__(
         self,
         *,
@@ -597,10 +691,11 @@ class ModelInfo(_message.Message):
         presets: _abc.Iterable[Global___PresetSteps] | None = ...,
         karras_samplers: _abc.Iterable[Global___Sampler.ValueType] | None = ...,
         guidance_embedded: _builtins.bool = ...,
+        tasks: _abc.Iterable[Global___Task.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_guidance_scale", b"default_guidance_scale", "default_height_px", b"default_height_px", "default_sampler", b"default_sampler", "default_steps", b"default_steps", "default_width_px", b"default_width_px", "family", b"family", "guidance_embedded", b"guidance_embedded", "is_default", b"is_default", "karras_samplers", b"karras_samplers", "max_batch_size", b"max_batch_size", "max_images_per_request", b"max_images_per_request", "max_size_px", b"max_size_px", "max_steps", b"max_steps", "min_size_px", b"min_size_px", "name", b"name", "presets", b"presets", "supported_samplers", b"supported_samplers"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_guidance_scale", b"default_guidance_scale", "default_height_px", b"default_height_px", "default_sampler", b"default_sampler", "default_steps", b"default_steps", "default_width_px", b"default_width_px", "family", b"family", "guidance_embedded", b"guidance_embedded", "is_default", b"is_default", "karras_samplers", b"karras_samplers", "max_batch_size", b"max_batch_size", "max_images_per_request", b"max_images_per_request", "max_size_px", b"max_size_px", "max_steps", b"max_steps", "min_size_px", b"min_size_px", "name", b"name", "presets", b"presets", "supported_samplers", b"supported_samplers", "tasks", b"tasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,10 +26,10 @@ if _version_not_supported:
 
 
 class ImageGenerationServiceStub:
-    """ImageGenerationService runs text-to-image diffusion models. Many callers share one
-    accelerator through a step-level continuous batcher: requests join and leave the running
-    batch between denoising steps, and a request's images never depend on what it was
-    batched with.
+    """ImageGenerationService runs diffusion image models: text-to-image, image-to-image and
+    inpainting. Many callers share one accelerator through a step-level continuous batcher:
+    requests join and leave the running batch between denoising steps, and a request's
+    images never depend on what it was batched with.
     """
 
     def __init__(self, channel):
@@ -51,10 +51,10 @@ class ImageGenerationServiceStub:
 
 
 class ImageGenerationServiceServicer:
-    """ImageGenerationService runs text-to-image diffusion models. Many callers share one
-    accelerator through a step-level continuous batcher: requests join and leave the running
-    batch between denoising steps, and a request's images never depend on what it was
-    batched with.
+    """ImageGenerationService runs diffusion image models: text-to-image, image-to-image and
+    inpainting. Many callers share one accelerator through a step-level continuous batcher:
+    requests join and leave the running batch between denoising steps, and a request's
+    images never depend on what it was batched with.
     """
 
     def Generate(self, request, context):
@@ -96,10 +96,10 @@ def add_ImageGenerationServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ImageGenerationService:
-    """ImageGenerationService runs text-to-image diffusion models. Many callers share one
-    accelerator through a step-level continuous batcher: requests join and leave the running
-    batch between denoising steps, and a request's images never depend on what it was
-    batched with.
+    """ImageGenerationService runs diffusion image models: text-to-image, image-to-image and
+    inpainting. Many callers share one accelerator through a step-level continuous batcher:
+    requests join and leave the running batch between denoising steps, and a request's
+    images never depend on what it was batched with.
     """
 
     @staticmethod

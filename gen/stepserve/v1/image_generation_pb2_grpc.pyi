@@ -27,10 +27,10 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ImageGenerationServiceStub:
-    """ImageGenerationService runs text-to-image diffusion models. Many callers share one
-    accelerator through a step-level continuous batcher: requests join and leave the running
-    batch between denoising steps, and a request's images never depend on what it was
-    batched with.
+    """ImageGenerationService runs diffusion image models: text-to-image, image-to-image and
+    inpainting. Many callers share one accelerator through a step-level continuous batcher:
+    requests join and leave the running batch between denoising steps, and a request's
+    images never depend on what it was batched with.
     """
 
     @_typing.overload
@@ -48,10 +48,10 @@ class ImageGenerationServiceStub:
 
 @_typing.type_check_only
 class ImageGenerationServiceAsyncStub(ImageGenerationServiceStub):
-    """ImageGenerationService runs text-to-image diffusion models. Many callers share one
-    accelerator through a step-level continuous batcher: requests join and leave the running
-    batch between denoising steps, and a request's images never depend on what it was
-    batched with.
+    """ImageGenerationService runs diffusion image models: text-to-image, image-to-image and
+    inpainting. Many callers share one accelerator through a step-level continuous batcher:
+    requests join and leave the running batch between denoising steps, and a request's
+    images never depend on what it was batched with.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -65,10 +65,10 @@ class ImageGenerationServiceAsyncStub(ImageGenerationServiceStub):
     """ListModels describes every model this server can run, with its defaults and limits."""
 
 class ImageGenerationServiceServicer(metaclass=_abc_1.ABCMeta):
-    """ImageGenerationService runs text-to-image diffusion models. Many callers share one
-    accelerator through a step-level continuous batcher: requests join and leave the running
-    batch between denoising steps, and a request's images never depend on what it was
-    batched with.
+    """ImageGenerationService runs diffusion image models: text-to-image, image-to-image and
+    inpainting. Many callers share one accelerator through a step-level continuous batcher:
+    requests join and leave the running batch between denoising steps, and a request's
+    images never depend on what it was batched with.
     """
 
     @_abc_1.abstractmethod

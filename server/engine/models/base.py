@@ -75,6 +75,12 @@ class ModelAdapter(ABC, Generic[WorkT]):
     def prepare(self, reqs: list[RequestState[WorkT]]) -> None:
         """Encode the requests' prompts (batched, cached) and draw their initial latents."""
 
+    def encode_images(self, reqs: list[RequestState[WorkT]]) -> None:
+        """After :meth:`prepare`, encode the image inputs of ``reqs`` (image-to-image and
+        inpainting requests only, batched) and draw their starting latents. Timed and
+        charged apart from prompt encoding: text-only requests never pay for it."""
+        raise NotImplementedError(f"{type(self).__name__} takes no image inputs")
+
     @abstractmethod
     def denoise_step(self, reqs: list[RequestState[WorkT]]) -> int:
         """Run one batched denoiser forward for ``reqs`` (one bucket) and advance each

@@ -20,6 +20,12 @@ PIPELINES: dict[str, tuple[str, tuple[str, ...]]] = {
         (*_SD_COMPONENTS, "text_encoder_2", "tokenizer_2"),
     ),
     "LatentConsistencyModelPipeline": ("LatentConsistencyAdapter", _SD_COMPONENTS),
+    # Dedicated inpainting checkpoints (a UNet with mask and masked-image input channels).
+    "StableDiffusionInpaintPipeline": ("StableDiffusionAdapter", _SD_COMPONENTS),
+    "StableDiffusionXLInpaintPipeline": (
+        "StableDiffusionXLAdapter",
+        (*_SD_COMPONENTS, "text_encoder_2", "tokenizer_2"),
+    ),
 }
 _WEIGHTS = (
     "diffusion_pytorch_model.safetensors",
@@ -79,7 +85,7 @@ def inspect_model_dir(path: Path) -> str:
         _read_json(d / config)
         if component != "scheduler" and not any((d / f).is_file() for f in _WEIGHTS):
             raise ModelLoadError(f"{str(d)!r} holds no weights (expected {_WEIGHTS[0]})")
-    if cls == "StableDiffusionXLPipeline":
+    if cls in ("StableDiffusionXLPipeline", "StableDiffusionXLInpaintPipeline"):
         unet = _read_json(path / "unet" / "config.json")
         if unet.get("addition_embed_type") != "text_time":
             raise ModelLoadError(
@@ -102,4 +108,4 @@ def load_model(name: str, path: Path | str, **kwargs: Any) -> ModelAdapter:
     path = Path(path)
     cls = inspect_model_dir(path)
     adapter: type[ModelAdapter] = getattr(stable_diffusion, PIPELINES[cls][0])
-    return adapter(name, path, **kwargs)  # type: ignore[call-arg]
+    return adapter(name, path, pipeline_class=cls, **kwargs)  # type: ignore[call-arg]

@@ -20,14 +20,15 @@ import json
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
 
 from ..batch_invariance import make_rowwise_linears
 from ..samplers import (
@@ -38,9 +39,10 @@ from ..samplers import (
     SamplerFactory,
     sampler_for_class_name,
 )
-from ..types import ModelInfo, Preset, Sampler
+from ..types import ALL_TASKS, ModelInfo, Preset, Sampler, Task
 from .base import Mark, ModelAdapter, RequestStepFailures
 from .registry import ModelLoadError
+from .sd_state import Conditioning, CudaMark, ImageState, RequestWork, Row, RowExtras
 
 if TYPE_CHECKING:
     from ..request import RequestState
@@ -48,77 +50,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-
-class CudaMark:
-    """A mark on a CUDA stream (an event with timing): the engine's view of GPU progress."""
-
-    __slots__ = ("event",)
-
-    def __init__(self, device: torch.device) -> None:
-        self.event = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-        self.event.record(torch.cuda.current_stream(device))
-
-    def wait(self) -> None:
-        self.event.synchronize()
-
-    def seconds_since(self, start: Mark) -> float:
-        assert isinstance(start, CudaMark)
-        self.event.synchronize()
-        return float(start.event.elapsed_time(self.event)) / 1000.0
-
-
 # Optional per-model settings file a model directory may carry (keys of ModelInfo plus
 # "latent_rgb_factors"); command-line overrides win over it.
 SETTINGS_FILE = "stepserve.json"
-
-
-@dataclass
-class ImageState:
-    """One image of a request: its own generator, sampler and latents."""
-
-    seed: int
-    generator: torch.Generator
-    sampler: DiffusersSampler
-    latents: torch.Tensor
-
-
-@dataclass(frozen=True)
-class Conditioning:
-    """A text's encoding: cross-attention context, and (SDXL) the pooled embedding."""
-
-    embeds: torch.Tensor  # 1 x tokens x width
-    pooled: torch.Tensor | None = None  # 1 x projection width
-
-
-# Extra UNet inputs of one forward row, by name: "timestep_cond", or SDXL's added conditioning
-# "text_embeds" and "time_ids" (passed as added_cond_kwargs). Each is 1 x ...
-RowExtras = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Row:
-    """One row of a batched forward: input latents, timestep, text context, extra inputs."""
-
-    x: torch.Tensor
-    t: torch.Tensor
-    context: torch.Tensor
-    extras: RowExtras
-
-
-@dataclass
-class RequestWork:
-    """A request's tensors."""
-
-    images: list[ImageState]
-    positive: Conditioning
-    negative: Conditioning | None  # None: no classifier-free guidance
-    guidance_scale: float
-    extras: RowExtras  # for the positive row
-    negative_extras: RowExtras
-    # Per step, (sqrt(alpha_bar), sqrt(1 - alpha_bar)) at its timestep, on the host: the clean
-    # estimate of a preview needs them without reading the device's timestep tensor.
-    x0_coeffs: list[tuple[float, float]] = field(default_factory=list)
-    preview_x0: torch.Tensor | None = None
 
 
 def _work(req: RequestState[RequestWork]) -> RequestWork:
@@ -154,8 +88,11 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
         batch_invariant: bool | None = None,
         embed_cache_size: int = 1024,
         overrides: dict[str, Any] | None = None,
+        pipeline_class: str | None = None,
     ) -> None:
         self.name = name
+        if pipeline_class is not None:  # the directory's own class (an inpainting pipeline)
+            self.pipeline_class = pipeline_class
         self.path = Path(path)
         self.device = torch.device(device)
         self.asynchronous = self.device.type == "cuda"
@@ -189,7 +126,24 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
         self._alphas_cumprod = ref.alphas_cumprod.double().cpu().numpy()
         self.vae_scale_factor = self.pipe.vae_scale_factor
         self.scaling_factor = float(self.vae.config.scaling_factor)
-        self.latent_channels = int(self.unet.config.in_channels)
+        self.latent_channels = int(self.vae.config.latent_channels)
+        # Dedicated inpainting UNets take the mask and the masked image's latents as extra
+        # input channels (4 + 1 + 4); they serve inpainting only.
+        self.inpainting_unet = int(self.unet.config.in_channels) == 2 * self.latent_channels + 1
+        if not self.inpainting_unet and int(self.unet.config.in_channels) != self.latent_channels:
+            raise ModelLoadError(
+                f"model {name}: its UNet takes {self.unet.config.in_channels} input channels; stepserve "
+                f"serves UNets of {self.latent_channels} (the VAE's latents) or "
+                f"{2 * self.latent_channels + 1} (inpainting)"
+            )
+        from diffusers.image_processor import VaeImageProcessor
+
+        self.mask_processor = VaeImageProcessor(
+            vae_scale_factor=self.vae_scale_factor,
+            do_normalize=False,
+            do_binarize=True,
+            do_convert_grayscale=True,
+        )
         # Distilled models (LCM) take the guidance scale as an embedding and run no CFG.
         self.guidance_embed_dim: int | None = self.unet.config.get("time_cond_proj_dim")
 
@@ -232,6 +186,11 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
             preset_steps=presets,
             karras_samplers=tuple(k for k in KARRAS_SAMPLERS if k in samplers),
             guidance_embedded=self.guidance_embed_dim is not None,
+            tasks=(Task.INPAINTING,) if self.inpainting_unet else ALL_TASKS,
+            # LCM's img2img pipeline hands strength to the sampler's schedule.
+            strength_sets_schedule=(
+                int(base_config.get("original_inference_steps", 50)) if own_sampler is Sampler.LCM else None
+            ),
         )
         if self.info.default_sampler not in samplers:
             raise ValueError(
@@ -299,14 +258,23 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
             p = req.params
             neg = self._negative(req, pos) if p.cfg else None
             h, w = p.height // self.vae_scale_factor, p.width // self.vae_scale_factor
+            # LCM's img2img pipeline draws its schedule for the strength; the others truncate.
+            strength = (
+                p.strength if self.info.strength_sets_schedule and p.task is Task.IMAGE_TO_IMAGE else 1.0
+            )
             images = []
             for seed in p.seeds:
                 gen = torch.Generator(device=self.device).manual_seed(seed)
-                sampler = self.sampler_factory.create(p.sampler, p.steps, p.karras)
-                lat = randn_tensor(
-                    (1, self.latent_channels, h, w), generator=gen, device=self.device, dtype=self.dtype
-                )
-                images.append(ImageState(seed, gen, sampler, lat * sampler.init_noise_sigma))
+                sampler = self.sampler_factory.create(p.sampler, p.steps, p.karras, strength)
+                lat = None
+                if p.init_image is None:
+                    lat = randn_tensor(
+                        (1, self.latent_channels, h, w), generator=gen, device=self.device, dtype=self.dtype
+                    )
+                    lat = lat * sampler.init_noise_sigma
+                elif hasattr(sampler, "set_begin_index"):
+                    sampler.set_begin_index(p.first_step)  # as the pipelines' get_timesteps
+                images.append(ImageState(seed, gen, sampler, lat))
             req.work = RequestWork(
                 images,
                 pos,
@@ -314,8 +282,91 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
                 p.guidance_scale,
                 self._row_extras(req, pos),
                 self._row_extras(req, neg) if neg is not None else {},
-                self._x0_coeffs(images[0].sampler) if p.preview_every else [],
+                p.first_step,
+                self._x0_coeffs(images[0].sampler)[p.first_step :] if p.preview_every else [],
             )
+
+    @torch.inference_mode()
+    def encode_images(self, reqs: list[RequestState[RequestWork]]) -> None:
+        """The init images (and masked images) of prepared image-to-image and inpainting
+        requests, encoded by the VAE in one batch, and each image's starting latents drawn
+        from its own generator in the order diffusers' pipelines draw them: the init image's
+        latent sample, the noise, then (inpainting) the masked image's latent sample."""
+        pixels: list[torch.Tensor] = []
+        for req in reqs:
+            p = req.params
+            assert p.init_image is not None
+            init = self._pixels(p.init_image)
+            pixels.append(init)
+            if p.mask is not None:
+                mask = self.mask_processor.preprocess(Image.fromarray(p.mask), height=p.height, width=p.width)
+                mask = mask.to(self.device)
+                pixels.append(init * (mask < 0.5))  # the masked image, as diffusers makes it
+                latent_size = (p.height // self.vae_scale_factor, p.width // self.vae_scale_factor)
+                _work(req).mask = F.interpolate(mask, size=latent_size).to(self.device, self.dtype)
+        dists = self._evenly_encode(torch.cat(pixels))
+        k = 0
+        for req in reqs:
+            p = req.params
+            w = _work(req)
+            init_dist = dists[k]
+            masked_dist = dists[k + 1] if p.mask is not None else None
+            k += 2 if p.mask is not None else 1
+            inpaint = p.task is Task.INPAINTING
+            # Strength 1 inpainting starts from pure noise (diffusers' is_strength_max).
+            from_noise = inpaint and p.strength == 1.0
+            for im in w.images:
+                t0 = im.sampler.timesteps[w.first_step : w.first_step + 1]
+                image_latents = None
+                if not (inpaint and self.inpainting_unet and from_noise):
+                    image_latents = self._sample(init_dist, im.generator)
+                noise = randn_tensor(
+                    init_dist[0].shape, generator=im.generator, device=self.device, dtype=self.dtype
+                )
+                if from_noise:
+                    im.latents = noise * im.sampler.init_noise_sigma
+                else:
+                    assert image_latents is not None
+                    im.latents = im.sampler.add_noise(image_latents, noise, t0)
+                if masked_dist is not None:
+                    masked = self._sample(masked_dist, im.generator)
+                    if self.inpainting_unet:
+                        im.masked_latents = masked
+                    else:
+                        im.image_latents, im.noise = image_latents, noise
+
+    def _pixels(self, rgb: np.ndarray) -> torch.Tensor:
+        """An H x W x 3 uint8 image as the VAE's input, through the pipeline's own image
+        processor (to [-1, 1], 1 x 3 x H x W)."""
+        t: torch.Tensor = self.pipe.image_processor.preprocess(Image.fromarray(rgb))
+        return t.to(self.device, torch.float32)
+
+    def _evenly_encode(self, pixels: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per image: the VAE posterior's (mean, std), from one batched encode (padded to an
+        even batch like decode, so an image's latents do not depend on its batch)."""
+        params = self._evenly(lambda x: self.vae.encode(x.to(self.vae.dtype)).latent_dist.parameters, pixels)
+        out = []
+        for row in torch.split(params, 1):
+            dist = DiagonalGaussianDistribution(row)
+            out.append((dist.mean, dist.std))
+        return out
+
+    def _sample(self, dist: tuple[torch.Tensor, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        """A latent sample of an encoded image drawn from ``generator``, scaled as the
+        pipelines scale encoded latents (``DiagonalGaussianDistribution.sample``, then the
+        scaling factor, and SDXL-style mean/std when the VAE has them)."""
+        mean, std = dist
+        eps = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return self._scale(mean + std * eps)
+
+    def _scale(self, z: torch.Tensor) -> torch.Tensor:
+        """VAE encoder output -> latents (the inverse of ``_unscale``)."""
+        mean, std = self.vae.config.get("latents_mean"), self.vae.config.get("latents_std")
+        if mean is not None and std is not None:
+            m = torch.tensor(mean).view(1, -1, 1, 1).to(z)
+            s = torch.tensor(std).view(1, -1, 1, 1).to(z)
+            return ((z - m) * self.scaling_factor / s).to(self.dtype)
+        return (z * self.scaling_factor).to(self.dtype)
 
     @torch.inference_mode()
     def denoise_step(self, reqs: list[RequestState[RequestWork]]) -> int:
@@ -352,7 +403,7 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
                 n = len(rr)
                 try:
                     self.faults.before_request_update(req)
-                    self._update(req, x[i : i + n], out[i : i + n])
+                    self._update(req, x[i : i + n, : self.latent_channels], out[i : i + n])
                 except Exception as e:
                     failures[req.request_id] = e
                 i += n
@@ -362,12 +413,17 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
         return n_rows
 
     def _step_inputs(self, req: RequestState[RequestWork]) -> list[Row]:
-        """The request's rows of the batched forward: per image, (uncond, cond) with CFG."""
+        """The request's rows of the batched forward: per image, (uncond, cond) with CFG; an
+        inpainting UNet's rows carry the mask and the masked image's latents too."""
         w = _work(req)
         rows: list[Row] = []
         for im in w.images:
-            t = im.sampler.timesteps[req.steps_done]
+            assert im.latents is not None
+            t = w.timestep(im, req.steps_done)
             x_in = im.sampler.scale_model_input(im.latents, t)
+            if self.inpainting_unet:
+                assert w.mask is not None and im.masked_latents is not None
+                x_in = torch.cat([x_in, w.mask, im.masked_latents], dim=1)
             if w.negative is not None:
                 rows.append(Row(x_in, t, w.negative.embeds, w.negative_extras))
             rows.append(Row(x_in, t, w.positive.embeds, w.extras))
@@ -375,14 +431,16 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
 
     def _update(self, req: RequestState[RequestWork], x: torch.Tensor, out: torch.Tensor) -> None:
         """Apply guidance and advance each of the request's images one sampler step, given its
-        rows of the forward's input and output. An exception here fails this request only."""
+        rows of the forward's input (latent channels) and output. An exception here fails
+        this request only."""
         w = _work(req)
         want_preview = req.preview_due()
+        last = req.steps_done == req.total_steps - 1
         new_latents = []
         preview = None
         r = 0
         for i, im in enumerate(w.images):
-            t = im.sampler.timesteps[req.steps_done]
+            t = w.timestep(im, req.steps_done)
             if w.negative is not None:
                 uncond, cond = out[r : r + 1], out[r + 1 : r + 2]
                 noise = uncond + w.guidance_scale * (cond - uncond)
@@ -394,9 +452,18 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
                 r += 1
             if want_preview and i == 0:
                 preview = self._x0_estimate(x_in, noise, *w.x0_coeffs[req.steps_done])
-            new_latents.append(
-                im.sampler.step(noise, t, im.latents, generator=im.generator, return_dict=False)[0]
-            )
+                if im.image_latents is not None and w.mask is not None:
+                    preview = w.mask * preview + (1 - w.mask) * im.image_latents  # the kept region
+            lat = im.sampler.step(noise, t, im.latents, generator=im.generator, return_dict=False)[0]
+            if im.image_latents is not None and w.mask is not None:
+                # An ordinary UNet inpainting: the known region, re-noised to the next step's
+                # level (clean after the last), replaces the model's there.
+                known = im.image_latents
+                if not last:
+                    t_next = im.sampler.timesteps[w.first_step + req.steps_done + 1]
+                    known = im.sampler.add_noise(known, im.noise, t_next.reshape(1))
+                lat = (1 - w.mask) * known + w.mask * lat
+            new_latents.append(lat)
         for im, lat in zip(w.images, new_latents, strict=True):
             im.latents = lat
         if preview is not None:
@@ -442,11 +509,17 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
 
     @torch.inference_mode()
     def decode(self, reqs: list[RequestState[RequestWork]]) -> list[list[RGBArray]]:
-        lat = torch.cat([im.latents for req in reqs for im in _work(req).images])
+        lat = torch.cat([im.latents for req in reqs for im in _work(req).images if im.latents is not None])
         images = self._evenly(lambda x: self.vae.decode(self._unscale(x), return_dict=False)[0], lat)
         # The pipeline's post-processing ("np" output, then x 255 and round), on the device:
         # only uint8 pixels cross to the host.
         pixels = self.pipe.image_processor.postprocess(images, output_type="pt")
+        i = 0
+        for req in reqs:
+            n = len(_work(req).images)
+            if req.params.preserve_unmasked:
+                pixels[i : i + n] = self._overlay(req, pixels[i : i + n])
+            i += n
         u8 = self._to_host((pixels.permute(0, 2, 3, 1).float() * 255).round().to(torch.uint8))
         out: list[list[RGBArray]] = []
         i = 0
@@ -455,6 +528,21 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
             out.append([u8[j] for j in range(i, i + n)])
             i += n
         return out
+
+    def _overlay(self, req: RequestState[RequestWork], pixels: torch.Tensor) -> torch.Tensor:
+        """The init image's pixels pasted back where the mask keeps them (as diffusers'
+        ``apply_overlay`` and A1111's "only masked" do), blended across a feathered edge: the
+        binarised mask box-blurred over 2 * feather + 1 pixels, so pixels farther than
+        ``feather`` from the repainted region are the init image's exactly."""
+        p = req.params
+        assert p.init_image is not None and p.mask is not None
+        init = torch.from_numpy(p.init_image).to(self.device).permute(2, 0, 1)[None].float() / 255.0
+        repaint = (torch.from_numpy(p.mask).to(self.device) >= 128).float()[None, None]
+        if p.mask_feather > 0:
+            k = 2 * p.mask_feather + 1
+            repaint = F.avg_pool2d(repaint, k, stride=1, padding=p.mask_feather, count_include_pad=False)
+        out: torch.Tensor = pixels.float() * repaint + init * (1 - repaint)
+        return out.to(pixels.dtype)
 
     @torch.inference_mode()
     def previews(self, reqs: list[RequestState[RequestWork]]) -> list[RGBArray | None]:
