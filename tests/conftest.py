@@ -20,7 +20,14 @@ if os.environ.get("CI"):
 from stepserve.server.engine.models import load_model  # noqa: E402
 
 from .server_thread import ServerThread  # noqa: E402
-from .tiny_pipelines import build_tiny_lcm, build_tiny_sd, build_tiny_sd2, build_tiny_sdxl  # noqa: E402
+from .tiny_pipelines import (  # noqa: E402
+    build_tiny_lcm,
+    build_tiny_sd,
+    build_tiny_sd2,
+    build_tiny_sd_inpaint,
+    build_tiny_sdxl,
+    build_tiny_sdxl_inpaint,
+)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -53,6 +60,16 @@ def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_lcm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_lcm(tmp_path_factory.mktemp("models") / "tiny-lcm")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_inpaint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_sd_inpaint(tmp_path_factory.mktemp("models") / "tiny-sd-inpaint")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_inpaint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_sdxl_inpaint(tmp_path_factory.mktemp("models") / "tiny-sdxl-inpaint")
 
 
 @pytest.fixture(scope="session")

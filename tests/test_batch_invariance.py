@@ -160,7 +160,10 @@ def test_batched_decode_gives_each_image_the_same_pixels_at_every_batch_size() -
 
     def reqs(idx: list[int]) -> list:
         return [
-            SimpleNamespace(work=SimpleNamespace(images=[SimpleNamespace(latents=lat[i : i + 1])]))
+            SimpleNamespace(
+                work=SimpleNamespace(images=[SimpleNamespace(latents=lat[i : i + 1])]),
+                params=SimpleNamespace(preserve_unmasked=False),
+            )
             for i in idx
         ]
 

@@ -203,3 +203,38 @@ def build_tiny_preview_decoder(path: Path, *, seed: int = 0) -> Path:
         latent_channels=4,
     ).save_pretrained(path)
     return path
+
+
+def build_tiny_sd_inpaint(path: Path, *, seed: int = 5, max_tokens: int = 16) -> Path:
+    """A dedicated inpainting checkpoint, SD-1.x-shaped (``StableDiffusionInpaintPipeline``):
+    the UNet takes 9 input channels, the latents, the mask and the masked image's latents."""
+    from diffusers import StableDiffusionInpaintPipeline
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer(WORDS, max_tokens)
+    pipe = StableDiffusionInpaintPipeline(
+        vae=_tiny_vae(32),
+        text_encoder=_tiny_clip(tok, 32, max_tokens),
+        tokenizer=tok,
+        unet=_tiny_unet(in_channels=9),
+        scheduler=EulerDiscreteScheduler(**SD_SCHEDULE),
+        **NO_SAFETY_CHECKER,
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def build_tiny_sdxl_inpaint(path: Path, *, seed: int = 6) -> Path:
+    """An SDXL inpainting checkpoint (``StableDiffusionXLInpaintPipeline``, 9-channel UNet):
+    the tiny SDXL pipeline's components with an inpainting UNet, saved as that class."""
+    from diffusers import StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
+
+    xl = build_tiny_sdxl(path.with_name(path.name + "-base"), seed=seed)
+    base = StableDiffusionXLPipeline.from_pretrained(str(xl))
+    torch.manual_seed(seed)
+    config = dict(base.unet.config)
+    config["in_channels"] = 9
+    unet = UNet2DConditionModel.from_config(config)
+    parts = {k: v for k, v in base.components.items() if k not in ("unet", "image_encoder", "feature_extractor")}
+    StableDiffusionXLInpaintPipeline(**parts, unet=unet).save_pretrained(path, safe_serialization=True)
+    return path
