@@ -235,6 +235,8 @@ def build_tiny_sdxl_inpaint(path: Path, *, seed: int = 6) -> Path:
     config = dict(base.unet.config)
     config["in_channels"] = 9
     unet = UNet2DConditionModel.from_config(config)
-    parts = {k: v for k, v in base.components.items() if k not in ("unet", "image_encoder", "feature_extractor")}
+    parts = {
+        k: v for k, v in base.components.items() if k not in ("unet", "image_encoder", "feature_extractor")
+    }
     StableDiffusionXLInpaintPipeline(**parts, unet=unet).save_pretrained(path, safe_serialization=True)
     return path

@@ -188,6 +188,11 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
                 params = await asyncio.get_running_loop().run_in_executor(
                     self.pool, image_inputs.decode_inputs, params, request.init_image, request.mask_image
                 )
+                # The encoded bytes (up to --max-request-bytes) are not needed any more; gRPC
+                # keeps the message for the call's life, so the fields are emptied: a queued
+                # request holds only its decoded pixels, which the queue's budget counts.
+                request.ClearField("init_image")
+                request.ClearField("mask_image")
         except ApiError as e:
             refused = Outcome.UNAVAILABLE if e.code == grpc.StatusCode.UNAVAILABLE else Outcome.INVALID
             logger.info("request refused from %s: %s: %s", context.peer(), e.code.name, e.message)

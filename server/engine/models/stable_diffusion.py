@@ -357,7 +357,9 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
         scaling factor, and SDXL-style mean/std when the VAE has them)."""
         mean, std = dist
         eps = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return self._scale(mean + std * eps)
+        # Contiguous: the encoder's output may be channels-last, and a forward of only such
+        # rows would take other convolution kernels than a mixed one (other bits).
+        return self._scale(mean + std * eps).contiguous()
 
     def _scale(self, z: torch.Tensor) -> torch.Tensor:
         """VAE encoder output -> latents (the inverse of ``_unscale``)."""
@@ -385,7 +387,7 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
             self.faults.before_forward([r for r, _ in inputs], len(rows))
             if self.batch_invariant and len(rows) == 1:
                 rows = rows + rows  # a 1-row forward takes other conv kernels: pad to 2
-            x = torch.cat([r.x for r in rows])
+            x = torch.cat([r.x for r in rows]).contiguous(memory_format=torch.contiguous_format)
             t_all = torch.stack([r.t.to(torch.float32) for r in rows])
             extras = {k: torch.cat([r.extras[k] for r in rows]) for k in rows[0].extras}
             timestep_cond = extras.pop("timestep_cond", None)
