@@ -92,8 +92,8 @@ class ServerConfig:
     )
     max_queued_input_bytes: int = _opt(
         _ENGINE.max_queued_input_bytes or 0,
-        "most bytes the waiting requests' decoded init images and masks may hold; beyond it a request "
-        "with image inputs answers RESOURCE_EXHAUSTED (0 = no limit)",
+        "most bytes the waiting requests' image inputs may hold (as received, and decoded); beyond it "
+        "a request with image inputs answers RESOURCE_EXHAUSTED (0 = no limit)",
     )
     max_request_bytes: int = _opt(
         16 << 20,

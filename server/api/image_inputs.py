@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .errors import FieldViolation, invalid_argument
 
@@ -49,7 +49,7 @@ def probe(data: bytes, field: str, max_pixels: int) -> ImageHeader | FieldViolat
             img = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError:
         return FieldViolation(field, f"has more pixels than the server's limit of {max_pixels}")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+    except Exception:  # UnidentifiedImageError, OSError, SyntaxError, struct.error...
         return FieldViolation(field, "is not a PNG, JPEG or WebP image (or its header is corrupt)")
     with img:
         w, h = img.size

@@ -184,17 +184,12 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
                 raise request.to_error()
             params = self._admit(request, context)
             if request.init_image:
-                # Decoding takes milliseconds: in the worker pool, not on the event loop.
-                params = await asyncio.get_running_loop().run_in_executor(
-                    self.pool, image_inputs.decode_inputs, params, request.init_image, request.mask_image
-                )
-                # The encoded bytes (up to --max-request-bytes) are not needed any more; gRPC
-                # keeps the message for the call's life, so the fields are emptied: a queued
-                # request holds only its decoded pixels, which the queue's budget counts.
-                request.ClearField("init_image")
-                request.ClearField("mask_image")
+                params = await self._decode_inputs(params, request)
         except ApiError as e:
-            refused = Outcome.UNAVAILABLE if e.code == grpc.StatusCode.UNAVAILABLE else Outcome.INVALID
+            refused = {
+                grpc.StatusCode.UNAVAILABLE: Outcome.UNAVAILABLE,
+                grpc.StatusCode.RESOURCE_EXHAUSTED: Outcome.REJECTED,  # no room for its image inputs
+            }.get(e.code, Outcome.INVALID)
             logger.info("request refused from %s: %s: %s", context.peer(), e.code.name, e.message)
             self.metrics.count_refused(label, refused, retry)
             await _abort(context, e)
@@ -273,6 +268,19 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
                 )
             assert call.outcome is not None and call.ended_at is not None
             self.metrics.count_finished(params.model, call.outcome, call.ended_at - call.accepted_at, retry)
+
+    async def _decode_inputs(self, params: GenerationParams, request: pb.GenerateRequest) -> GenerationParams:
+        """``params`` with the request's image inputs decoded, in the worker pool (it takes
+        milliseconds; the event loop serves other calls meanwhile). Refused first, before
+        any decoding, when the queue's input budget has no room for the encoded bytes."""
+        assert self.engine is not None
+        try:
+            self.engine.inbox.check_input_room(params.model, params.encoded_input_bytes)
+        except QueueFullError as e:
+            raise resource_exhausted(str(e), e.retry_after_s) from e
+        return await asyncio.get_running_loop().run_in_executor(
+            self.pool, image_inputs.decode_inputs, params, request.init_image, request.mask_image
+        )
 
     async def _stream(
         self, params: GenerationParams, events: asyncio.Queue[EngineEvent], call: _Call

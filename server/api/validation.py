@@ -281,6 +281,7 @@ def validate_generate(
         first_step=first_step,
         preserve_unmasked=req.preserve_unmasked,
         mask_feather=feather,
+        encoded_input_bytes=len(req.init_image) + len(req.mask_image),
     )
 
 

@@ -54,8 +54,9 @@ class EngineConfig:
     # Queue step k+1 on the accelerator before reading step k's times, previews and images
     # (see completions.py). None: when a model's device runs asynchronously (CUDA).
     run_ahead: bool | None = None
-    # Most host bytes the waiting requests' decoded image inputs may hold; beyond it a request
-    # with image inputs is refused like one past max_queue. None: no byte limit.
+    # Most host bytes the waiting requests' image inputs may hold (the encoded bytes gRPC keeps
+    # with the call, and the decoded pixels); beyond it a request with image inputs is refused
+    # like one past max_queue. None: no byte limit.
     max_queued_input_bytes: int | None = 512 << 20
 
 

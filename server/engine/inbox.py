@@ -109,17 +109,27 @@ class Inbox:
                     f"the queue is full ({depth} requests waiting, limit {self.max_queue})",
                     retry_after_s=load.next_slot_s[submission.params.model],
                 )
-            size = submission.params.input_bytes
-            limit = self.max_queued_input_bytes
-            if size and limit is not None and load.waiting_input_bytes + size > limit:
-                raise QueueFullError(
-                    f"waiting requests' image inputs hold {load.waiting_input_bytes / 2**20:.1f} MiB; this "
-                    f"one's {size / 2**20:.1f} MiB would pass the limit of {limit / 2**20:.1f} MiB",
-                    retry_after_s=load.next_slot_s[submission.params.model],
-                )
+            self._check_input_bytes(load, submission.params.model, submission.params.input_bytes)
             self._sinks[rid] = sink
             self._messages.append(submission)
             self._cv.notify_all()
+
+    def check_input_room(self, model: str, nbytes: int) -> None:
+        """Raise :class:`QueueFullError` if image inputs of ``nbytes`` would not fit in the
+        queue's input budget now (checked again at submission; the API asks first, before
+        it spends time decoding them)."""
+        with self._cv:
+            self._check_input_bytes(self.load(), model, nbytes)
+
+    def _check_input_bytes(self, load: Load, model: str, nbytes: int) -> None:
+        limit = self.max_queued_input_bytes
+        if nbytes and limit is not None and load.waiting_input_bytes + nbytes > limit:
+            raise QueueFullError(
+                f"waiting requests' image inputs hold {load.waiting_input_bytes / 2**20:.1f} MiB; this "
+                f"one's {nbytes / 2**20:.1f} MiB would pass the limit of {limit / 2**20:.1f} MiB "
+                "(--max-queued-input-bytes)",
+                retry_after_s=load.next_slot_s[model],
+            )
 
     def cancel(self, request_id: str, status: RequestStatus) -> None:
         """Ask for a request to end at the next step boundary (no-op if it already ended)."""

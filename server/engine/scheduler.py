@@ -61,7 +61,7 @@ class Load:
     # Seconds until a running request finishes and frees its slot at the model's current
     # step time (one step when none runs): when a refused caller may find room.
     next_slot_s: Mapping[str, float]
-    # Host bytes the waiting requests' decoded image inputs hold (init images and masks).
+    # Host bytes the waiting requests' image inputs hold (encoded and decoded).
     waiting_input_bytes: int = 0
 
 

@@ -114,6 +114,9 @@ class GenerationParams:
     # Inpainting: paste the init image back outside the mask, over a feathered edge (pixels).
     preserve_unmasked: bool = False
     mask_feather: int = 4
+    # Size of the encoded image inputs as received: gRPC keeps the request message (and so
+    # these bytes) for the call's whole life.
+    encoded_input_bytes: int = 0
 
     @property
     def task(self) -> Task:
@@ -128,8 +131,10 @@ class GenerationParams:
 
     @property
     def input_bytes(self) -> int:
-        """Host memory its image inputs hold (counted against the queue's input budget)."""
-        return sum(a.nbytes for a in (self.init_image, self.mask) if a is not None)
+        """Host memory its image inputs hold while it waits, encoded and decoded (counted
+        against the queue's input budget)."""
+        decoded = sum(a.nbytes for a in (self.init_image, self.mask) if a is not None)
+        return self.encoded_input_bytes + decoded
 
     @property
     def rows(self) -> int:
