@@ -6,10 +6,12 @@ import asyncio
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import numpy as np
 import torch
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
@@ -32,7 +34,7 @@ from .engine.fault_injection import ENV as FAULTS_ENV
 from .engine.fault_injection import Faults
 from .engine.models import DEFAULT_MODEL_NAME, ModelAdapter, default_model_path, load_model
 from .engine.observer import EngineObserver
-from .engine.types import EngineEvent, FailedEvent, GenerationParams, ResultEvent
+from .engine.types import EngineEvent, FailedEvent, GenerationParams, ResultEvent, Task
 from .observability.metrics import EngineCollector, Metrics, MetricsObserver
 from .observability.tracing import TRACER_NAME, TracingObserver, build_tracer_provider, tracing_exporter_name
 
@@ -303,17 +305,13 @@ class StepServer:
         asyncio.ensure_future(self._set_health(False, liveness=False))
 
     def _warmup(self, name: str) -> None:
+        """One short generation of each kind the model serves, together (text-to-image, and
+        inpainting, which runs the VAE's encoder too), before the model reports SERVING."""
         assert self.engine is not None
         info = self.models[name].info
         done = threading.Event()
         outcome: list[EngineEvent] = []
-
-        def sink(event: EngineEvent) -> None:
-            if isinstance(event, ResultEvent | FailedEvent):
-                outcome.append(event)
-                done.set()
-
-        params = GenerationParams(
+        base = GenerationParams(
             request_id=f"warmup-{name}",
             internal=True,
             model=name,
@@ -327,10 +325,27 @@ class StepServer:
             sampler=info.default_sampler,
             cfg=info.runs_cfg(info.default_guidance_scale),
         )
-        self.engine.submit(params, sink)
+        runs = []
+        if Task.TEXT_TO_IMAGE in info.tasks:
+            runs.append(base)
+        if Task.INPAINTING in info.tasks:
+            grey = np.full((base.height, base.width, 3), 128, np.uint8)
+            mask = np.zeros((base.height, base.width), np.uint8)
+            mask[:, base.width // 2 :] = 255
+            runs.append(replace(base, request_id=f"warmup-inpaint-{name}", init_image=grey, mask=mask))
+
+        def sink(event: EngineEvent) -> None:
+            if isinstance(event, ResultEvent | FailedEvent):
+                outcome.append(event)
+                if len(outcome) == len(runs):
+                    done.set()
+
+        for params in runs:
+            self.engine.submit(params, sink)
         done.wait()
-        if isinstance(outcome[0], FailedEvent):
-            raise RuntimeError(f"warm-up of model {name} failed: {outcome[0].message}")
+        for event in outcome:
+            if isinstance(event, FailedEvent):
+                raise RuntimeError(f"warm-up of model {name} failed: {event.message}")
 
     async def stop(self, drain_timeout_s: float | None = None) -> None:
         """Graceful stop: NOT_SERVING, refuse new work, let in-flight requests finish

@@ -5,10 +5,14 @@ request afterwards. In CI the examples are derandomized (tests/conftest.py)."""
 
 from __future__ import annotations
 
+import io
+
 import grpc
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from stepserve.client import ImageClient
 from stepserve.v1 import image_generation_pb2 as pb
@@ -24,6 +28,32 @@ ALLOWED = {
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
+
+
+def _image(fmt: str, size: tuple[int, int], mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    rng = np.random.default_rng(len(fmt) + size[0])
+    arr = rng.integers(0, 256, (size[1], size[0], 3 if mode == "RGB" else 1), dtype=np.uint8)
+    Image.fromarray(arr.squeeze()).convert(mode).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+# Image inputs: valid ones of every format and a few sizes (some outside the model's range,
+# or not matching each other), and the same cut short or with a byte changed.
+IMAGES = [
+    _image(fmt, size, mode)
+    for fmt in ("PNG", "JPEG", "WEBP")
+    for size, mode in (((32, 32), "RGB"), ((16, 40), "L"), ((8, 8), "RGB"), ((72, 64), "RGB"))
+]
+image_bytes = st.one_of(
+    st.just(b""),
+    st.sampled_from(IMAGES),
+    st.binary(max_size=120),
+    st.tuples(st.sampled_from(IMAGES), st.floats(0, 1)).map(lambda t: t[0][: int(len(t[0]) * t[1])]),
+    st.tuples(st.sampled_from(IMAGES), st.integers(0, 10_000), st.integers(0, 255)).map(
+        lambda t: t[0][: t[1] % len(t[0])] + bytes([t[2]]) + t[0][t[1] % len(t[0]) + 1 :]
+    ),
+)
 
 u32 = st.one_of(st.integers(0, 64), st.sampled_from([8, 16, 24, 32, 40, 64, 1000, 2**31, 2**32 - 1]))
 enum_value = st.integers(0, 12)  # known values and unknown ones (proto3 enums are open)
@@ -47,6 +77,11 @@ requests = st.builds(
     request_id=st.one_of(st.just(""), text, st.from_regex(r"[a-z0-9-]{1,20}", fullmatch=True)),
     output_quality=u32,
     priority=enum_value,
+    init_image=image_bytes,
+    mask_image=image_bytes,
+    strength=st.one_of(st.none(), st.floats(width=32), st.floats(0, 1, width=32)),
+    preserve_unmasked=st.booleans(),
+    mask_feather_px=st.one_of(st.none(), u32),
 )
 
 
@@ -84,6 +119,7 @@ def fuzz_server(tiny_sd_dir):
 
 def test_arbitrary_requests_get_proper_statuses(fuzz_server) -> None:
     seen: set[grpc.StatusCode] = set()
+    images_seen: set[grpc.StatusCode] = set()  # of requests with an init image
     with grpc.insecure_channel(fuzz_server.target) as ch:
         stub = pb_grpc.ImageGenerationServiceStub(ch)
 
@@ -92,11 +128,14 @@ def test_arbitrary_requests_get_proper_statuses(fuzz_server) -> None:
         def check(req: pb.GenerateRequest) -> None:
             code = final_status(stub.Generate(req, timeout=60))
             seen.add(code)
+            if req.init_image:
+                images_seen.add(code)
             assert code in ALLOWED, (code, req)
 
         check()
     # The strategy reached both sides: accepted requests and refused ones.
     assert {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT} <= seen
+    assert {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT} <= images_seen
     assert_idle_and_serving(fuzz_server)
 
 

@@ -48,7 +48,10 @@ def probe(data: bytes, field: str, max_pixels: int) -> ImageHeader | FieldViolat
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError:
-        return FieldViolation(field, f"has more pixels than the server's limit of {max_pixels}")
+        return FieldViolation(
+            field,
+            f"claims more pixels than can be opened; the server's limit is {max_pixels} (--max-image-pixels)",
+        )
     except Exception:  # UnidentifiedImageError, OSError, SyntaxError, struct.error...
         return FieldViolation(field, "is not a PNG, JPEG or WebP image (or its header is corrupt)")
     with img:

@@ -191,8 +191,9 @@ def validate_generate(
         strength = round(strength, 6)  # a float32 0.7 is 0.7, as the caller meant
     elif task is not Task.TEXT_TO_IMAGE:
         strength = DEFAULT_STRENGTH
-    first_step, steps_run = info.schedule(steps, strength, task)
-    if task is not Task.TEXT_TO_IMAGE and 0.0 < strength <= 1.0 and steps_run == 0:
+    strength_ok = math.isfinite(strength) and 0.0 < strength <= 1.0
+    first_step, steps_run = info.schedule(steps, strength if strength_ok else 1.0, task)
+    if task is not Task.TEXT_TO_IMAGE and strength_ok and steps_run == 0:
         if info.strength_sets_schedule is not None and task is Task.IMAGE_TO_IMAGE:
             need = steps / info.strength_sets_schedule
             check(
