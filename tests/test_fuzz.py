@@ -119,7 +119,6 @@ def fuzz_server(tiny_sd_dir):
 
 def test_arbitrary_requests_get_proper_statuses(fuzz_server) -> None:
     seen: set[grpc.StatusCode] = set()
-    images_seen: set[grpc.StatusCode] = set()  # of requests with an init image
     with grpc.insecure_channel(fuzz_server.target) as ch:
         stub = pb_grpc.ImageGenerationServiceStub(ch)
 
@@ -128,14 +127,43 @@ def test_arbitrary_requests_get_proper_statuses(fuzz_server) -> None:
         def check(req: pb.GenerateRequest) -> None:
             code = final_status(stub.Generate(req, timeout=60))
             seen.add(code)
-            if req.init_image:
-                images_seen.add(code)
             assert code in ALLOWED, (code, req)
 
         check()
     # The strategy reached both sides: accepted requests and refused ones.
     assert {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT} <= seen
-    assert {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT} <= images_seen
+    assert_idle_and_serving(fuzz_server)
+
+
+# Requests whose other fields are valid, so that the image inputs decide the outcome.
+image_requests = st.builds(
+    pb.GenerateRequest,
+    prompt=st.just("a red circle"),
+    steps=st.integers(1, 4),
+    width_px=st.sampled_from([0, 0, 32, 40]),
+    height_px=st.sampled_from([0, 0, 32, 24]),
+    init_image=image_bytes,
+    mask_image=image_bytes,
+    strength=st.one_of(st.none(), st.floats(width=32), st.floats(0, 1, width=32)),
+    preserve_unmasked=st.booleans(),
+    mask_feather_px=st.one_of(st.none(), st.integers(0, 80)),
+)
+
+
+def test_image_inputs_get_proper_statuses(fuzz_server) -> None:
+    seen: set[grpc.StatusCode] = set()
+    with grpc.insecure_channel(fuzz_server.target) as ch:
+        stub = pb_grpc.ImageGenerationServiceStub(ch)
+
+        @settings(FUZZ, max_examples=80)
+        @given(req=image_requests)
+        def check(req: pb.GenerateRequest) -> None:
+            code = final_status(stub.Generate(req, timeout=60))
+            seen.add(code)
+            assert code in ALLOWED, (code, req)
+
+        check()
+    assert {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT} <= seen
     assert_idle_and_serving(fuzz_server)
 
 
