@@ -207,3 +207,64 @@ def test_requests_up_to_the_size_limit_are_taken_and_larger_ones_refused(tiny_sd
             assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     finally:
         s.stop()
+
+
+def test_queued_image_inputs_hold_bounded_memory(tiny_sd_dir: Path, tmp_path: Path) -> None:
+    """A real server, its one batch slot busy: 80 requests with a 4.3 MB init image each come
+    in (344 MB), none with a deadline. Their bytes are held while they wait (gRPC keeps each
+    call's message), so the queue's input budget (20 MB here) takes a few and refuses the
+    rest RESOURCE_EXHAUSTED, naming the flag; a text request still queues; the server's
+    resident memory grows by the budget and transient buffers, far less than what was sent.
+    (glibc is told to return large freed buffers to the system at once, so resident memory
+    follows live memory.)"""
+    from .server_process import start_server
+
+    budget, n = 20_000_000, 80
+    proc, target = start_server(
+        tiny_sd_dir,
+        tmp_path / "server.log",
+        "--max-batch-size=1",
+        f"--max-queued-input-bytes={budget}",
+        f"--max-image-pixels={2000 * 2000}",
+        env={"STEPSERVE_FAULTS": "step_delay_s=0.2", "MALLOC_MMAP_THRESHOLD_": "131072"},
+    )
+
+    def rss() -> int:
+        with open(f"/proc/{proc.pid}/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    noise = np.random.default_rng(0).integers(0, 255, (1200, 1200, 3), dtype=np.uint8)
+    big = encode(noise)
+    assert len(big) > 4_000_000
+    queued, refused = [], []
+    try:
+        with grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+            stub = pb_grpc.ImageGenerationServiceStub(ch)
+            busy = stub.Generate(pb.GenerateRequest(prompt="a red circle", steps=100))
+            assert next(busy).WhichOneof("event") in ("queued", "progress")
+            before = rss()
+            calls = []  # every call kept open: a dropped one would be cancelled
+            for i in range(n):
+                call = stub.Generate(
+                    pb.GenerateRequest(
+                        prompt="a red circle", init_image=big, width_px=32, height_px=32, seed=i
+                    )
+                )
+                calls.append(call)
+                try:
+                    queued.append(next(call).WhichOneof("event"))  # waits behind the busy slot
+                except grpc.RpcError as e:
+                    refused.append(e)
+            grown = rss() - before
+            text = stub.Generate(pb.GenerateRequest(prompt="a blue square", steps=2))
+            assert next(text).WhichOneof("event") == "queued"
+            for call in [*calls, busy, text]:
+                call.cancel()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert queued == ["queued"] * (budget // (2 * len(big) + 32 * 32 * 3))  # see input_bytes
+    assert len(refused) == n - len(queued)
+    assert {e.code() for e in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert "--max-queued-input-bytes" in refused[0].details()
+    assert grown < 200 << 20, f"resident memory grew by {grown / 2**20:.0f} MiB"

@@ -211,7 +211,7 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(
 def test_oversized_messages_and_path_like_model_names_are_refused(server) -> None:
     with ImageClient(server.target, service_config={}) as c:
         with pytest.raises(StepserveError) as big:
-            c.generate("x" * (2 << 20), steps=2)  # 2 MiB: over the 1 MiB request limit
+            c.generate("x" * (17 << 20), steps=2)  # 17 MiB: over the 16 MiB request limit
         assert big.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         for name in ("../tiny", "/etc/passwd", str(Path.cwd())):
             with pytest.raises(StepserveError) as missing:

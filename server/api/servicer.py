@@ -275,7 +275,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
         any decoding, when the queue's input budget has no room for the encoded bytes."""
         assert self.engine is not None
         try:
-            self.engine.inbox.check_input_room(params.model, params.encoded_input_bytes)
+            self.engine.inbox.check_input_room(params.model, params.input_bytes)
         except QueueFullError as e:
             raise resource_exhausted(str(e), e.retry_after_s) from e
         return await asyncio.get_running_loop().run_in_executor(
