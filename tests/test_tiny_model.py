@@ -12,7 +12,7 @@ from diffusers import StableDiffusionPipeline
 
 from models.tiny import data, judge, served
 from stepserve.server.engine.models import ModelAdapter
-from stepserve.server.engine.types import ProgressEvent, Sampler
+from stepserve.server.engine.types import ProgressEvent, Sampler, Task
 
 # Per attribute (color, shape, size, position, one_color); the committed weights reach 98% or
 # more on the model card's figures, the margin is for CPU nondeterminism across machines.
@@ -180,3 +180,39 @@ def test_ddim_draws_the_same_image_as_euler(adapter: ModelAdapter) -> None:
     events = served.serve(adapter, reqs)
     euler, ddim = (served.final_image(events[s.value]).astype(int) for s in (Sampler.EULER, Sampler.DDIM))
     assert np.abs(euler - ddim).mean() < 1.0
+
+
+# -- image-to-image and inpainting ----------------------------------------------------------------
+
+
+def test_img2img_changes_what_the_prompt_says_and_keeps_the_place(adapter: ModelAdapter) -> None:
+    """The issue's example first: "a blue circle on the left" from a red circle on the left
+    at strength 0.7; then a third of the edit set (every color pair, alternating shapes and
+    sides: the source is a circle, so a new shape must be drawn too)."""
+    red = data.Sample("red", "circle", "large", "left")
+    blue = data.Sample("blue", "circle", "large", "left")
+    pairs = [(red, blue), *data.edit_pairs()[::3]]
+    reqs = [
+        served.edit_request(adapter, f"e{i}", s, d, i, Task.IMAGE_TO_IMAGE, 0.7)
+        for i, (s, d) in enumerate(pairs)
+    ]
+    events = served.serve(adapter, reqs)
+    images = [served.final_image(events[r.request_id]) for r in reqs]
+    first = judge.read(images[0])
+    assert (first.color, first.shape, first.position) == ("blue", "circle", "left")
+    assert passes(judge.score(images, [d for _, d in pairs]))
+    assert {e.total_steps for e in events["e0"] if isinstance(e, ProgressEvent)} == {14}  # int(20 * 0.7)
+
+
+def test_inpainting_repaints_the_masked_half_and_keeps_the_other(adapter: ModelAdapter) -> None:
+    pairs = data.edit_pairs()[1::3]
+    reqs = [
+        served.edit_request(adapter, f"e{i}", s, d, i, Task.INPAINTING, 1.0) for i, (s, d) in enumerate(pairs)
+    ]
+    events = served.serve(adapter, reqs)
+    images = [served.final_image(events[r.request_id]) for r in reqs]
+    assert passes(judge.score(images, [d for _, d in pairs]))
+    for r, im in zip(reqs, images, strict=True):
+        assert r.init_image is not None and r.mask is not None
+        # The kept half is the background it was, within the VAE's round trip.
+        assert np.abs(im.astype(int) - r.init_image.astype(int))[r.mask == 0].mean() < 4

@@ -169,6 +169,32 @@ def eval_sets() -> dict[str, tuple[list[tuple[str, Sample]], list[int]]]:
     }
 
 
+def edit_pairs() -> list[tuple[Sample, Sample]]:
+    """Image edits the model card and the tests judge: (what the init image shows, what the
+    prompt asks for). Every color to every other, each shape, on the left and on the right,
+    large: the source is always a circle of the source color, so a changed shape shows too."""
+    out = []
+    for src in COLORS:
+        for dst in COLORS:
+            if src == dst:
+                continue
+            for shape in SHAPES:
+                for position in ("left", "right"):
+                    out.append(
+                        (Sample(src, "circle", "large", position), Sample(dst, shape, "large", position))
+                    )
+    return out
+
+
+def edit_mask(s: Sample) -> np.ndarray:
+    """An inpainting mask for ``s`` (left or right): white (repaint) over its half, black
+    elsewhere, at IMAGE_SIZE_PX."""
+    mask = np.zeros((IMAGE_SIZE_PX, IMAGE_SIZE_PX), np.uint8)
+    half = IMAGE_SIZE_PX // 2
+    mask[:, :half] = 255
+    return mask if s.position == "left" else mask[:, ::-1].copy()
+
+
 def vocabulary_corpus() -> list[str]:
     """Every word the captions can use (for training the tokenizer)."""
     words = {"a", *COLORS, *SHAPES, *SIZES}

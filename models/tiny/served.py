@@ -3,6 +3,7 @@
 
     python models/tiny/served.py            # judge the 48 card prompts and the 200 random ones
     python models/tiny/served.py --samplers # ... and the 48 with every sampler the model lists
+    python models/tiny/served.py --edits    # ... and image-to-image and inpainting edits
 
 Requests run 16 at a time (32 forward rows with guidance), as a busy server batches them.
 """
@@ -23,9 +24,9 @@ if __package__ in (None, ""):  # run as a script: import as the package the test
 from models.tiny import data, judge
 from stepserve.server.engine.engine import Engine, EngineConfig
 from stepserve.server.engine.models import ModelAdapter, default_model_path, load_model
+from stepserve.server.engine.types import EngineEvent, GenerationParams, ResultEvent, Task
 
-__all__ = ["default_model_path", "final_image", "load", "request", "serve", "serve_prompts"]
-from stepserve.server.engine.types import EngineEvent, GenerationParams, ResultEvent
+__all__ = ["default_model_path", "edit_request", "final_image", "load", "request", "serve", "serve_prompts"]
 
 MODEL = "tiny-shapes"
 
@@ -82,9 +83,51 @@ def serve_prompts(
     return [final_image(events[r.request_id]) for r in reqs]
 
 
+def edit_request(
+    adapter: ModelAdapter,
+    rid: str,
+    src: data.Sample,
+    dst: data.Sample,
+    seed: int,
+    task: Task,
+    strength: float,
+    **kw: object,
+) -> GenerationParams:
+    """An image-to-image or inpainting request turning a render of ``src`` into ``dst``
+    (inpainting repaints ``src``'s half, data.edit_mask)."""
+    info = adapter.info
+    first, _ = info.schedule(info.default_steps, strength, task)
+    mask = data.edit_mask(src) if task is Task.INPAINTING else None
+    init = np.asarray(data.render(src))
+    cap = data.caption(dst)
+    return request(
+        adapter, rid, cap, seed, init_image=init, mask=mask, strength=strength, first_step=first, **kw
+    )
+
+
+def serve_edits(adapter: ModelAdapter, task: Task, strength: float, **kw: object) -> dict[str, float]:
+    """The judge's scores of every data.edit_pairs() edit of ``task`` at ``strength`` (seed
+    i for pair i), plus for inpainting how far the kept half moved (mean |difference|, /255)."""
+    pairs = data.edit_pairs()
+    reqs = [edit_request(adapter, f"e{i}", s, d, i, task, strength, **kw) for i, (s, d) in enumerate(pairs)]
+    events = serve(adapter, reqs)
+    images = [final_image(events[r.request_id]) for r in reqs]
+    scores = judge.score(images, [d for _, d in pairs])
+    if task is Task.INPAINTING:
+        moved = []
+        for r, im in zip(reqs, images, strict=True):
+            assert r.init_image is not None and r.mask is not None
+            moved.append(np.abs(im.astype(int) - r.init_image.astype(int))[r.mask == 0].mean())
+        scores["kept_region_mean_diff"] = round(float(np.mean(moved)), 2)
+    return scores
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samplers", action="store_true", help="also judge the 48 prompts with every sampler")
+    ap.add_argument(
+        "--edits", action="store_true", help="also judge image-to-image (strength 0.7) and inpainting edits"
+    )
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -97,6 +140,12 @@ def main() -> int:
         for sampler in adapter.info.samplers:
             images = serve_prompts(adapter, prompts, seeds, sampler=sampler)
             out[f"eval_48_{sampler.value}"] = judge.score(images, [s for _, s in prompts])
+    if args.edits:
+        out["img2img_0.7"] = serve_edits(adapter, Task.IMAGE_TO_IMAGE, 0.7)
+        out["inpaint_1.0"] = serve_edits(adapter, Task.INPAINTING, 1.0)
+        out["inpaint_1.0_preserve_unmasked"] = serve_edits(
+            adapter, Task.INPAINTING, 1.0, preserve_unmasked=True
+        )
     print(json.dumps(out, indent=2))
     return 0
 
