@@ -28,7 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from ..engine.observer import EngineObserver
-from ..engine.types import FinishReason, Usage
+from ..engine.types import FinishReason, Task, Usage
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -127,6 +127,17 @@ class Metrics:
         self.batch_requests = hist(
             "stepserve_batch_requests", "Requests in one batched denoiser forward.", BATCH_BUCKETS
         )
+        self.admitted = counter(
+            "stepserve_admitted_requests",
+            "Requests that joined the running batch, by task (text_to_image, image_to_image, inpainting).",
+            ("model", "task"),
+        )
+        self.image_encode = hist(
+            "stepserve_image_encode_seconds",
+            "Accelerator time of one batched VAE encode of the init images (and masked images) of the "
+            "requests that joined together; charged to them alone.",
+            STEP_BUCKETS_S,
+        )
         self.steps = counter("stepserve_steps", "Denoising steps run, counted once per request per step.")
         self.images = counter("stepserve_images", "Images generated and returned.")
         self.generation_accelerator = hist(
@@ -177,6 +188,8 @@ class Metrics:
             self.retries.labels(model, outcome.value)
         for metric in (self.steps, self.images, self.cost_total, self.accelerator_charged):
             metric.labels(model)
+        for task in Task:
+            self.admitted.labels(model, task.value)
 
     def serve(self, host: str, port: int) -> WSGIServer:
         """Serve ``/metrics`` over HTTP on a daemon thread; returns the server (``.server_port``)."""
@@ -193,6 +206,10 @@ class MetricsObserver(EngineObserver):
 
     def request_admitted(self, req: RequestState, now: float) -> None:
         self.m.queue_wait.labels(req.model).observe(max(0.0, now - req.arrival_time))
+        self.m.admitted.labels(req.model, req.params.task.value).inc()
+
+    def images_encoded(self, reqs: Sequence[RequestState], seconds: float) -> None:
+        self.m.image_encode.labels(reqs[0].model).observe(seconds)
 
     def batch_stepped(self, batch: Sequence[RequestState], rows: int, seconds: float) -> None:
         model = batch[0].model

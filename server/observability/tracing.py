@@ -134,6 +134,9 @@ class TracingObserver(EngineObserver):
     def prompts_encoded(self, reqs: Sequence[RequestState], seconds: float) -> None:
         self._span_each("stepserve.encode_prompt", reqs, seconds)
 
+    def images_encoded(self, reqs: Sequence[RequestState], seconds: float) -> None:
+        self._span_each("stepserve.encode_image", reqs, seconds)
+
     def batch_stepped(self, batch: Sequence[RequestState], rows: int, seconds: float) -> None:
         traced = [r for r in batch if r.trace_context is not None]
         if not traced:
@@ -149,7 +152,8 @@ class TracingObserver(EngineObserver):
                     start,
                     None,
                     **{
-                        "stepserve.steps": p.steps,
+                        "stepserve.steps": p.steps_run,
+                        "stepserve.task": p.task.value,
                         "stepserve.sampler": p.sampler.value,
                         "stepserve.guidance_scale": p.guidance_scale,
                         "stepserve.num_images": p.num_images,
