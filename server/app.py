@@ -305,12 +305,11 @@ class StepServer:
         asyncio.ensure_future(self._set_health(False, liveness=False))
 
     def _warmup(self, name: str) -> None:
-        """One short generation of each kind the model serves, together (text-to-image, and
-        inpainting, which runs the VAE's encoder too), before the model reports SERVING."""
+        """One short generation of each kind the model serves, one after the other
+        (text-to-image, then inpainting, which runs the VAE's encoder too), before the
+        model reports SERVING."""
         assert self.engine is not None
         info = self.models[name].info
-        done = threading.Event()
-        outcome: list[EngineEvent] = []
         base = GenerationParams(
             request_id=f"warmup-{name}",
             internal=True,
@@ -333,19 +332,21 @@ class StepServer:
             mask = np.zeros((base.height, base.width), np.uint8)
             mask[:, base.width // 2 :] = 255
             runs.append(replace(base, request_id=f"warmup-inpaint-{name}", init_image=grey, mask=mask))
+        for params in runs:
+            done = threading.Event()
+            outcome: list[EngineEvent] = []
 
-        def sink(event: EngineEvent) -> None:
-            if isinstance(event, ResultEvent | FailedEvent):
-                outcome.append(event)
-                if len(outcome) == len(runs):
+            def sink(
+                event: EngineEvent, outcome: list[EngineEvent] = outcome, done: threading.Event = done
+            ) -> None:
+                if isinstance(event, ResultEvent | FailedEvent):
+                    outcome.append(event)
                     done.set()
 
-        for params in runs:
             self.engine.submit(params, sink)
-        done.wait()
-        for event in outcome:
-            if isinstance(event, FailedEvent):
-                raise RuntimeError(f"warm-up of model {name} failed: {event.message}")
+            done.wait()
+            if isinstance(outcome[0], FailedEvent):
+                raise RuntimeError(f"warm-up of model {name} failed: {outcome[0].message}")
 
     async def stop(self, drain_timeout_s: float | None = None) -> None:
         """Graceful stop: NOT_SERVING, refuse new work, let in-flight requests finish
