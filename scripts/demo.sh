@@ -36,12 +36,28 @@ B=$!
 C=$!
 wait $A $B $C
 
+echo "== editing an image: image-to-image, then inpainting (the embedded model's own render as input)"
+"$BIN/python" - "$OUT" <<'PY'
+import sys
+from PIL import Image
+from models.tiny import data
+red = data.Sample("red", "circle", "large", "left")
+data.render(red).save(f"{sys.argv[1]}/input-red-circle.png")
+Image.fromarray(data.edit_mask(red)).save(f"{sys.argv[1]}/input-mask-left.png")
+PY
+"$BIN/stepserve-client" --target "127.0.0.1:$PORT" generate "a large blue circle on the left" \
+  --init-image "$OUT/input-red-circle.png" --strength 0.7 --seed 1 -o "$OUT/img2img-blue-circle.png"
+"$BIN/stepserve-client" --target "127.0.0.1:$PORT" generate "a large green square on the left" \
+  --init-image "$OUT/input-red-circle.png" --mask "$OUT/input-mask-left.png" --strength 1 \
+  --preserve-unmasked --seed 2 -o "$OUT/inpaint-green-square.png"
+
 echo "== what Prometheus would scrape (http://127.0.0.1:$METRICS_PORT/metrics), in part"
 "$BIN/python" - "$METRICS_PORT" <<'PY'
 import sys, urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=10).read().decode()
 want = {"stepserve_requests_total", "stepserve_images_total", "stepserve_cost_usd_total",
+        "stepserve_admitted_requests_total",
         "stepserve_batch_size_sum", "stepserve_batch_size_count", "stepserve_queue_depth"}
 for fam in text_string_to_metric_families(text):
     for s in fam.samples:

@@ -77,6 +77,21 @@ def tiny_adapter(tiny_sd_dir: Path):
     return load_model("tiny", tiny_sd_dir, max_batch_size=16)
 
 
+@pytest.fixture(scope="session")
+def sdxl(tiny_sdxl_dir: Path):
+    return load_model("xl", tiny_sdxl_dir, max_batch_size=8)
+
+
+@pytest.fixture(scope="session")
+def lcm(tiny_lcm_dir: Path):
+    return load_model("lcm", tiny_lcm_dir, max_batch_size=8)
+
+
+@pytest.fixture(scope="session")
+def sd2(tiny_sd2_dir: Path):
+    return load_model("sd2", tiny_sd2_dir, max_batch_size=8)
+
+
 @pytest.fixture
 def server(tiny_sd_dir: Path):
     """A fresh in-process server (its own engine) on the tiny random model, port 0."""

@@ -51,21 +51,6 @@ def assert_close(ours: list[np.ndarray], ref: list[np.ndarray]) -> None:
         assert np.abs(a.astype(int) - b.astype(int)).max() <= MAX_DIFF
 
 
-@pytest.fixture(scope="module")
-def sdxl(tiny_sdxl_dir: Path):
-    return load_model("xl", tiny_sdxl_dir, max_batch_size=8)
-
-
-@pytest.fixture(scope="module")
-def lcm(tiny_lcm_dir: Path):
-    return load_model("lcm", tiny_lcm_dir, max_batch_size=8)
-
-
-@pytest.fixture(scope="module")
-def sd2(tiny_sd2_dir: Path):
-    return load_model("sd2", tiny_sd2_dir, max_batch_size=8)
-
-
 # -- SDXL ------------------------------------------------------------------------------------
 
 

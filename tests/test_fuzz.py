@@ -117,19 +117,26 @@ def fuzz_server(tiny_sd_dir):
     srv.stop()
 
 
-def test_arbitrary_requests_get_proper_statuses(fuzz_server) -> None:
+def statuses(server, strategy: st.SearchStrategy[pb.GenerateRequest], examples: int) -> set[grpc.StatusCode]:
+    """The final statuses of ``examples`` requests drawn from ``strategy``; each must be one
+    a caller may legitimately get."""
     seen: set[grpc.StatusCode] = set()
-    with grpc.insecure_channel(fuzz_server.target) as ch:
+    with grpc.insecure_channel(server.target) as ch:
         stub = pb_grpc.ImageGenerationServiceStub(ch)
 
-        @FUZZ
-        @given(req=requests)
+        @settings(FUZZ, max_examples=examples)
+        @given(req=strategy)
         def check(req: pb.GenerateRequest) -> None:
             code = final_status(stub.Generate(req, timeout=60))
             seen.add(code)
             assert code in ALLOWED, (code, req)
 
         check()
+    return seen
+
+
+def test_arbitrary_requests_get_proper_statuses(fuzz_server) -> None:
+    seen = statuses(fuzz_server, requests, 120)
     # The strategy reached both sides: accepted requests and refused ones.
     assert {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT} <= seen
     assert_idle_and_serving(fuzz_server)
@@ -151,19 +158,7 @@ image_requests = st.builds(
 
 
 def test_image_inputs_get_proper_statuses(fuzz_server) -> None:
-    seen: set[grpc.StatusCode] = set()
-    with grpc.insecure_channel(fuzz_server.target) as ch:
-        stub = pb_grpc.ImageGenerationServiceStub(ch)
-
-        @settings(FUZZ, max_examples=80)
-        @given(req=image_requests)
-        def check(req: pb.GenerateRequest) -> None:
-            code = final_status(stub.Generate(req, timeout=60))
-            seen.add(code)
-            assert code in ALLOWED, (code, req)
-
-        check()
-    assert {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT} <= seen
+    assert {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT} <= statuses(fuzz_server, image_requests, 80)
     assert_idle_and_serving(fuzz_server)
 
 

@@ -82,16 +82,6 @@ def max_diff(a: np.ndarray, b: np.ndarray) -> int:
 
 
 @pytest.fixture(scope="module")
-def sdxl(tiny_sdxl_dir: Path):
-    return load_model("xl", tiny_sdxl_dir, max_batch_size=8)
-
-
-@pytest.fixture(scope="module")
-def lcm(tiny_lcm_dir: Path):
-    return load_model("lcm", tiny_lcm_dir, max_batch_size=8)
-
-
-@pytest.fixture(scope="module")
 def sd_inpaint(tiny_sd_inpaint_dir: Path):
     return load_model("inpaint", tiny_sd_inpaint_dir, max_batch_size=8)
 

@@ -16,10 +16,11 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from PIL import Image
 
-from stepserve.server.engine.types import GenerationParams, Sampler
+from stepserve.server.engine.types import Sampler
 from stepserve.v1 import image_generation_pb2 as pb
 from stepserve.v1 import image_generation_pb2_grpc as pb_grpc
 
+from .engine_helpers import params
 from .reference import reference_images
 from .server_thread import ServerThread
 from .test_image_inputs import init_image, right_half_mask
@@ -117,18 +118,14 @@ def test_a_set_size_resizes_the_init_image_as_diffusers_does(stub, tiny_sd_dir: 
     )
     as_sent = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     resized = np.asarray(Image.fromarray(as_sent).resize((32, 32), Image.Resampling.LANCZOS))
-    p = GenerationParams(
-        request_id="r",
-        model="tiny",
+    p = params(
+        "r",
         prompt="a red circle",
-        negative_prompt="",
         width=32,
         height=32,
         steps=4,
-        guidance_scale=7.5,
         seed=5,
         sampler=Sampler.DDIM,
-        cfg=True,
         init_image=resized,
         strength=0.75,
         first_step=1,
