@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import subprocess
+
+from PIL import Image
 
 from .tools import require
 
@@ -28,5 +32,19 @@ def test_grpcurl_lists_describes_and_calls_via_reflection(server) -> None:
     messages = [json.loads(m) for m in out.replace("}\n{", "}\x00{").split("\x00")]
     assert "queued" in messages[0] and "result" in messages[-1]
     assert messages[-1]["result"]["images"][0]["seed"] == "9"
+    # Image inputs are bytes fields: base64 in JSON, as the README's example sends them.
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 24), (200, 30, 30)).save(buf, format="PNG")
+    request = {
+        "prompt": "a blue circle",
+        "steps": 4,
+        "strength": 0.5,
+        "init_image": base64.b64encode(buf.getvalue()).decode(),
+    }
+    out = run("-d", json.dumps(request), server.target, "stepserve.v1.ImageGenerationService/Generate")
+    result = json.loads(out.replace("}\n{", "}\x00{").split("\x00")[-1])["result"]
+    image = result["images"][0]
+    assert (image["width_px"], image["height_px"], result["usage"]["steps"]) == (40, 24, 2)
+    assert result["usage"]["image_encode_seconds"] > 0
     health = run(server.target, "grpc.health.v1.Health/Check")
     assert json.loads(health) == {"status": "SERVING"}  # not NOT_SERVING, not UNKNOWN
