@@ -12,9 +12,11 @@ from .client import (
     GeneratedImage,
     GenerationResult,
     ImageClient,
+    ImageInput,
     TlsOptions,
     Usage,
     build_request,
+    task_names,
 )
 from .errors import FieldViolation, StepserveError
 
@@ -25,8 +27,10 @@ __all__ = [
     "GeneratedImage",
     "GenerationResult",
     "ImageClient",
+    "ImageInput",
     "StepserveError",
     "TlsOptions",
     "Usage",
     "build_request",
+    "task_names",
 ]

@@ -9,7 +9,7 @@ from typing import TextIO
 
 from stepserve.v1 import image_generation_pb2 as pb
 
-from .client import GenerationResult, ImageClient, TlsOptions, build_request
+from .client import GenerationResult, ImageClient, TlsOptions, build_request, task_names
 from .errors import StepserveError
 
 
@@ -46,6 +46,26 @@ def _size(text: str) -> tuple[int, int]:
     if not sep or not w.isdigit() or not h.isdigit():
         raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}")
     return int(w), int(h)
+
+
+def _image_file(text: str) -> bytes:
+    """An image option's file, read when the command line is parsed, so that a missing or
+    unreadable file is a usage error naming the option, before anything is sent."""
+    try:
+        return Path(text).read_bytes()
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"cannot read {text!r}: {e.strerror or e}") from None
+
+
+def _pixels(text: str) -> int:
+    """A non-negative pixel count (the server checks the upper bound)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 1 << 32:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number of pixels, got {text!r}")
+    return value
 
 
 def _output_paths(out: Path, n: int) -> list[Path]:
@@ -88,6 +108,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         priority=args.priority or 0,
         preset=args.preset or 0,
         karras_sigmas=args.karras,
+        init_image=args.init_image,
+        strength=args.strength,
+        mask_image=args.mask,
+        preserve_unmasked=args.preserve_unmasked,
+        mask_feather_px=args.mask_feather,
     )
     bar = ProgressBar(sys.stderr)
     previews = Path(args.previews) if args.previews else None
@@ -121,9 +146,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         img.save(path)
         print(f"wrote {path} ({img.width_px}x{img.height_px}, seed {img.seed})")
     u = result.usage
+    encode = f", image encode {u.image_encode_seconds:.3f} s" if u.image_encode_seconds else ""
     print(
         f"request {result.request_id}: {u.steps} steps, queued {u.queue_ms} ms, total {u.total_ms} ms, "
-        f"{u.accelerator_seconds:.3f} accelerator-s (mean batch {u.mean_batch_size:.1f}), ${u.cost_usd:.6f}"
+        f"{u.accelerator_seconds:.3f} accelerator-s (mean batch {u.mean_batch_size:.1f}{encode}), "
+        f"${u.cost_usd:.6f}"
     )
     if previews is not None:
         print(f"previews in {previews}/")
@@ -148,7 +175,8 @@ def cmd_models(args: argparse.Namespace) -> int:
             f"{m.name}{' (default)' if m.is_default else ''}: {m.family}, "
             f"{m.default_width_px}x{m.default_height_px}, {m.default_steps} steps, "
             f"guidance {m.default_guidance_scale:g}{' (embedded)' if m.guidance_embedded else ''}, "
-            f"max batch {m.max_batch_size}, samplers: {samplers}, presets: {presets}"
+            f"max batch {m.max_batch_size}, samplers: {samplers}, presets: {presets}, "
+            f"tasks: {', '.join(task_names(m))}"
         )
     return 0
 
@@ -222,6 +250,39 @@ def main(argv: list[str] | None = None) -> int:
         choices=["interactive", "batch"],
         default=None,
         help="scheduling class (default: interactive)",
+    )
+    images = g.add_argument_group("image inputs (image-to-image, inpainting)")
+    images.add_argument(
+        "--init-image",
+        type=_image_file,
+        default=None,
+        metavar="PATH",
+        help="PNG, JPEG or WebP to start from (image-to-image); output is its size unless --size",
+    )
+    images.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="share of the schedule run from --init-image, in (0, 1] (server default 0.8)",
+    )
+    images.add_argument(
+        "--mask",
+        type=_image_file,
+        default=None,
+        metavar="PATH",
+        help="with --init-image: inpaint; white = repaint, black = keep, same size as the init image",
+    )
+    images.add_argument(
+        "--preserve-unmasked",
+        action="store_true",
+        help="paste the init image's pixels back outside the mask (with a feathered edge)",
+    )
+    images.add_argument(
+        "--mask-feather",
+        type=_pixels,
+        default=None,
+        metavar="PX",
+        help="edge blend width for --preserve-unmasked, 0-64 (server default 4, 0 = hard edge)",
     )
     g.set_defaults(func=cmd_generate)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
@@ -56,6 +57,25 @@ _FORMATS = {
 _PRIORITIES = {"interactive": pb.PRIORITY_INTERACTIVE, "batch": pb.PRIORITY_BATCH}
 _EXT = {pb.IMAGE_FORMAT_PNG: "png", pb.IMAGE_FORMAT_JPEG: "jpg", pb.IMAGE_FORMAT_WEBP: "webp"}
 
+# An image input of a request: encoded PNG / JPEG / WebP bytes, or the path of such a file.
+ImageInput = bytes | bytearray | memoryview | str | os.PathLike[str]
+
+
+def read_image_input(image: ImageInput | None) -> bytes:
+    """The encoded bytes of an image input: bytes as they are, a ``str`` or path-like read
+    from that file (``OSError`` if it cannot be); None gives ``b""`` (no image)."""
+    if image is None:
+        return b""
+    if isinstance(image, bytes | bytearray | memoryview):
+        return bytes(image)
+    return Path(image).read_bytes()
+
+
+def task_names(model: pb.ModelInfo) -> list[str]:
+    """The tasks a model serves (``ModelInfo.tasks``) as names: "text_to_image",
+    "image_to_image", "inpainting"."""
+    return [pb.Task.Name(t).removeprefix("TASK_").lower() for t in model.tasks]
+
 
 @dataclass(frozen=True)
 class TlsOptions:
@@ -101,6 +121,9 @@ class Usage:
     accelerator_seconds: float
     mean_batch_size: float
     cost_usd: float
+    # Accelerator time spent encoding the init image (and masked image) into latents;
+    # included in accelerator_seconds; 0 for text-to-image.
+    image_encode_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -120,7 +143,13 @@ class GenerationResult:
             model=r.model,
             images=[GeneratedImage.from_proto(i) for i in r.images],
             usage=Usage(
-                u.steps, u.queue_ms, u.total_ms, u.accelerator_seconds, u.mean_batch_size, u.cost_usd
+                u.steps,
+                u.queue_ms,
+                u.total_ms,
+                u.accelerator_seconds,
+                u.mean_batch_size,
+                u.cost_usd,
+                u.image_encode_seconds,
             ),
         )
 
@@ -145,11 +174,23 @@ def build_request(
     priority: str | int = 0,
     preset: str | int = 0,
     karras_sigmas: bool = False,
+    init_image: ImageInput | None = None,
+    strength: float | None = None,
+    mask_image: ImageInput | None = None,
+    preserve_unmasked: bool = False,
+    mask_feather_px: int | None = None,
 ) -> pb.GenerateRequest:
     """A ``GenerateRequest``; 0 / None / "" leave a field to the server's defaults.
 
     ``sampler``, ``output_format``, ``priority`` and ``preset`` take names ("euler", "ddim",
     "webp", "batch", "draft", ...) or enum values.
+
+    ``init_image`` (PNG, JPEG or WebP bytes, or the path of such a file, read here) makes the
+    request image-to-image, ``strength`` in (0, 1] (None: the server's 0.8) saying how much of
+    the schedule runs from it; ``mask_image`` too (same forms; white = repaint, black = keep,
+    the init image's size) makes it inpainting. ``preserve_unmasked`` pastes the init image's
+    pixels back outside the mask, blended across ``mask_feather_px`` (None: the server's 4,
+    0: a hard edge). A path that cannot be read raises ``OSError`` (``FileNotFoundError``...).
     """
     req = pb.GenerateRequest(
         model=model,
@@ -173,6 +214,13 @@ def build_request(
         req.guidance_scale = guidance_scale
     if seed is not None:
         req.seed = seed
+    req.init_image = read_image_input(init_image)
+    req.mask_image = read_image_input(mask_image)
+    if strength is not None:
+        req.strength = strength
+    req.preserve_unmasked = preserve_unmasked
+    if mask_feather_px is not None:
+        req.mask_feather_px = mask_feather_px
     return req
 
 
@@ -298,11 +346,15 @@ class ImageClient:
                 call.cancel()
 
     def generate_stream(self, prompt: str, **kwargs: Any) -> Iterator[pb.GenerateResponse]:
+        """The events of one generation; ``kwargs`` are :func:`build_request`'s (image inputs
+        too: ``init_image``, ``strength``, ``mask_image``, ``preserve_unmasked``,
+        ``mask_feather_px``) and ``timeout_s``."""
         timeout = kwargs.pop("timeout_s", None)
         return self.stream(build_request(prompt, **kwargs), timeout_s=timeout)
 
     def generate(self, prompt: str, **kwargs: Any) -> GenerationResult:
-        """Run a generation and return its result (events in between are dropped)."""
+        """Run a generation and return its result (events in between are dropped);
+        ``kwargs`` as :meth:`generate_stream`."""
         for resp in self.generate_stream(prompt, **kwargs):
             if resp.WhichOneof("event") == "result":
                 return GenerationResult.from_response(resp)
