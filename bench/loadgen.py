@@ -6,21 +6,34 @@ Two shapes of load:
   as the previous one finished (all with ``--steps``, or each drawn from the mix with ``--mix``);
 - open loop: ``--rate R --duration S``: Poisson arrivals at R requests/s (fixed seed), each
   request drawn from the mix (steps, sampler), sent whether or not earlier ones finished.
+
+``--edit`` (either shape) makes each request one of three tasks, drawn with a seeded RNG of its
+own (so the arrivals, steps and samplers are those of the same seed without it): a third
+text-to-image, a third image-to-image at strength 0.5 from an init image, a third inpainting at
+strength 1.0 (diffusers' inpainting default) of an init image under a mask. The init images
+(one flat shape on a light background, as the tiny-shapes model draws) and the masks (the
+right half, or a centred square, white = repaint) are drawn here with PIL, deterministically,
+at ``--image-size`` (default: the target's default model's size, from ListModels), so edits
+come out at the size text-to-image requests do.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import random
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from PIL import Image, ImageDraw
 
 from stepserve.client import build_request
+from stepserve.v1 import image_generation_pb2 as pb
 from stepserve.v1 import image_generation_pb2_grpc as pb_grpc
 
 MIX_STEPS = (4, 10, 20, 30, 50)
@@ -32,15 +45,97 @@ PROMPTS = (
     "a small yellow circle at the bottom",
     "a large red triangle on the right",
 )
+# --edit: the tasks, equally likely, and the strength each is sent with (text-to-image: none).
+EDIT_KINDS = ("text", "img2img", "inpaint")
+EDIT_STRENGTH = {"img2img": 0.5, "inpaint": 1.0}
+# Init images: (color, shape, centre x, centre y, half side), fractions of the image's side.
+INIT_SHAPES = (
+    ((220, 40, 40), "circle", 0.28, 0.5, 0.22),
+    ((40, 70, 220), "square", 0.5, 0.28, 0.13),
+    ((40, 170, 60), "triangle", 0.5, 0.5, 0.22),
+    ((235, 200, 30), "circle", 0.5, 0.72, 0.13),
+)
+BACKGROUND = (235, 235, 235)
+# Masks (white = repaint), each with a prompt for what to paint there.
+MASKS = (
+    ("right half", "a small yellow triangle on the right"),
+    ("centre square", "a large blue circle in the middle"),
+)
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class EditInputs:
+    """The init images and masks of ``--edit`` requests, PNG-encoded once per run."""
+
+    inits: tuple[bytes, ...]
+    masks: tuple[bytes, ...]
+
+    @classmethod
+    def draw(cls, width: int, height: int) -> EditInputs:
+        inits = []
+        for color, shape, cx, cy, half in INIT_SHAPES:
+            img = Image.new("RGB", (width, height), BACKGROUND)
+            d = ImageDraw.Draw(img)
+            x, y, r = cx * width, cy * height, half * min(width, height)
+            if shape == "circle":
+                d.ellipse((x - r, y - r, x + r, y + r), fill=color)
+            elif shape == "square":
+                d.rectangle((x - r, y - r, x + r, y + r), fill=color)
+            else:
+                d.polygon(((x, y - r), (x + r, y + r), (x - r, y + r)), fill=color)
+            inits.append(_png(img))
+        masks = []
+        for name, _ in MASKS:
+            img = Image.new("L", (width, height), 0)
+            d = ImageDraw.Draw(img)
+            if name == "right half":
+                d.rectangle((width // 2, 0, width, height), fill=255)
+            else:
+                d.rectangle((width // 4, height // 4, width - width // 4, height - height // 4), fill=255)
+            masks.append(_png(img))
+        return cls(tuple(inits), tuple(masks))
+
+    def apply(self, req: pb.GenerateRequest, kind: str, i: int) -> None:
+        """Make ``req`` (request number ``i``) a ``kind`` request: its init image, strength and,
+        for inpainting, mask and a prompt for what to paint under it."""
+        if kind == "text":
+            return
+        req.init_image = self.inits[i % len(self.inits)]
+        req.strength = EDIT_STRENGTH[kind]
+        if kind == "inpaint":
+            m = (i // len(self.inits)) % len(self.masks)
+            req.mask_image = self.masks[m]
+            req.prompt = MASKS[m][1]
 
 
 async def one(
-    stub: pb_grpc.ImageGenerationServiceStub, i: int, steps: int, sampler: str, preview: bool, t0: float
+    stub: pb_grpc.ImageGenerationServiceStub,
+    i: int,
+    steps: int,
+    sampler: str,
+    preview: bool,
+    t0: float,
+    kind: str = "text",
+    edit: EditInputs | None = None,
 ) -> dict[str, Any]:
     req = build_request(
         PROMPTS[i % len(PROMPTS)], steps=steps, seed=i, sampler=sampler, preview_every=1 if preview else 0
     )
-    rec: dict[str, Any] = {"i": i, "steps": steps, "sampler": sampler, "start": time.perf_counter() - t0}
+    if edit is not None:
+        edit.apply(req, kind, i)
+    rec: dict[str, Any] = {
+        "i": i,
+        "kind": kind,
+        "steps": steps,
+        "sampler": sampler,
+        "start": time.perf_counter() - t0,
+    }
     try:
         async for ev in stub.Generate(req, timeout=900):
             now = time.perf_counter() - t0
@@ -54,19 +149,31 @@ async def one(
                 rec["queue_s"] = ev.result.usage.queue_ms / 1000
                 rec["accelerator_s"] = ev.result.usage.accelerator_seconds
                 rec["mean_batch"] = ev.result.usage.mean_batch_size
+                rec["steps_run"] = ev.result.usage.steps  # int(steps * strength) for edits
+                rec["image_encode_s"] = ev.result.usage.image_encode_seconds
                 rec["ok"] = True
     except grpc.aio.AioRpcError as e:
         rec["error"] = e.code().name
+        rec["error_details"] = e.details()
         rec["end"] = time.perf_counter() - t0
     return rec
 
 
 async def closed_loop(
-    target: str, streams: int, duration: float, steps: int, preview: bool, mix_seed: int | None = None
+    target: str,
+    streams: int,
+    duration: float,
+    steps: int,
+    preview: bool,
+    mix_seed: int | None = None,
+    edit: EditInputs | None = None,
+    edit_seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """``mix_seed`` set: each request's steps and sampler are drawn from the mix (seeded)."""
+    """``mix_seed`` set: each request's steps and sampler are drawn from the mix (seeded);
+    ``edit`` set: its task too (see the module's docstring)."""
     records: list[dict[str, Any]] = []
     rng = random.Random(mix_seed)
+    kinds = random.Random(f"edit-{edit_seed}")
     t0 = time.perf_counter()
     async with grpc.aio.insecure_channel(target) as ch:
         stub = pb_grpc.ImageGenerationServiceStub(ch)
@@ -78,7 +185,8 @@ async def closed_loop(
                     s, sampler = steps, "euler"
                 else:
                     s, sampler = rng.choice(MIX_STEPS), rng.choice(MIX_SAMPLERS)
-                records.append(await one(stub, next(counter), s, sampler, preview, t0))
+                kind = kinds.choice(EDIT_KINDS) if edit is not None else "text"
+                records.append(await one(stub, next(counter), s, sampler, preview, t0, kind, edit))
                 if time.perf_counter() - t0 >= duration:
                     break
 
@@ -87,9 +195,16 @@ async def closed_loop(
 
 
 async def open_loop(
-    target: str, rate: float, duration: float, seed: int, preview: bool, steps: int | None
+    target: str,
+    rate: float,
+    duration: float,
+    seed: int,
+    preview: bool,
+    steps: int | None,
+    edit: EditInputs | None = None,
 ) -> list[dict[str, Any]]:
     rng = random.Random(seed)
+    kinds = random.Random(f"edit-{seed}")  # its own: the same arrivals with and without --edit
     t0 = time.perf_counter()
     tasks = []
     async with grpc.aio.insecure_channel(target) as ch:
@@ -103,9 +218,24 @@ async def open_loop(
             if delay > 0:
                 await asyncio.sleep(delay)
             s = steps or rng.choice(MIX_STEPS)
-            tasks.append(asyncio.create_task(one(stub, i, s, rng.choice(MIX_SAMPLERS), preview, t0)))
+            sampler = rng.choice(MIX_SAMPLERS)
+            kind = kinds.choice(EDIT_KINDS) if edit is not None else "text"
+            tasks.append(asyncio.create_task(one(stub, i, s, sampler, preview, t0, kind, edit)))
             i += 1
         return list(await asyncio.gather(*tasks))
+
+
+def default_size(target: str) -> tuple[int, int]:
+    """The default image size of the target's default model (ListModels lists it first)."""
+    with grpc.insecure_channel(target) as ch:
+        stub = pb_grpc.ImageGenerationServiceStub(ch)
+        model = stub.ListModels(pb.ListModelsRequest(), timeout=60).models[0]
+    return model.default_width_px, model.default_height_px
+
+
+def _size(text: str) -> tuple[int, int]:
+    w, _, h = text.lower().partition("x")
+    return int(w), int(h or w)
 
 
 def main() -> None:
@@ -118,7 +248,14 @@ def main() -> None:
     ap.add_argument("--preview", action="store_true", help="ask for a preview every step")
     ap.add_argument("--mix", action="store_true", help="closed loop: draw steps and samplers from the mix")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--edit", action="store_true", help="a third each text-to-image, img2img (0.5), inpainting"
+    )
+    ap.add_argument(
+        "--image-size", type=_size, help="--edit: init images' WxH or N (default: the target's default)"
+    )
     args = ap.parse_args()
+    edit = EditInputs.draw(*(args.image_size or default_size(args.target))) if args.edit else None
     if args.streams:
         records = asyncio.run(
             closed_loop(
@@ -128,11 +265,13 @@ def main() -> None:
                 args.steps or 20,
                 args.preview,
                 args.seed if args.mix else None,
+                edit,
+                args.seed,
             )
         )
     else:
         records = asyncio.run(
-            open_loop(args.target, args.rate, args.duration, args.seed, args.preview, args.steps)
+            open_loop(args.target, args.rate, args.duration, args.seed, args.preview, args.steps, edit)
         )
     json.dump(records, sys.stdout)
 

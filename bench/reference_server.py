@@ -2,6 +2,11 @@
 called one request at a time (what most users start with; the diffusers server examples do
 this). Same model, same seeds and samplers as stepserve; no batching, no previews.
 
+Requests with an init_image run StableDiffusionImg2ImgPipeline, with a mask_image too
+StableDiffusionInpaintPipeline, both on the same components (``from_pipe``), at the request's
+strength (unset: 0.8, as stepserve) and the init image's size; preserve_unmasked and
+mask_feather_px are ignored (the benchmark does not send them).
+
     python bench/reference_server.py --port 50090 [--model PATH] [--device cuda]
 """
 
@@ -16,7 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
+from PIL import Image
 
 from stepserve.server.engine.models import default_model_path
 from stepserve.server.engine.samplers import SAMPLER_CLASSES
@@ -51,6 +57,11 @@ class Reference(pb_grpc.ImageGenerationServiceServicer):  # type: ignore[misc]
     def __init__(self, path: str, device: str) -> None:
         self.pipe = load_pipeline(path, device)
         self.config = self.pipe.scheduler.config
+        # The image-input pipelines share the text-to-image one's modules (no copies).
+        self.img2img = StableDiffusionImg2ImgPipeline.from_pipe(self.pipe)
+        self.inpaint = StableDiffusionInpaintPipeline.from_pipe(self.pipe)
+        for pipe in (self.img2img, self.inpaint):
+            pipe.set_progress_bar_config(disable=True)
         self.lock = asyncio.Lock()
         # Every generation on one and the same thread, as a plain script runs it: torch's
         # OpenMP keeps a team of threads per calling thread, and asyncio.to_thread's pool
@@ -59,12 +70,24 @@ class Reference(pb_grpc.ImageGenerationServiceServicer):  # type: ignore[misc]
 
     def _run(self, req: pb.GenerateRequest) -> bytes:
         sampler = SAMPLERS.get(req.sampler, Sampler.EULER)
-        self.pipe.scheduler = SAMPLER_CLASSES[sampler].from_config(self.config)
-        image = self.pipe(
+        pipe, inputs = self.pipe, {}
+        if req.init_image:
+            init = Image.open(io.BytesIO(req.init_image)).convert("RGB")
+            inputs = {"image": init, "strength": strength(req)}
+            if req.mask_image:
+                m = self.inpaint.vae_scale_factor
+                pipe = self.inpaint
+                inputs["mask_image"] = Image.open(io.BytesIO(req.mask_image)).convert("L")
+                inputs["width"], inputs["height"] = init.width - init.width % m, init.height - init.height % m
+            else:
+                pipe = self.img2img
+        pipe.scheduler = SAMPLER_CLASSES[sampler].from_config(self.config)
+        image = pipe(
             req.prompt,
             num_inference_steps=req.steps or 20,
             guidance_scale=req.guidance_scale if req.HasField("guidance_scale") else 7.5,
             generator=torch.Generator().manual_seed(req.seed),
+            **inputs,
         ).images[0]
         buf = io.BytesIO()
         image.save(buf, format="PNG")
@@ -77,11 +100,18 @@ class Reference(pb_grpc.ImageGenerationServiceServicer):  # type: ignore[misc]
         async with self.lock:  # one generation at a time
             waited = time.perf_counter() - t0
             png = await asyncio.get_running_loop().run_in_executor(self.worker, self._run, request)
-        usage = pb.Usage(steps=request.steps or 20, queue_ms=int(waited * 1000), mean_batch_size=1)
+        steps = request.steps or 20
+        if request.init_image:  # as diffusers runs them (and stepserve reports them)
+            steps = int(steps * strength(request))
+        usage = pb.Usage(steps=steps, queue_ms=int(waited * 1000), mean_batch_size=1)
         result = pb.Result(
             images=[pb.Image(data=png, format=pb.IMAGE_FORMAT_PNG, seed=request.seed)], usage=usage
         )
         yield pb.GenerateResponse(request_id=request.request_id, result=result)
+
+
+def strength(req: pb.GenerateRequest) -> float:
+    return round(req.strength, 6) if req.HasField("strength") else 0.8
 
 
 async def serve(port: int, path: str, device: str) -> None:

@@ -15,13 +15,21 @@ Workloads, from real gRPC clients in a separate process (bench/loadgen.py):
               50/80/100% of step-level capacity for that mix (measured first: 16 closed-loop
               streams of mixed requests), previews every step: p50/p95/p99 latency, time to
               first preview, throughput
+  edit        Poisson arrivals, steps, samplers and previews as mixed (same seed), but a third
+              of the requests text-to-image, a third image-to-image at strength 0.5 from an
+              init image, a third inpainting at strength 1.0 of an init image under a mask
+              (images drawn by bench/loadgen.py at the model's default size), at 80% of
+              step-level capacity for that mix (measured first the same way; the smoke
+              profile takes the mixed workload's): p50/p95/p99 latency overall and per task,
+              throughput
 
     python bench/run.py [--profile full|quick|brief|smoke] [--out bench/results]
                         [--model PATH --device cuda] [--run-ahead auto|on|off]
 
 On a GPU: build a full-size SD 1.5 architecture at random weights with bench/random_sd.py and
-pass it with --model. The brief profile took about 10 minutes on this 2-core CPU (the
-reference's open loops, which only drain an overloaded queue, are skipped).
+pass it with --model. The brief profile took about 10 minutes on this 2-core CPU before the edit
+workload (which adds two 20 s capacity runs and two 20 s open loops, with their drains); the
+reference's open loops, which only drain an overloaded queue, are skipped there.
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ FULL: dict[str, Any] = {
     "mixed_s": 90,
     "streams": [1, 4, 16, 32],
     "loads": [0.5, 0.8, 1.0],
+    "edit_loads": [0.8],
     "lone": 15,
     "lone_warmup": 2,
 }
@@ -62,12 +71,16 @@ PROFILES: dict[str, dict[str, Any]] = {
         "mixed_s": 4,
         "streams": [1, 4],
         "loads": [0.8],
+        "edit_loads": [0.8],
+        "edit_s": 2,
+        "edit_capacity_of": [],  # the open loops run at a fraction of the mixed capacity
         "lone": 1,
         "lone_warmup": 0,
         "pipeline_runs": 2,
     },
 }
 MODES = ("step", "request", "reference")
+EDIT_KINDS = ("text", "img2img", "inpaint")
 
 
 @dataclass(frozen=True)
@@ -195,19 +208,15 @@ def closed_loop_rate(records: list[dict[str, Any]], streams: int, lo: float, hi:
 
 
 def summarize(
-    records: list[dict[str, Any]], closed_loop: tuple[int, float, float] | None = None
+    records: list[dict[str, Any]], closed_loop: tuple[int, float, float] | None = None, by_kind: bool = False
 ) -> dict[str, Any]:
     """Latency, batch and preview figures; throughput from ``closed_loop`` = (streams, lo, hi)
-    (see closed_loop_rate) when given, else completions over the whole run."""
+    (see closed_loop_rate) when given, else completions over the whole run; ``by_kind``: the
+    latency of each task of the edit workload too."""
     ok = [r for r in records if r.get("ok")]
-    lat = [r["end"] - r["start"] for r in ok]
     out: dict[str, Any] = {
         "requests": len(records),
-        "ok": len(ok),
-        "errors": len(records) - len(ok),
-        "latency_p50_s": percentile(lat, 0.5),
-        "latency_p95_s": percentile(lat, 0.95),
-        "latency_p99_s": percentile(lat, 0.99),
+        **_latency(records),
         "mean_batch": statistics.fmean(r["mean_batch"] for r in ok) if ok else None,
     }
     ttfp = [r["first_preview"] - r["start"] for r in ok if "first_preview" in r]
@@ -218,8 +227,9 @@ def summarize(
     for r in ok:
         if "first_preview" in r:
             run = r["end"] - r["start"] - r["queue_s"]
+            steps = r.get("steps_run") or r["steps"]  # edits run int(steps * strength)
             if run > 0:
-                rel.append((r["first_preview"] - r["start"] - r["queue_s"]) / (run / r["steps"]))
+                rel.append((r["first_preview"] - r["start"] - r["queue_s"]) / (run / steps))
     out["ttfp_after_queue_steps_p50"] = percentile(rel, 0.5)
     out["ttfp_after_queue_steps_p95"] = percentile(rel, 0.95)
     rate = closed_loop_rate(records, *closed_loop) if closed_loop is not None else None
@@ -228,7 +238,35 @@ def summarize(
     else:  # open loop, or a run too short for any request to start after warm-up (smoke)
         span = max((r["end"] for r in ok), default=0) - min((r["start"] for r in records), default=0)
         out["images_per_s"] = len(ok) / span if span > 0 else None
+    if by_kind:
+        out["by_kind"] = {k: _kind_summary([r for r in records if r.get("kind") == k]) for k in EDIT_KINDS}
+    errors = sorted({f"{r['error']}: {r.get('error_details', '')}" for r in records if not r.get("ok")})
+    if errors:
+        out["error_messages"] = errors[:5]
     return out
+
+
+def _latency(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Successes, errors and latency percentiles of ``records``."""
+    ok = [r for r in records if r.get("ok")]
+    lat = [r["end"] - r["start"] for r in ok]
+    return {
+        "ok": len(ok),
+        "errors": len(records) - len(ok),
+        "latency_p50_s": percentile(lat, 0.5),
+        "latency_p95_s": percentile(lat, 0.95),
+        "latency_p99_s": percentile(lat, 0.99),
+    }
+
+
+def _kind_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Latency of one task's requests in a mixed run; image encode time is stepserve's own."""
+    ok = [r for r in records if r.get("ok")]
+    return {
+        **_latency(records),
+        "mean_steps_run": statistics.fmean(r["steps_run"] for r in ok) if ok else None,
+        "mean_image_encode_s": statistics.fmean(r.get("image_encode_s", 0.0) for r in ok) if ok else None,
+    }
 
 
 def compute_limit(
@@ -307,6 +345,7 @@ def run(profile: str, out_dir: Path, setup: Setup) -> dict[str, Any]:
     try:
         for mode in MODES:
             servers[mode] = Server(mode, logs / f"{mode}.log", setup)
+        results["edit_workload"] = edit_workload(servers["step"].target, p)
         # Lone requests, interleaved across the three servers (all up, idle but one): this
         # machine's speed drifts by tens of percent over minutes, and interleaving puts each
         # round's three samples in the same conditions. The first rounds warm caches up.
@@ -365,9 +404,47 @@ def pipeline_rate(setup: Setup, steps: int = 20, runs: int = 7, warmup: int = 2)
     return 1.0 / statistics.median(times)
 
 
+def edit_workload(target: str, p: dict[str, Any]) -> dict[str, Any]:
+    """What the edit workload sends (for the results), at the default model's size; with
+    "skipped" saying why, where it does not run."""
+    import grpc
+
+    from stepserve.v1 import image_generation_pb2 as pb
+    from stepserve.v1 import image_generation_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(target) as ch:
+        stub = pb_grpc.ImageGenerationServiceStub(ch)
+        model = stub.ListModels(pb.ListModelsRequest(), timeout=60).models[0]
+    out: dict[str, Any] = {
+        "tasks": "text-to-image, img2img at strength 0.5, inpainting at strength 1.0: a third each "
+        "(seeded draw)",
+        "steps": "drawn from {4, 10, 20, 30, 50} and samplers mixed, as the mixed workload (same seed); "
+        "img2img runs int(steps * 0.5) of them",
+        "image_size": [model.default_width_px, model.default_height_px],
+        "init_images": "4 flat shapes on a light background, PNG (bench/loadgen.py)",
+        "masks": "the right half or a centred square, white = repaint; preserve_unmasked off",
+        "reference": "diffusers StableDiffusionImg2ImgPipeline / StableDiffusionInpaintPipeline "
+        "(from_pipe), one request at a time"
+        if p.get("reference_mixed", True)
+        else "skipped in this profile (an open loop over its capacity only drains a queue)",
+    }
+    out["rate_basis"] = (
+        "step-level capacity for this mix (edit_capacity_rps)"
+        if "step" in p.get("edit_capacity_of", ("step", "request"))
+        else "step-level capacity for the mixed workload (capacity_rps): not measured for this mix "
+        "in this profile"
+    )
+    missing = {pb.TASK_TEXT_TO_IMAGE, pb.TASK_IMAGE_TO_IMAGE, pb.TASK_INPAINTING} - set(model.tasks)
+    if missing:
+        names = ", ".join(sorted(pb.Task.Name(t) for t in missing))
+        out["skipped"] = f"model {model.name!r} does not serve {names}"
+    return out
+
+
 def _load_tests(mode: str, srv: Server, p: dict[str, Any], results: dict[str, Any]) -> None:
-    """Saturation, the mix's capacity (not for the reference) and the open loops of one mode.
-    The open loops' rates are fractions of step-level's capacity (step runs first)."""
+    """Saturation, the mix's capacity (not for the reference) and the open loops of one mode,
+    then the same for the edit workload. The open loops' rates are fractions of step-level's
+    capacity for their mix (step runs first)."""
     print(f"== {mode}", flush=True)
     res = results["modes"][mode]
     res["saturation"] = {}
@@ -391,10 +468,15 @@ def _load_tests(mode: str, srv: Server, p: dict[str, Any], results: dict[str, An
         print(f"  mix capacity: {res['mixed_capacity']['images_per_s']:.2f} req/s", flush=True)
         if mode == "step":
             results["capacity_rps"] = res["mixed_capacity"]["images_per_s"]
-    res["mixed"] = {}
+    res["mixed"], res["edit"] = {}, {}
     if mode == "reference" and not p.get("reference_mixed", True):
         return
-    capacity_rps = results["capacity_rps"]
+    _mixed(srv, p, results["capacity_rps"], res)
+    _edit(mode, srv, p, results)
+
+
+def _mixed(srv: Server, p: dict[str, Any], capacity_rps: float, res: dict[str, Any]) -> None:
+    """The mixed workload's open loops, at fractions of ``capacity_rps``."""
     for frac in p["loads"]:
         recs = loadgen(
             srv.target,
@@ -414,6 +496,46 @@ def _load_tests(mode: str, srv: Server, p: dict[str, Any], results: dict[str, An
             f"  mixed {frac:.0%}: p50 {m['latency_p50_s']:.2f}s p99 {m['latency_p99_s']:.2f}s",
             flush=True,
         )
+
+
+def _edit(mode: str, srv: Server, p: dict[str, Any], results: dict[str, Any]) -> None:
+    """The edit workload (text-to-image, img2img, inpainting): its capacity (step and request
+    level, measured as the mix's), then open loops at fractions of step-level's capacity for it
+    (in the smoke profile, of the mixed workload's: see edit_workload)."""
+    res, work = results["modes"][mode], results["edit_workload"]
+    res["edit"] = {}
+    if "skipped" in work:
+        return
+    d = p.get("edit_s", p["mixed_s"])
+    w, h = work["image_size"]
+    args = ["--edit", "--image-size", f"{w}x{h}", "--preview", "--seed", "7"]
+    if mode in p.get("edit_capacity_of", ("step", "request")):
+        n = max(n for n in p["streams"] if n <= 16)
+        recs = loadgen(srv.target, ["--streams", str(n), "--duration", str(d), "--mix", *args])
+        res["edit_capacity"] = summarize(recs, closed_loop=(n, 0.25 * d, d), by_kind=True)
+        print(f"  edit capacity: {_s(res['edit_capacity']['images_per_s'])} req/s", flush=True)
+        if mode == "step":
+            results["edit_capacity_rps"] = res["edit_capacity"]["images_per_s"]
+    capacity_rps = results.get("edit_capacity_rps") or results["capacity_rps"]
+    for frac in p["edit_loads"]:
+        recs = loadgen(srv.target, ["--rate", str(frac * capacity_rps), "--duration", str(d), *args])
+        m = res["edit"][str(frac)] = summarize(recs, by_kind=True)
+        kinds = ", ".join(
+            f"{k} {_s(v['latency_p50_s'])}/{_s(v['latency_p99_s'])}" for k, v in m["by_kind"].items()
+        )
+        print(
+            f"  edit {frac:.0%}: p50 {_s(m['latency_p50_s'])}s p99 {_s(m['latency_p99_s'])}s "
+            f"({kinds} s p50/p99){' errors ' + str(m['errors']) if m['errors'] else ''}",
+            flush=True,
+        )
+
+
+def _s(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
 
 
 def ratios(r: dict[str, Any]) -> dict[str, Any]:
@@ -447,6 +569,21 @@ def ratios(r: dict[str, Any]) -> dict[str, Any]:
                 step["mixed"]["0.8"][f"latency_{q}_s"] / req["mixed"]["0.8"][f"latency_{q}_s"]
             )
         out["ttfp_after_queue_steps_p50"] = step["mixed"]["0.8"]["ttfp_after_queue_steps_p50"]
+    if "edit_capacity" in req and "edit_capacity" in step:
+        out["edit_capacity_request_vs_step"] = _ratio(
+            req["edit_capacity"]["images_per_s"], step["edit_capacity"]["images_per_s"]
+        )
+    s_edit, r_edit = step.get("edit", {}).get("0.8"), req.get("edit", {}).get("0.8")
+    if s_edit and r_edit:
+        for q in ("p50", "p99"):
+            out[f"edit80_{q}_step_vs_request"] = _ratio(s_edit[f"latency_{q}_s"], r_edit[f"latency_{q}_s"])
+        out["edit80_by_kind_step_vs_request"] = {
+            k: {
+                q: _ratio(s_edit["by_kind"][k][f"latency_{q}_s"], r_edit["by_kind"][k][f"latency_{q}_s"])
+                for q in ("p50", "p99")
+            }
+            for k in EDIT_KINDS
+        }
     targets = {
         "saturated_vs_compute_limit >= 0.90": (out["saturated_vs_compute_limit"] or 0) >= 0.90,
         "saturated_vs_reference >= hardware_batch_gain": out["saturated_vs_sequential_reference"] >= hw_gain,
@@ -475,6 +612,16 @@ def chart(r: dict[str, Any], path: Path) -> None:
         xs = [float(x) * 100 for x in loads]
         a.plot(xs, [m["mixed"][x]["latency_p50_s"] for x in loads], "o-", color=c, label=f"{mode} p50")
         a.plot(xs, [m["mixed"][x]["latency_p99_s"] for x in loads], "x--", color=c, label=f"{mode} p99")
+        edit = sorted(m.get("edit", {}), key=float)
+        for q, marker in (("p50", "s"), ("p99", "^")):
+            a.plot(
+                [float(x) * 100 + 1.5 for x in edit],  # beside the mixed points
+                [m["edit"][x][f"latency_{q}_s"] for x in edit],
+                marker,
+                color=c,
+                fillstyle="none",
+                label=f"{mode} edit {q}" if edit else None,
+            )
         ns = sorted(m["saturation"], key=int)
         b.plot(
             [int(n) for n in ns], [m["saturation"][n]["images_per_s"] for n in ns], "o-", color=c, label=mode
@@ -489,7 +636,7 @@ def chart(r: dict[str, Any], path: Path) -> None:
     a.set(
         xlabel="offered load (% of step-level capacity)",
         ylabel="latency (s)",
-        title="mixed workload latency",
+        title="mixed (and edit: open markers) workload latency",
         yscale="log",
     )
     b.set(

@@ -30,6 +30,27 @@ def test_bench_smoke(tmp_path: Path) -> None:
         cap = r["modes"][name]["mixed_capacity"]
         assert cap["errors"] == 0 and cap["images_per_s"] > 0
     assert r["capacity_rps"] == r["modes"]["step"]["mixed_capacity"]["images_per_s"]
+    # The edit workload (text-to-image, img2img at 0.5, inpainting): every mode served it
+    # without an error, at the model's own size, and its ratios are its figures'.
+    assert "skipped" not in r["edit_workload"] and r["edit_workload"]["image_size"] == [32, 32]
+    # Not measured here (CI time): the open loops run at 80% of the mixed workload's capacity.
+    assert "edit_capacity_rps" not in r and "mixed workload" in r["edit_workload"]["rate_basis"]
+    for name, mode in r["modes"].items():
+        (edit,) = mode["edit"].values()
+        assert edit["errors"] == 0 and edit["ok"] > 0, (name, edit.get("error_messages"))
+        kinds = edit["by_kind"]
+        assert sum(k["ok"] for k in kinds.values()) == edit["ok"]
+        if edit["requests"] >= 4:  # seed 7's first four draws are one of each task, and a text
+            assert all(k["ok"] > 0 for k in kinds.values())
+        for k in kinds.values():
+            assert k["mean_steps_run"] is None or k["mean_steps_run"] > 0
+        assert kinds["text"]["mean_image_encode_s"] in (None, 0.0)
+        if name != "reference" and kinds["img2img"]["ok"]:  # stepserve reports its encode time
+            assert kinds["img2img"]["mean_image_encode_s"] > 0
+    step_edit, req_edit = r["modes"]["step"]["edit"]["0.8"], r["modes"]["request"]["edit"]["0.8"]
+    for q in ("p50", "p99"):
+        want = step_edit[f"latency_{q}_s"] / req_edit[f"latency_{q}_s"]
+        assert r["ratios"][f"edit80_{q}_step_vs_request"] == want
     assert r["compute_images_per_s"] and all(v > 0 for v in r["compute_images_per_s"].values())
     assert r["pipeline_images_per_s"] > 0  # the in-process diffusers baseline
     ref_tp = r["modes"]["reference"]["saturation"]["1"]["images_per_s"]
