@@ -9,7 +9,7 @@ from typing import TextIO
 
 from stepserve.v1 import image_generation_pb2 as pb
 
-from .client import GenerationResult, ImageClient, TlsOptions, build_request, task_names
+from .client import GenerationResult, ImageClient, TlsOptions, build_request, parse_lora, task_names
 from .errors import StepserveError
 
 
@@ -55,6 +55,13 @@ def _image_file(text: str) -> bytes:
         return Path(text).read_bytes()
     except OSError as e:
         raise argparse.ArgumentTypeError(f"cannot read {text!r}: {e.strerror or e}") from None
+
+
+def _lora(text: str) -> tuple[str, float]:
+    try:
+        return parse_lora(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _pixels(text: str) -> int:
@@ -113,6 +120,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         mask_image=args.mask,
         preserve_unmasked=args.preserve_unmasked,
         mask_feather_px=args.mask_feather,
+        loras=args.lora,
     )
     bar = ProgressBar(sys.stderr)
     previews = Path(args.previews) if args.previews else None
@@ -177,6 +185,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             f"guidance {m.default_guidance_scale:g}{' (embedded)' if m.guidance_embedded else ''}, "
             f"max batch {m.max_batch_size}, samplers: {samplers}, presets: {presets}, "
             f"tasks: {', '.join(task_names(m))}"
+            + (f", loras: {', '.join(f'{x.name} (rank {x.rank})' for x in m.loras)}" if m.loras else "")
         )
     return 0
 
@@ -283,6 +292,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         metavar="PX",
         help="edge blend width for --preserve-unmasked, 0-64 (server default 4, 0 = hard edge)",
+    )
+    g.add_argument(
+        "--lora",
+        action="append",
+        type=_lora,
+        default=[],
+        metavar="NAME[:SCALE]",
+        help="a LoRA adapter the model lists (repeatable, stacked in order); scale in [-4, 4], default 1",
     )
     g.set_defaults(func=cmd_generate)
 

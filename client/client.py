@@ -179,6 +179,7 @@ def build_request(
     mask_image: ImageInput | None = None,
     preserve_unmasked: bool = False,
     mask_feather_px: int | None = None,
+    loras: Sequence[str | tuple[str, float]] = (),
 ) -> pb.GenerateRequest:
     """A ``GenerateRequest``; 0 / None / "" leave a field to the server's defaults.
 
@@ -191,6 +192,8 @@ def build_request(
     the init image's size) makes it inpainting. ``preserve_unmasked`` pastes the init image's
     pixels back outside the mask, blended across ``mask_feather_px`` (None: the server's 4,
     0: a hard edge). A path that cannot be read raises ``OSError`` (``FileNotFoundError``...).
+    ``loras``: registered LoRA adapters to stack, as ``"name"``, ``"name:scale"`` or
+    ``(name, scale)``.
     """
     req = pb.GenerateRequest(
         model=model,
@@ -221,7 +224,21 @@ def build_request(
     req.preserve_unmasked = preserve_unmasked
     if mask_feather_px is not None:
         req.mask_feather_px = mask_feather_px
+    for lora in loras:
+        name, scale = parse_lora(lora) if isinstance(lora, str) else lora
+        req.loras.add(name=name, scale=scale)
     return req
+
+
+def parse_lora(text: str) -> tuple[str, float]:
+    """``NAME`` or ``NAME:SCALE`` as (name, scale); scale 0 means the server's 1.0."""
+    name, sep, scale = text.rpartition(":")
+    if not sep:
+        return text, 0.0
+    try:
+        return name, float(scale)
+    except ValueError:
+        raise ValueError(f"LoRA {text!r}: expected NAME or NAME:SCALE") from None
 
 
 def _target(endpoints: str | Sequence[str]) -> str:

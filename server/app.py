@@ -32,7 +32,9 @@ from .config import ServerConfig
 from .engine.engine import Engine, EngineConfig
 from .engine.fault_injection import ENV as FAULTS_ENV
 from .engine.fault_injection import Faults
+from .engine.lora import LoraLoadError
 from .engine.models import DEFAULT_MODEL_NAME, ModelAdapter, default_model_path, load_model
+from .engine.models.registry import ModelLoadError
 from .engine.observer import EngineObserver
 from .engine.types import EngineEvent, FailedEvent, GenerationParams, ResultEvent, Task
 from .observability.metrics import EngineCollector, Metrics, MetricsObserver
@@ -78,7 +80,15 @@ def load_models(config: ServerConfig) -> dict[str, ModelAdapter]:
             dtype=dtype,
             max_batch_size=config.max_batch_size,
             overrides=overrides.get(name),
+            max_loras_resident=config.max_loras_resident,
         )
+        models[name].info = replace(models[name].info, max_loras_per_request=config.max_loras_per_request)
+    for model, name, path in config.lora_specs():
+        logger.info("registering LoRA %s for model %s from %s", name, model, path)
+        try:
+            models[model].register_lora(name, path)
+        except LoraLoadError as e:
+            raise ModelLoadError(f"--lora {model}:{name}={path}: {e}") from e
     return models
 
 

@@ -69,6 +69,19 @@ class ServerConfig:
         + ", presets.draft|standard|high; beats the model directory's stepserve.json",
         "NAME.KEY=VALUE",
     )
+    loras: list[str] = _opt(
+        [],
+        "LoRA adapter as NAME=PATH for the default model or MODEL:NAME=PATH (repeatable; env: "
+        "comma-separated); PATH is a .safetensors file, or a directory holding one, in a format "
+        "diffusers' load_lora_weights reads (diffusers/PEFT or kohya keys; UNet and text encoders)",
+        "[MODEL:]NAME=PATH",
+    )
+    max_loras_resident: int = _opt(
+        64,
+        "LoRA adapters kept on the accelerator per model (the least recently used leave; "
+        "the rest wait on the host)",
+    )
+    max_loras_per_request: int = _opt(4, "most LoRA adapters one request may stack")
     default_model: str = _opt("", "model an empty GenerateRequest.model selects (default: the first --model)")
     batching: str = _opt(
         "step",
@@ -172,6 +185,21 @@ class ServerConfig:
             out.append((name, Path(path)))
         return out
 
+    def lora_specs(self) -> list[tuple[str, str, Path]]:
+        """``--lora`` values as (model, name, path); no model means the default model."""
+        out = []
+        for spec in self.loras:
+            target, sep, path = spec.partition("=")
+            model, colon, name = target.rpartition(":")
+            if not sep or not name or not path or (colon and not model):
+                raise ConfigError(f"--lora {spec!r}: expected NAME=PATH or MODEL:NAME=PATH")
+            out.append((model or self._default_model_name(), name, Path(path)))
+        return out
+
+    def _default_model_name(self) -> str:
+        specs = self.model_specs()
+        return self.default_model or (specs[0][0] if specs else "tiny-shapes")
+
     def model_overrides(self) -> dict[str, dict[str, Any]]:
         """``--model-option`` values by model name, as a stepserve.json-shaped dict."""
         out: dict[str, dict[str, Any]] = {}
@@ -263,6 +291,14 @@ class ServerConfig:
             self.max_connection_age_s >= 0,
             f"--max-connection-age-s {self.max_connection_age_s}: must be >= 0",
         )
+        need(
+            1 <= self.max_loras_resident <= 100_000,
+            f"--max-loras-resident {self.max_loras_resident}: must be 1..100000",
+        )
+        need(
+            0 <= self.max_loras_per_request <= 64,
+            f"--max-loras-per-request {self.max_loras_per_request}: must be 0..64",
+        )
         names = [n for n, _ in self.model_specs()]
         need(len(names) == len(set(names)), f"--model names must be unique, got {names}")
         try:
@@ -273,6 +309,13 @@ class ServerConfig:
                 )
         except ValueError as e:
             raise ConfigError(str(e)) from e
+        loras = self.lora_specs()
+        for model, name, _ in loras:
+            need(
+                model in (names or ["tiny-shapes"]), f"--lora {model}:{name}: no --model is called {model!r}"
+            )
+        pairs = [(m, n) for m, n, _ in loras]
+        need(len(pairs) == len(set(pairs)), f"--lora names must be unique per model, got {pairs}")
         if self.default_model and names:
             need(
                 self.default_model in names,

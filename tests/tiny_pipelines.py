@@ -240,3 +240,64 @@ def build_tiny_sdxl_inpaint(path: Path, *, seed: int = 6) -> Path:
     }
     StableDiffusionXLInpaintPipeline(**parts, unet=unet).save_pretrained(path, safe_serialization=True)
     return path
+
+
+def build_lora(
+    path: Path,
+    pipe_dir: Path,
+    *,
+    seed: int,
+    rank: int = 4,
+    alpha: float | None = None,
+    unet_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
+    text_targets: tuple[str, ...] = (),
+    kohya: bool = False,
+    std: float = 0.3,
+) -> Path:
+    """A random LoRA for the pipeline at ``pipe_dir``: diffusers/PEFT keys (with the adapter
+    metadata diffusers' ``save_lora_weights`` writes: rank and alpha), or kohya/A1111 keys
+    (``lora_unet_..._to_q.lora_down.weight`` with ``.alpha``) when ``kohya``. Weights are
+    large enough to change the images visibly."""
+    import json as _json
+
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import save_file
+
+    pipe = DiffusionPipeline.from_pretrained(str(pipe_dir))
+    g = torch.Generator().manual_seed(seed)
+    alpha = float(rank if alpha is None else alpha)
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, kohya_prefix, model, targets in (
+        ("unet", "lora_unet", pipe.unet, unet_targets),
+        ("text_encoder", "lora_te", pipe.text_encoder, text_targets),
+    ):
+        for name, mod in model.named_modules():
+            if not targets or not any(name.endswith("." + t) for t in targets):
+                continue
+            if isinstance(mod, torch.nn.Conv2d):  # a 1x1 projection: to test refusing it
+                n_in, n_out = mod.in_channels, mod.out_channels
+            else:
+                n_in, n_out = mod.in_features, mod.out_features
+            down = torch.randn(rank, n_in, generator=g) * std
+            up = torch.randn(n_out, rank, generator=g) * std
+            if kohya:
+                key = f"{kohya_prefix}_{name.replace('.', '_')}"
+                if prefix == "text_encoder" and not name.startswith("text_model"):
+                    key = f"{kohya_prefix}_text_model_{name.replace('.', '_')}"
+                tensors[f"{key}.lora_down.weight"] = down
+                tensors[f"{key}.lora_up.weight"] = up
+                tensors[f"{key}.alpha"] = torch.tensor(alpha)
+            else:
+                tensors[f"{prefix}.{name}.lora_A.weight"] = down
+                tensors[f"{prefix}.{name}.lora_B.weight"] = up
+    path.mkdir(parents=True, exist_ok=True)
+    metadata = None
+    if not kohya:
+        config = {}
+        for prefix, targets in (("unet", unet_targets), ("text_encoder", text_targets)):
+            if targets:
+                for k, v in {"r": rank, "lora_alpha": alpha, "target_modules": list(targets)}.items():
+                    config[f"{prefix}.{k}"] = v
+        metadata = {"lora_adapter_metadata": _json.dumps(config), "format": "pt"}
+    save_file(tensors, str(path / "pytorch_lora_weights.safetensors"), metadata=metadata)
+    return path

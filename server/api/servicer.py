@@ -86,6 +86,8 @@ def model_info_proto(info: ModelInfo, is_default: bool) -> pb.ModelInfo:
         karras_samplers=[SAMPLER_TO_PROTO[s] for s in info.karras_samplers],
         guidance_embedded=info.guidance_embedded,
         tasks=[TASK_TO_PROTO[t] for t in info.tasks],
+        loras=[pb.LoraInfo(name=x.name, rank=x.rank, components=list(x.components)) for x in info.loras],
+        max_loras_per_request=info.max_loras_per_request,
     )
 
 

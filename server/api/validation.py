@@ -218,6 +218,8 @@ def validate_generate(
             feather <= MAX_MASK_FEATHER_PX, "mask_feather_px", f"{feather} is more than {MAX_MASK_FEATHER_PX}"
         )
 
+    loras = _loras(req, info, name, check)
+
     num_images = req.num_images or 1
     check(
         num_images <= info.max_images_per_request,
@@ -283,7 +285,44 @@ def validate_generate(
         preserve_unmasked=req.preserve_unmasked,
         mask_feather=feather,
         encoded_input_bytes=len(req.init_image) + len(req.mask_image),
+        loras=loras,
     )
+
+
+# Largest |LoraWeight.scale| accepted.
+MAX_LORA_SCALE = 4.0
+
+
+def _loras(
+    req: pb.GenerateRequest, info: ModelInfo, model: str, check: Callable[[bool, str, str], None]
+) -> tuple[tuple[str, float], ...]:
+    """The request's adapters as (name, scale); an unknown name is NOT_FOUND, raised at once."""
+    known = {lora.name for lora in info.loras}
+    check(
+        len(req.loras) <= info.max_loras_per_request,
+        "loras",
+        f"{len(req.loras)} adapters; model {model!r} takes at most {info.max_loras_per_request} per request",
+    )
+    out: list[tuple[str, float]] = []
+    seen: set[str] = set()
+    for i, lora in enumerate(req.loras):
+        if lora.name not in known:
+            listed = ", ".join(sorted(known)) or "none"
+            raise not_found(
+                "lora",
+                lora.name,
+                f"LoRA {lora.name!r} is not registered for model {model!r} (registered: {listed})",
+            )
+        check(lora.name not in seen, f"loras[{i}].name", f"{lora.name!r} is listed twice")
+        seen.add(lora.name)
+        scale = float(lora.scale) or 1.0
+        check(
+            math.isfinite(scale) and abs(scale) <= MAX_LORA_SCALE,
+            f"loras[{i}].scale",
+            f"{scale} is outside -{MAX_LORA_SCALE:g}..{MAX_LORA_SCALE:g}",
+        )
+        out.append((lora.name, round(scale, 6)))
+    return tuple(out)
 
 
 def _image_inputs(

@@ -114,6 +114,8 @@ class GenerationParams:
     # Inpainting: paste the init image back outside the mask, over a feathered edge (pixels).
     preserve_unmasked: bool = False
     mask_feather: int = 4
+    # LoRA adapters, (registered name, scale) in the order they stack.
+    loras: tuple[tuple[str, float], ...] = ()
     # Size of the encoded image inputs as received: gRPC keeps the request message (and so
     # these bytes) for the call's whole life.
     encoded_input_bytes: int = 0
@@ -150,6 +152,15 @@ class GenerationParams:
 
 
 @dataclass(frozen=True)
+class LoraInfo:
+    """A registered LoRA adapter as ListModels describes it."""
+
+    name: str
+    rank: int
+    components: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What a loaded model offers, as ListModels reports it and validation checks it."""
 
@@ -181,6 +192,9 @@ class ModelInfo:
     # strength share of these original (training) steps and every step runs, as diffusers'
     # LCM img2img pipeline; None: strength truncates the schedule (the other pipelines).
     strength_sets_schedule: int | None = None
+    # Registered LoRA adapters, and how many one request may stack.
+    loras: tuple[LoraInfo, ...] = ()
+    max_loras_per_request: int = 4
 
     def schedule(self, steps: int, strength: float, task: Task) -> tuple[int, int]:
         """(first_step, steps run) for a request: the one rule, as diffusers' pipelines apply

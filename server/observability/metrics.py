@@ -132,6 +132,11 @@ class Metrics:
             "Requests that joined the running batch, by task (text_to_image, image_to_image, inpainting).",
             ("model", "task"),
         )
+        self.lora_requests = counter(
+            "stepserve_lora_requests",
+            "Requests that joined the running batch with a LoRA adapter, by adapter (registered names only).",
+            ("model", "lora"),
+        )
         self.image_encode = hist(
             "stepserve_image_encode_seconds",
             "Accelerator time of one batched VAE encode of the init images (and masked images) of the "
@@ -207,6 +212,8 @@ class MetricsObserver(EngineObserver):
     def request_admitted(self, req: RequestState, now: float) -> None:
         self.m.queue_wait.labels(req.model).observe(max(0.0, now - req.arrival_time))
         self.m.admitted.labels(req.model, req.params.task.value).inc()
+        for name, _ in req.params.loras:
+            self.m.lora_requests.labels(req.model, name).inc()
 
     def images_encoded(self, reqs: Sequence[RequestState], seconds: float) -> None:
         self.m.image_encode.labels(reqs[0].model).observe(seconds)

@@ -200,6 +200,7 @@ class GenerateRequest(_message.Message):
     MASK_IMAGE_FIELD_NUMBER: _builtins.int
     PRESERVE_UNMASKED_FIELD_NUMBER: _builtins.int
     MASK_FEATHER_PX_FIELD_NUMBER: _builtins.int
+    LORAS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Registry name of the model to run (see ListModels); empty selects the server's default."""
     prompt: _builtins.str
@@ -277,6 +278,14 @@ class GenerateRequest(_message.Message):
     """Width in pixels of the blend between repainted and kept pixels when preserve_unmasked
     is set: unset means 4, 0 a hard edge, at most 64.
     """
+    @_builtins.property
+    def loras(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoraWeight]:
+        """LoRA adapters to apply, from those the model lists (ModelInfo.loras), stacked in this
+        order as diffusers' set_adapters with weights stacks them; at most
+        ModelInfo.max_loras_per_request, each at most once. Requests with different adapters (or
+        none) share batched steps. An unknown name is NOT_FOUND.
+        """
+
     def __init__(
         self,
         *,
@@ -303,10 +312,11 @@ class GenerateRequest(_message.Message):
         mask_image: _builtins.bytes = ...,
         preserve_unmasked: _builtins.bool = ...,
         mask_feather_px: _builtins.int | None = ...,
+        loras: _abc.Iterable[Global___LoraWeight] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_mask_feather_px", b"_mask_feather_px", "_seed", b"_seed", "_strength", b"_strength", "guidance_scale", b"guidance_scale", "mask_feather_px", b"mask_feather_px", "seed", b"seed", "strength", b"strength"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_mask_feather_px", b"_mask_feather_px", "_seed", b"_seed", "_strength", b"_strength", "guidance_scale", b"guidance_scale", "height_px", b"height_px", "init_image", b"init_image", "karras_sigmas", b"karras_sigmas", "mask_feather_px", b"mask_feather_px", "mask_image", b"mask_image", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "output_format", b"output_format", "output_quality", b"output_quality", "preserve_unmasked", b"preserve_unmasked", "preset", b"preset", "preview_every_n_steps", b"preview_every_n_steps", "preview_max_size_px", b"preview_max_size_px", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "sampler", b"sampler", "seed", b"seed", "steps", b"steps", "strength", b"strength", "width_px", b"width_px"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_mask_feather_px", b"_mask_feather_px", "_seed", b"_seed", "_strength", b"_strength", "guidance_scale", b"guidance_scale", "height_px", b"height_px", "init_image", b"init_image", "karras_sigmas", b"karras_sigmas", "loras", b"loras", "mask_feather_px", b"mask_feather_px", "mask_image", b"mask_image", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "output_format", b"output_format", "output_quality", b"output_quality", "preserve_unmasked", b"preserve_unmasked", "preset", b"preset", "preview_every_n_steps", b"preview_every_n_steps", "preview_max_size_px", b"preview_max_size_px", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "sampler", b"sampler", "seed", b"seed", "steps", b"steps", "strength", b"strength", "width_px", b"width_px"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__guidance_scale: _TypeAlias = _typing.Literal["guidance_scale"]  # noqa: Y015
     _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
@@ -326,6 +336,32 @@ class GenerateRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__strength) -> _WhichOneofReturnType__strength | None: ...
 
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
+
+@_typing.final
+class LoraWeight(_message.Message):
+    """LoraWeight is one adapter of a request and its strength."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Registered name of the adapter (see ModelInfo.loras)."""
+    scale: _builtins.float
+    """Multiplier of the adapter's effect, in [-4, 4]; 0 (unset) means 1."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        scale: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "scale", b"scale"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoraWeight: _TypeAlias = LoraWeight  # noqa: Y015
 
 @_typing.final
 class GenerateResponse(_message.Message):
@@ -622,6 +658,8 @@ class ModelInfo(_message.Message):
     KARRAS_SAMPLERS_FIELD_NUMBER: _builtins.int
     GUIDANCE_EMBEDDED_FIELD_NUMBER: _builtins.int
     TASKS_FIELD_NUMBER: _builtins.int
+    LORAS_FIELD_NUMBER: _builtins.int
+    MAX_LORAS_PER_REQUEST_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Registry name, as used in GenerateRequest.model."""
     family: _builtins.str
@@ -652,6 +690,8 @@ class ModelInfo(_message.Message):
     """True for models that take the guidance scale as an input embedding (LCM-distilled): such
     models never run classifier-free guidance, so a request adds one row per image.
     """
+    max_loras_per_request: _builtins.int
+    """Most adapters one request may stack."""
     @_builtins.property
     def supported_samplers(self) -> _containers.RepeatedScalarFieldContainer[Global___Sampler.ValueType]:
         """Samplers this model accepts."""
@@ -670,6 +710,10 @@ class ModelInfo(_message.Message):
         models (a UNet with 9 input channels: latents, mask, masked-image latents) serve
         TASK_INPAINTING only, and other requests to them are INVALID_ARGUMENT.
         """
+
+    @_builtins.property
+    def loras(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoraInfo]:
+        """LoRA adapters registered for this model (stepserve serve --lora), by name."""
 
     def __init__(
         self,
@@ -692,14 +736,48 @@ class ModelInfo(_message.Message):
         karras_samplers: _abc.Iterable[Global___Sampler.ValueType] | None = ...,
         guidance_embedded: _builtins.bool = ...,
         tasks: _abc.Iterable[Global___Task.ValueType] | None = ...,
+        loras: _abc.Iterable[Global___LoraInfo] | None = ...,
+        max_loras_per_request: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_guidance_scale", b"default_guidance_scale", "default_height_px", b"default_height_px", "default_sampler", b"default_sampler", "default_steps", b"default_steps", "default_width_px", b"default_width_px", "family", b"family", "guidance_embedded", b"guidance_embedded", "is_default", b"is_default", "karras_samplers", b"karras_samplers", "max_batch_size", b"max_batch_size", "max_images_per_request", b"max_images_per_request", "max_size_px", b"max_size_px", "max_steps", b"max_steps", "min_size_px", b"min_size_px", "name", b"name", "presets", b"presets", "supported_samplers", b"supported_samplers", "tasks", b"tasks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_guidance_scale", b"default_guidance_scale", "default_height_px", b"default_height_px", "default_sampler", b"default_sampler", "default_steps", b"default_steps", "default_width_px", b"default_width_px", "family", b"family", "guidance_embedded", b"guidance_embedded", "is_default", b"is_default", "karras_samplers", b"karras_samplers", "loras", b"loras", "max_batch_size", b"max_batch_size", "max_images_per_request", b"max_images_per_request", "max_loras_per_request", b"max_loras_per_request", "max_size_px", b"max_size_px", "max_steps", b"max_steps", "min_size_px", b"min_size_px", "name", b"name", "presets", b"presets", "supported_samplers", b"supported_samplers", "tasks", b"tasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
+
+@_typing.final
+class LoraInfo(_message.Message):
+    """LoraInfo describes a registered LoRA adapter."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    RANK_FIELD_NUMBER: _builtins.int
+    COMPONENTS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Name to use in LoraWeight.name."""
+    rank: _builtins.int
+    """Largest rank of its layers."""
+    @_builtins.property
+    def components(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The parts of the model it adapts: "unet", "text_encoder", "text_encoder_2"."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        rank: _builtins.int = ...,
+        components: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["components", b"components", "name", b"name", "rank", b"rank"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoraInfo: _TypeAlias = LoraInfo  # noqa: Y015
 
 @_typing.final
 class PresetSteps(_message.Message):

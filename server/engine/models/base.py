@@ -10,6 +10,8 @@ from ..fault_injection import NO_FAULTS, Faults
 from ..request import RequestState, WorkT
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import torch
 
     from ..types import ModelInfo, RGBArray
@@ -110,6 +112,10 @@ class ModelAdapter(ABC, Generic[WorkT]):
     @abstractmethod
     def count_prompt_tokens(self, text: str) -> int:
         """Tokens ``text`` takes in the model's text encoder (without special tokens)."""
+
+    def register_lora(self, name: str, path: Path) -> object:
+        """Register the LoRA adapter at ``path`` as ``name`` (see engine/lora.py)."""
+        raise NotImplementedError(f"{type(self).__name__} serves no LoRA adapters")
 
     def release(self, req: RequestState[WorkT]) -> None:
         """Free the request's tensors."""

@@ -67,6 +67,8 @@ class Row:
     t: torch.Tensor
     context: torch.Tensor
     extras: RowExtras
+    # The row's LoRA adapters, (name, scale) in the request's order.
+    loras: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass

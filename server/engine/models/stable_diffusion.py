@@ -15,11 +15,13 @@ UNet takes (SDXL: ``text_embeds`` and ``time_ids``; distilled models: ``timestep
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +33,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from ..batch_invariance import make_rowwise_linears
+from ..lora import LoraAdapter, LoraContext, LoraPlan, LoraStack, read_lora, wrap_targets
 from ..samplers import (
     GENERAL_SAMPLERS,
     KARRAS_SAMPLERS,
@@ -39,7 +42,7 @@ from ..samplers import (
     SamplerFactory,
     sampler_for_class_name,
 )
-from ..types import ALL_TASKS, ModelInfo, Preset, Sampler, Task
+from ..types import ALL_TASKS, LoraInfo, ModelInfo, Preset, Sampler, Task
 from .base import Mark, ModelAdapter, RequestStepFailures
 from .registry import ModelLoadError
 from .sd_state import Conditioning, CudaMark, ImageState, RequestWork, Row, RowExtras
@@ -89,6 +92,7 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
         embed_cache_size: int = 1024,
         overrides: dict[str, Any] | None = None,
         pipeline_class: str | None = None,
+        max_loras_resident: int = 64,
     ) -> None:
         self.name = name
         if pipeline_class is not None:  # the directory's own class (an inpainting pipeline)
@@ -196,7 +200,13 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
             raise ValueError(
                 f"model {name}: default sampler {self.info.default_sampler.value} is not one of its own"
             )
-        self._embed_cache: OrderedDict[str, Conditioning] = OrderedDict()
+        self._embed_cache: OrderedDict[tuple[str, LoraStack], Conditioning] = OrderedDict()
+        # LoRA adapters: all registered ones on the host, the recently used on the device.
+        self.loras: dict[str, LoraAdapter] = {}
+        self._resident: OrderedDict[str, LoraAdapter] = OrderedDict()
+        self.max_loras_resident = max_loras_resident
+        self.lora_loads = 0  # adapters copied to the device (resident misses)
+        self._lora_context = LoraContext()
         self._embed_cache_size = embed_cache_size
         self._latent_rgb = self._fit_latent_rgb(settings.get("latent_rgb_factors"))
         self.preview_decoder = self._load_preview_decoder(settings.get("preview_decoder"))
@@ -206,19 +216,76 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
         return len(self._count_tokenizer(text, add_special_tokens=False).input_ids)
 
     @torch.inference_mode()
-    def _encode(self, texts: list[str]) -> list[Conditioning]:
-        """Encodings of ``texts`` (cached, least recently used evicted), computed in one batch."""
-        missing = [t for t in dict.fromkeys(texts) if t not in self._embed_cache]
+    def _encode(self, texts: list[str], stacks: list[LoraStack] | None = None) -> list[Conditioning]:
+        """Encodings of ``texts``, each with its text-encoder adapters (``stacks``; none by
+        default), cached by both (least recently used evicted), computed in one batch."""
+        keys = list(zip(texts, stacks or [()] * len(texts), strict=True))
+        missing = [k for k in dict.fromkeys(keys) if k not in self._embed_cache]
         if missing:
-            for t, cond in zip(missing, self._encode_batch(missing), strict=True):
-                self._embed_cache[t] = cond
+            with self._lora_plans(("text_encoder", "text_encoder_2"), [k[1] for k in missing]):
+                encoded = self._encode_batch([k[0] for k in missing])
+            for k, cond in zip(missing, encoded, strict=True):
+                self._embed_cache[k] = cond
         out = []
-        for t in texts:
-            self._embed_cache.move_to_end(t)
-            out.append(self._embed_cache[t])
+        for k in keys:
+            self._embed_cache.move_to_end(k)
+            out.append(self._embed_cache[k])
         while len(self._embed_cache) > self._embed_cache_size:
             self._embed_cache.popitem(last=False)
         return out
+
+    # -- LoRA adapters ---------------------------------------------------------------------
+    def register_lora(self, name: str, path: Path) -> LoraAdapter:
+        """Read the adapter at ``path``, check it against this model, wrap the layers it
+        targets, and list it in ``info``. Raises ``LoraLoadError`` naming what does not fit."""
+        components = {
+            "unet": self.unet,
+            "text_encoder": self.text_encoder,
+            "text_encoder_2": getattr(self.pipe, "text_encoder_2", None),
+        }
+        adapter = read_lora(name, path, type(self.pipe), components)
+        for component, layers in adapter.layers.items():
+            model = components[component]
+            assert model is not None
+            wrap_targets(model, component, layers, self._lora_context)
+        self.loras[name] = adapter
+        infos = tuple(LoraInfo(n, a.rank, a.components) for n, a in sorted(self.loras.items()))
+        self.info = dataclasses.replace(self.info, loras=infos)
+        return adapter
+
+    def _resident_lora(self, name: str) -> LoraAdapter:
+        """The adapter's weights on the model's device and dtype (least recently used ones
+        leave the device beyond ``max_loras_resident``)."""
+        got = self._resident.get(name)
+        if got is None:
+            got = self.loras[name].to(self.device, self.dtype)
+            self._resident[name] = got
+            self.lora_loads += 1
+            while len(self._resident) > self.max_loras_resident:
+                self._resident.popitem(last=False)
+        self._resident.move_to_end(name)
+        return got
+
+    @contextlib.contextmanager
+    def _lora_plans(self, components: tuple[str, ...], stacks: list[LoraStack]) -> Iterator[None]:
+        """During the block, the wrapped layers of ``components`` add each row's adapters
+        (row i: ``stacks[i]``); no plan when no row has any."""
+        if not any(stacks):
+            yield
+            return
+        adapters = {n: self._resident_lora(n) for stack in stacks for n, _ in stack}
+        for c in components:
+            self._lora_context.plans[c] = LoraPlan(c, stacks, adapters)
+        try:
+            yield
+        finally:
+            self._lora_context.plans.clear()
+
+    def _text_stack(self, req: RequestState[RequestWork]) -> LoraStack:
+        """The request's adapters that change its prompt encoding."""
+        return tuple(
+            (n, s) for n, s in req.params.loras if any(c != "unet" for c in self.loras[n].components)
+        )
 
     def _tokens(self, tokenizer: Any, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         enc = tokenizer(
@@ -240,7 +307,7 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
     def _negative(self, req: RequestState[RequestWork], positive: Conditioning) -> Conditioning:
         """The unconditional side of classifier-free guidance: the negative prompt's encoding
         (the empty prompt's when there is none)."""
-        return self._encode([req.params.negative_prompt])[0]
+        return self._encode([req.params.negative_prompt], [self._text_stack(req)])[0]
 
     def _row_extras(self, req: RequestState[RequestWork], cond: Conditioning) -> RowExtras:
         """Extra UNet inputs of one of the request's rows with text conditioning ``cond``."""
@@ -253,7 +320,7 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
     # -- engine operations ---------------------------------------------------------------
     @torch.inference_mode()
     def prepare(self, reqs: list[RequestState[RequestWork]]) -> None:
-        positives = self._encode([r.params.prompt for r in reqs])
+        positives = self._encode([r.params.prompt for r in reqs], [self._text_stack(r) for r in reqs])
         for req, pos in zip(reqs, positives, strict=True):
             p = req.params
             neg = self._negative(req, pos) if p.cfg else None
@@ -385,20 +452,23 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
         if rows:
             # 2. One batched forward for everyone (a failure here fails the whole call).
             self.faults.before_forward([r for r, _ in inputs], len(rows))
+            stacks = [r.loras for r in rows]
             if self.batch_invariant and len(rows) == 1:
                 rows = rows + rows  # a 1-row forward takes other conv kernels: pad to 2
+                stacks = stacks + stacks
             x = torch.cat([r.x for r in rows]).contiguous(memory_format=torch.contiguous_format)
             t_all = torch.stack([r.t.to(torch.float32) for r in rows])
             extras = {k: torch.cat([r.extras[k] for r in rows]) for k in rows[0].extras}
             timestep_cond = extras.pop("timestep_cond", None)
-            out = self.unet(
-                x,
-                t_all,
-                encoder_hidden_states=torch.cat([r.context for r in rows]),
-                timestep_cond=timestep_cond,
-                added_cond_kwargs=extras or None,
-                return_dict=False,
-            )[0]
+            with self._lora_plans(("unet",), stacks):
+                out = self.unet(
+                    x,
+                    t_all,
+                    encoder_hidden_states=torch.cat([r.context for r in rows]),
+                    timestep_cond=timestep_cond,
+                    added_cond_kwargs=extras or None,
+                    return_dict=False,
+                )[0]
             # 3. Each request's own update: guidance, sampler step, preview estimate.
             i = 0
             for req, rr in inputs:
@@ -426,9 +496,10 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
             if self.inpainting_unet:
                 assert w.mask is not None and im.masked_latents is not None
                 x_in = torch.cat([x_in, w.mask, im.masked_latents], dim=1)
+            stack = req.params.loras
             if w.negative is not None:
-                rows.append(Row(x_in, t, w.negative.embeds, w.negative_extras))
-            rows.append(Row(x_in, t, w.positive.embeds, w.extras))
+                rows.append(Row(x_in, t, w.negative.embeds, w.negative_extras, stack))
+            rows.append(Row(x_in, t, w.positive.embeds, w.extras, stack))
         return rows
 
     def _update(self, req: RequestState[RequestWork], x: torch.Tensor, out: torch.Tensor) -> None:

@@ -1,0 +1,213 @@
+"""LoRA adapters per request: loaded in diffusers' formats and checked against the model,
+several adapters (and none) in one batched forward, parity with diffusers' own
+``load_lora_weights`` + ``set_adapters``, bit-identical alone vs batched, and the API's
+answers for unknown or out-of-range adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from stepserve.client import ImageClient, StepserveError
+from stepserve.server.engine.lora import LoraLinear, LoraLoadError
+from stepserve.server.engine.models import load_model
+from stepserve.server.engine.samplers import SAMPLER_CLASSES
+from stepserve.server.engine.types import Sampler
+
+from .engine_helpers import Harness, params
+from .server_thread import ServerThread
+from .tiny_pipelines import build_lora
+
+MAX_DIFF = 2
+
+
+@pytest.fixture(scope="module")
+def loras(tiny_sd_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """x: UNet and text encoder, rank 4, alpha 8 (scale 2); y: UNet only, rank 2 (feed-forward
+    layers too); u: UNet only, rank 4, alpha 8; k: kohya keys with alphas, UNet and text
+    encoder."""
+    d = tmp_path_factory.mktemp("loras")
+    return {
+        "x": build_lora(d / "x", tiny_sd_dir, seed=1, rank=4, alpha=8, text_targets=("q_proj", "v_proj")),
+        "y": build_lora(d / "y", tiny_sd_dir, seed=2, rank=2, unet_targets=("to_k", "to_v", "ff.net.2")),
+        "u": build_lora(d / "u", tiny_sd_dir, seed=4, rank=4, alpha=8),
+        "k": build_lora(
+            d / "k",
+            tiny_sd_dir,
+            seed=3,
+            rank=2,
+            alpha=1,
+            kohya=True,
+            text_targets=("q_proj", "k_proj", "v_proj", "out_proj"),
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_sd_dir: Path, loras: dict[str, Path]):
+    a = load_model("tiny", tiny_sd_dir, max_batch_size=16)
+    for name, path in loras.items():
+        a.register_lora(name, path)
+    return a
+
+
+def reference(tiny_sd_dir: Path, loras: dict[str, Path], p, weights: dict[str, float]) -> np.ndarray:
+    """diffusers with ``load_lora_weights`` of each adapter and ``set_adapters`` weights."""
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(tiny_sd_dir), safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = SAMPLER_CLASSES[p.sampler].from_config(pipe.scheduler.config)
+    for name in weights:
+        pipe.load_lora_weights(str(loras[name]), adapter_name=name)
+    if weights:
+        pipe.set_adapters(list(weights), list(weights.values()))
+    image = pipe(
+        p.prompt,
+        negative_prompt=p.negative_prompt or None,
+        num_inference_steps=p.steps,
+        guidance_scale=p.guidance_scale,
+        height=p.height,
+        width=p.width,
+        generator=[torch.Generator().manual_seed(p.seed)],
+        output_type="np",
+    ).images[0]
+    return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
+
+
+def serve(adapter, *reqs) -> dict[str, np.ndarray]:
+    h = Harness({"tiny": adapter})
+    for p in reqs:
+        h.submit(p)
+    h.run_until_idle()
+    return {p.request_id: h.result(p.request_id).images[0] for p in reqs}
+
+
+def diff(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(int) - b.astype(int)).max())
+
+
+def test_one_forward_serves_different_adapters_and_each_matches_diffusers(
+    adapter, tiny_sd_dir: Path, loras: dict[str, Path]
+) -> None:
+    """x at 0.7 batched with y, no adapter, and x at another scale: one forward per step
+    (rows of every kind), each image as diffusers draws it with that adapter alone."""
+    reqs = [
+        params("x07", seed=3, steps=4, negative_prompt="green", loras=(("x", 0.7),)),
+        params("y", seed=4, steps=4, prompt="a blue square", loras=(("y", 1.0),)),
+        params("none", seed=5, steps=4, prompt="a dog"),
+        params("x-1", seed=6, steps=4, guidance_scale=1.0, loras=(("x", -1.0),)),
+    ]
+    forwards: list[int] = []
+    original = adapter.denoise_step
+    adapter.denoise_step = lambda rs: forwards.append(len(rs)) or original(rs)  # type: ignore[method-assign]
+    try:
+        got = serve(adapter, *reqs)
+    finally:
+        adapter.denoise_step = original  # type: ignore[method-assign]
+    assert forwards == [4, 4, 4, 4]  # never split by adapter
+    for p in reqs:
+        weights = dict(p.loras)
+        assert diff(got[p.request_id], reference(tiny_sd_dir, loras, p, weights)) <= MAX_DIFF, p.request_id
+    # The adapters do something: without them the image differs.
+    assert (
+        diff(got["x07"], serve(adapter, params("plain", seed=3, steps=4, negative_prompt="green"))["plain"])
+        > 20
+    )
+
+
+def test_stacked_adapters_and_kohya_keys_match_diffusers(
+    adapter, tiny_sd_dir: Path, loras: dict[str, Path]
+) -> None:
+    """Two adapters stacked with weights, one with text-encoder layers, and an adapter in
+    kohya/A1111 keys with alphas, converted as diffusers converts them."""
+    stack = params("s", seed=8, steps=3, sampler=Sampler.EULER_ANCESTRAL, loras=(("x", 0.5), ("y", 1.5)))
+    kohya = params("k", seed=9, steps=3, loras=(("k", 1.5),))
+    got = serve(adapter, stack, kohya)
+    assert diff(got["s"], reference(tiny_sd_dir, loras, stack, {"x": 0.5, "y": 1.5})) <= MAX_DIFF
+    assert diff(got["k"], reference(tiny_sd_dir, loras, kohya, {"k": 1.5})) <= MAX_DIFF
+
+
+def test_alone_or_batched_gives_identical_pixels(adapter) -> None:
+    target = params("t", seed=11, steps=4, loras=(("y", 0.8), ("x", 0.3)))
+    alone = serve(adapter, target)["t"]
+    others = [
+        params("a", seed=1, steps=5, loras=(("x", 0.3), ("y", 0.8))),  # same adapters, other order
+        params("b", seed=2, steps=3, loras=(("k", 1.0),)),
+        params("c", seed=3, steps=6, guidance_scale=1.0),
+    ]
+    h = Harness({"tiny": adapter})
+    for p in others:
+        h.submit(p)
+    h.step(2)
+    h.submit(target)
+    h.run_until_idle()
+    np.testing.assert_array_equal(h.result("t").images[0], alone)
+
+
+def test_loading_wraps_only_targeted_layers_and_names_what_does_not_fit(
+    adapter, tiny_sd_dir: Path, tiny_sdxl_dir: Path, tmp_path: Path
+) -> None:
+    wrapped = [n for n, m in adapter.unet.named_modules() if isinstance(m, LoraLinear)]
+    assert wrapped and all(n.endswith(("to_q", "to_k", "to_v", "to_out.0", "ff.net.2")) for n in wrapped)
+    assert {x.name: (x.rank, x.components) for x in adapter.info.loras} == {
+        "k": (2, ("unet", "text_encoder")),
+        "u": (4, ("unet",)),
+        "x": (4, ("unet", "text_encoder")),
+        "y": (2, ("unet",)),
+    }
+    fresh = load_model("fresh", tiny_sd_dir)
+    xl_lora = build_lora(tmp_path / "xl", tiny_sdxl_dir, seed=1)  # another model's layers
+    with pytest.raises(LoraLoadError, match=r"unet\.down_blocks.*(no such module|but the model's layer is)"):
+        fresh.register_lora("xl", xl_lora)
+    with pytest.raises(LoraLoadError, match="does not exist"):
+        fresh.register_lora("missing", tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LoraLoadError, match="exactly one .safetensors file"):
+        fresh.register_lora("empty", tmp_path / "empty")
+    conv = build_lora(tmp_path / "conv", tiny_sd_dir, seed=1, unet_targets=("proj_in",))
+    assert isinstance(dict(fresh.unet.named_modules())["down_blocks.0.attentions.0.proj_in"], torch.nn.Conv2d)
+    with pytest.raises(LoraLoadError, match="adapts a Conv2d; stepserve serves LoRA on linear layers only"):
+        fresh.register_lora("conv", conv)
+    assert fresh.info.loras == ()
+
+
+def test_the_api_lists_adapters_and_refuses_unknown_or_out_of_range_ones(
+    tiny_sd_dir: Path, loras: dict[str, Path]
+) -> None:
+    srv = ServerThread.tiny(
+        tiny_sd_dir, loras=[f"x={loras['x']}", f"tiny:y={loras['y']}"], max_loras_per_request=2
+    )
+    try:
+        with ImageClient(srv.target) as c:
+            (m,) = c.list_models()
+            assert [(x.name, x.rank, list(x.components)) for x in m.loras] == [
+                ("x", 4, ["unet", "text_encoder"]),
+                ("y", 2, ["unet"]),
+            ]
+            assert m.max_loras_per_request == 2
+            r = c.generate("a red circle", steps=2, seed=1, loras=["x:0.5", ("y", 2.0)])
+            assert len(r.images) == 1
+            with pytest.raises(StepserveError) as e:
+                c.generate("a red circle", steps=2, loras=["z"])
+            assert e.value.code == grpc.StatusCode.NOT_FOUND and "'z'" in e.value.message
+            for loras_, field in (
+                (["x:4.5"], "loras[0].scale"),
+                (["x", "y:nan"], "loras[1].scale"),
+                (["x", "x:2"], "loras[1].name"),
+                (["x", "y", "x:2"], "loras"),
+            ):
+                with pytest.raises(StepserveError) as e:
+                    c.generate("a red circle", steps=2, loras=loras_)
+                assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+                assert field in [v.field for v in e.value.field_violations], (
+                    loras_,
+                    e.value.field_violations,
+                )
+    finally:
+        srv.stop()
