@@ -211,3 +211,33 @@ def test_the_api_lists_adapters_and_refuses_unknown_or_out_of_range_ones(
                 )
     finally:
         srv.stop()
+
+
+def test_sdxl_adapters_match_diffusers(sdxl, tiny_sdxl_dir: Path, tmp_path: Path) -> None:
+    """SDXL: an adapter of the UNet's attention layers (transformer depth 2, linear
+    projections), batched with a request without it."""
+    from diffusers import StableDiffusionXLPipeline
+
+    path = build_lora(tmp_path / "xl", tiny_sdxl_dir, seed=5, rank=4, alpha=4)
+    if "xl-style" not in sdxl.loras:
+        sdxl.register_lora("xl-style", path)
+    p = params("p", model="xl", seed=12, steps=3, loras=(("xl-style", 0.8),))
+    h = Harness({"xl": sdxl})
+    h.submit(p)
+    h.submit(params("plain", model="xl", seed=13, steps=3))
+    h.run_until_idle()
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_dir))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(path), adapter_name="xl-style")
+    pipe.set_adapters(["xl-style"], [0.8])
+    ref = pipe(
+        p.prompt,
+        num_inference_steps=3,
+        guidance_scale=p.guidance_scale,
+        height=32,
+        width=32,
+        generator=[torch.Generator().manual_seed(12)],
+        output_type="np",
+    ).images[0]
+    ref_u8 = (np.clip(ref, 0, 1) * 255).round().astype(np.uint8)
+    assert diff(h.result("p").images[0], ref_u8) <= MAX_DIFF
