@@ -258,7 +258,10 @@ class StepServer:
         cuda = sorted({str(m.device) for m in self.models.values() if m.device.type == "cuda"})
         self.metrics.registry.register(
             EngineCollector(
-                lambda: self.engine, {n: m.info.max_batch_size for n, m in self.models.items()}, cuda
+                lambda: self.engine,
+                {n: m.info.max_batch_size for n, m in self.models.items()},
+                cuda,
+                lambda: {n: m.lora_residency() for n, m in self.models.items()},
             )
         )
         loop = asyncio.get_running_loop()

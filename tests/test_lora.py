@@ -20,6 +20,8 @@ from stepserve.server.engine.samplers import SAMPLER_CLASSES
 from stepserve.server.engine.types import Sampler
 
 from .engine_helpers import Harness, params
+from .metrics_helpers import Samples, scrape
+from .server_process import free_port
 from .server_thread import ServerThread
 from .tiny_pipelines import build_lora
 
@@ -181,7 +183,10 @@ def test_the_api_lists_adapters_and_refuses_unknown_or_out_of_range_ones(
     tiny_sd_dir: Path, loras: dict[str, Path]
 ) -> None:
     srv = ServerThread.tiny(
-        tiny_sd_dir, loras=[f"x={loras['x']}", f"tiny:y={loras['y']}"], max_loras_per_request=2
+        tiny_sd_dir,
+        loras=[f"x={loras['x']}", f"tiny:y={loras['y']}"],
+        max_loras_per_request=2,
+        metrics_port=free_port(),
     )
     try:
         with ImageClient(srv.target) as c:
@@ -209,8 +214,33 @@ def test_the_api_lists_adapters_and_refuses_unknown_or_out_of_range_ones(
                     loras_,
                     e.value.field_violations,
                 )
+        metrics = Samples(scrape(srv.server.metrics_port))
+        assert metrics.get("stepserve_loras_registered", model="tiny") == 2
+        assert metrics.get("stepserve_lora_requests_total", model="tiny", lora="x") == 1
+        assert metrics.get("stepserve_lora_requests_total", model="tiny", lora="y") == 1
+        assert metrics.get("stepserve_loras_resident", model="tiny") == 2
     finally:
         srv.stop()
+
+
+def test_adapters_beyond_the_resident_limit_wait_on_the_host(
+    tiny_sd_dir: Path, loras: dict[str, Path]
+) -> None:
+    """With one adapter resident at a time, requests alternating two adapters copy them in
+    again each time (counted) and get the same images as with both resident."""
+    small = load_model("tiny", tiny_sd_dir, max_loras_resident=1)
+    both = load_model("tiny", tiny_sd_dir)
+    for name in ("x", "y"):
+        small.register_lora(name, loras[name])
+        both.register_lora(name, loras[name])
+    reqs = [params(f"r{i}", seed=i, steps=2, loras=((["x", "y"][i % 2], 1.0),)) for i in range(4)]
+    h = Harness({"tiny": small})
+    for p in reqs:  # one at a time: each needs the adapter the last one pushed out
+        h.submit(p)
+        h.run_until_idle()
+    assert small.lora_residency() == (2, 1, 4)
+    for p in reqs:
+        np.testing.assert_array_equal(h.result(p.request_id).images[0], serve(both, p)[p.request_id])
 
 
 def test_sdxl_adapters_match_diffusers(sdxl, tiny_sdxl_dir: Path, tmp_path: Path) -> None:

@@ -252,10 +252,12 @@ class EngineCollector(Collector):
         engine: Callable[[], Engine | None],
         max_batch_sizes: dict[str, int],
         cuda_devices: Sequence[str] = (),
+        lora_residency: Callable[[], dict[str, tuple[int, int, int]]] | None = None,
     ) -> None:
         self._engine = engine
         self._max_batch = max_batch_sizes
         self._cuda = list(cuda_devices)
+        self._loras = lora_residency
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # unchecked collector: names are fixed but values come at scrape time
@@ -288,6 +290,27 @@ class EngineCollector(Collector):
         yield queue
         yield active
         yield cap
+        if self._loras is not None:
+            registered = GaugeMetricFamily(
+                "stepserve_loras_registered", "LoRA adapters registered (--lora).", labels=["model"]
+            )
+            resident = GaugeMetricFamily(
+                "stepserve_loras_resident",
+                "LoRA adapters held on the accelerator now (at most --max-loras-resident).",
+                labels=["model"],
+            )
+            loads = CounterMetricFamily(
+                "stepserve_lora_loads",
+                "LoRA adapters copied to the accelerator (a request's adapter was not resident).",
+                labels=["model"],
+            )
+            for model, (n, held, copied) in self._loras().items():
+                registered.add_metric([model], n)
+                resident.add_metric([model], held)
+                loads.add_metric([model], copied)
+            yield registered
+            yield resident
+            yield loads
         busy, idle = engine.accelerator_seconds() if engine is not None else (0.0, 0.0)
         yield CounterMetricFamily(
             "stepserve_accelerator_busy_seconds",

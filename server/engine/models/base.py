@@ -117,6 +117,11 @@ class ModelAdapter(ABC, Generic[WorkT]):
         """Register the LoRA adapter at ``path`` as ``name`` (see engine/lora.py)."""
         raise NotImplementedError(f"{type(self).__name__} serves no LoRA adapters")
 
+    def lora_residency(self) -> tuple[int, int, int]:
+        """(registered, resident on the device, device loads so far) of its LoRA adapters;
+        read by the metrics collector from another thread (counts only)."""
+        return (0, 0, 0)
+
     def release(self, req: RequestState[WorkT]) -> None:
         """Free the request's tensors."""
         req.work = None

@@ -253,6 +253,9 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
         self.info = dataclasses.replace(self.info, loras=infos)
         return adapter
 
+    def lora_residency(self) -> tuple[int, int, int]:
+        return (len(self.loras), len(self._resident), self.lora_loads)
+
     def _resident_lora(self, name: str) -> LoraAdapter:
         """The adapter's weights on the model's device and dtype (least recently used ones
         leave the device beyond ``max_loras_resident``)."""
