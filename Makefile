@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo serve test test-fast lint format proto proto-check deploy-check deploy-rules bench bench-quick train-tiny clean
+.PHONY: setup demo serve test test-fast lint format proto proto-check deploy-check deploy-rules bench bench-quick train-tiny train-tiny-loras clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -81,6 +81,10 @@ bench-quick: setup
 # Rebuild the embedded model from scratch (about 30 minutes on 2 idle CPU cores).
 train-tiny: setup
 	$(BIN)/python models/tiny/train.py --out server/assets/tiny-shapes
+
+# The embedded model's two LoRA adapters (outline, stripes), on the committed base weights.
+train-tiny-loras: setup
+	$(BIN)/python models/tiny/train_loras.py --out server/assets/tiny-shapes/loras
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache

@@ -250,6 +250,7 @@ class StepServer:
                 reject_unmeetable_deadlines=self.config.reject_unmeetable_deadlines,
                 run_ahead={"on": True, "off": False}.get(self.config.run_ahead),
                 max_queued_input_bytes=self.config.max_queued_input_bytes or None,
+                lora_batching=self.config.lora_batching,
             ),
             observers=observers,
         )

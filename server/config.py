@@ -82,6 +82,11 @@ class ServerConfig:
         "the rest wait on the host)",
     )
     max_loras_per_request: int = _opt(4, "most LoRA adapters one request may stack")
+    lora_batching: str = _opt(
+        "mixed",
+        "'mixed': requests with different LoRA adapters share each forward; 'separate': each "
+        "adapter stack is batched on its own (how servers without per-row adapters batch; for comparison)",
+    )
     default_model: str = _opt("", "model an empty GenerateRequest.model selects (default: the first --model)")
     batching: str = _opt(
         "step",
@@ -290,6 +295,10 @@ class ServerConfig:
         need(
             self.max_connection_age_s >= 0,
             f"--max-connection-age-s {self.max_connection_age_s}: must be >= 0",
+        )
+        need(
+            self.lora_batching in ("mixed", "separate"),
+            f"--lora-batching {self.lora_batching!r}: must be 'mixed' or 'separate'",
         )
         need(
             1 <= self.max_loras_resident <= 100_000,

@@ -271,3 +271,33 @@ def test_sdxl_adapters_match_diffusers(sdxl, tiny_sdxl_dir: Path, tmp_path: Path
     ).images[0]
     ref_u8 = (np.clip(ref, 0, 1) * 255).round().astype(np.uint8)
     assert diff(h.result("p").images[0], ref_u8) <= MAX_DIFF
+
+
+def test_separate_lora_batching_gives_each_adapter_its_own_forwards(adapter) -> None:
+    """The comparison mode (--lora-batching separate): requests share a forward only with
+    requests of the same adapters, as servers without per-row adapters batch; same images."""
+    reqs = [
+        params("x", seed=1, steps=2, loras=(("x", 1.0),)),
+        params("x2", seed=2, steps=2, loras=(("x", 1.0),)),
+        params("y", seed=3, steps=2, loras=(("y", 1.0),)),
+        params("none", seed=4, steps=2),
+    ]
+    batches: list[list[str]] = []
+    original = adapter.denoise_step
+
+    def spy(rs):
+        batches.append(sorted(r.request_id for r in rs))
+        return original(rs)
+
+    adapter.denoise_step = spy  # type: ignore[method-assign]
+    try:
+        h = Harness({"tiny": adapter}, lora_batching="separate")
+        for p in reqs:
+            h.submit(p)
+        h.run_until_idle()
+    finally:
+        adapter.denoise_step = original  # type: ignore[method-assign]
+    assert sorted(map(tuple, batches)) == sorted([("x", "x2")] * 2 + [("y",)] * 2 + [("none",)] * 2)
+    mixed = serve(adapter, *reqs)
+    for p in reqs:
+        np.testing.assert_array_equal(h.result(p.request_id).images[0], mixed[p.request_id])

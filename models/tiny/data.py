@@ -84,22 +84,40 @@ def caption(s: Sample, rng: random.Random | None = None, omit: frozenset[str] = 
     return " ".join(words)
 
 
-def render(s: Sample, fill: tuple[int, int, int] | None = None) -> Image.Image:
+# Styles the embedded LoRA adapters draw in (the base model draws "solid"): an outline
+# STROKE_PX wide, or horizontal stripes STRIPE_PX high (colour, background, colour...).
+STYLES = ("solid", "outline", "stripes")
+STROKE_PX = 2
+STRIPE_PX = 2
+
+
+def render(s: Sample, fill: tuple[int, int, int] | None = None, style: str = "solid") -> Image.Image:
     """Draw ``s`` anti-aliased (drawn at 8x, then downsampled) at IMAGE_SIZE_PX, in its
-    palette color or in ``fill``."""
+    palette color or in ``fill``, solid or in one of the adapters' STYLES."""
     k = SUPERSAMPLE
     img = Image.new("RGB", (IMAGE_SIZE_PX * k, IMAGE_SIZE_PX * k), BACKGROUND_RGB)
-    draw = ImageDraw.Draw(img)
+    shape = Image.new("L", img.size, 0)
+    draw = ImageDraw.Draw(shape)
     cx, cy = POSITIONS[s.position]
     cx, cy = (cx + s.dx) * k, (cy + s.dy) * k
     r = SIZES[s.size] * k
     fill = fill or COLORS[s.color]
-    if s.shape == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif s.shape == "square":
-        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    if style == "outline":
+        kw: dict[str, object] = {"outline": 255, "width": STROKE_PX * k}
     else:
-        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+        kw = {"fill": 255}
+    if s.shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), **kw)  # type: ignore[arg-type]
+    elif s.shape == "square":
+        draw.rectangle((cx - r, cy - r, cx + r, cy + r), **kw)  # type: ignore[arg-type]
+    else:
+        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], **kw)  # type: ignore[arg-type]
+    if style == "stripes":
+        rows = np.arange(img.size[1]) // (STRIPE_PX * k) % 2 == 0
+        mask = np.asarray(shape).copy()
+        mask[~rows] = 0
+        shape = Image.fromarray(mask)
+    img.paste(Image.new("RGB", img.size, fill), mask=shape)
     return img.resize((IMAGE_SIZE_PX, IMAGE_SIZE_PX), Image.Resampling.LANCZOS)
 
 
@@ -115,8 +133,8 @@ def random_sample(rng: random.Random) -> Sample:
     )
 
 
-def make_dataset(n: int, seed: int) -> tuple[np.ndarray, list[str], list[Sample]]:
-    """``n`` images (uint8, N x H x W x 3), their captions and attributes."""
+def make_dataset(n: int, seed: int, style: str = "solid") -> tuple[np.ndarray, list[str], list[Sample]]:
+    """``n`` images (uint8, N x H x W x 3) drawn in ``style``, their captions and attributes."""
     rng = random.Random(seed)
     images = np.empty((n, IMAGE_SIZE_PX, IMAGE_SIZE_PX, 3), dtype=np.uint8)
     captions: list[str] = []
@@ -124,7 +142,7 @@ def make_dataset(n: int, seed: int) -> tuple[np.ndarray, list[str], list[Sample]
     for i in range(n):
         s = random_sample(rng)
         omit = frozenset(a for a, p in P_OMIT.items() if rng.random() < p)
-        images[i] = np.asarray(render(s))
+        images[i] = np.asarray(render(s, style=style))
         captions.append(caption(s, rng, omit))
         samples.append(s)
     return images, captions, samples

@@ -4,6 +4,7 @@
     python models/tiny/served.py            # judge the 48 card prompts and the 200 random ones
     python models/tiny/served.py --samplers # ... and the 48 with every sampler the model lists
     python models/tiny/served.py --edits    # ... and image-to-image and inpainting edits
+    python models/tiny/served.py --loras    # ... and its LoRA adapters' styles
 
 Requests run 16 at a time (32 forward rows with guidance), as a busy server batches them.
 """
@@ -122,12 +123,35 @@ def serve_edits(adapter: ModelAdapter, task: Task, strength: float, **kw: object
     return scores
 
 
+def style_prompts() -> list[tuple[str, data.Sample]]:
+    """The prompts the adapters are judged on: every color and shape, large, at every place."""
+    out = []
+    for color in data.COLORS:
+        for shape in data.SHAPES:
+            for position in data.POSITIONS:
+                s = data.Sample(color, shape, "large", position)
+                out.append((data.caption(s), s))
+    return out
+
+
+def serve_styles(adapter: ModelAdapter, lora: str | None, scale: float = 1.0) -> dict[str, float]:
+    """With adapter ``lora`` (None: none) on the 60 style prompts (seeds 0-59): the share read
+    in each style, and the judge's usual columns."""
+    prompts = style_prompts()
+    loras = ((lora, scale),) if lora else ()
+    images = serve_prompts(adapter, prompts, list(range(len(prompts))), loras=loras)
+    styles = [judge.read_style(im) for im in images]
+    scores = {f"style_{st}": sum(x == st for x in styles) / len(styles) for st in data.STYLES}
+    return {**scores, **judge.score(images, [s for _, s in prompts])}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samplers", action="store_true", help="also judge the 48 prompts with every sampler")
     ap.add_argument(
         "--edits", action="store_true", help="also judge image-to-image (strength 0.7) and inpainting edits"
     )
+    ap.add_argument("--loras", action="store_true", help="also judge the model's LoRA adapters (styles)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -146,6 +170,9 @@ def main() -> int:
         out["inpaint_1.0_preserve_unmasked"] = serve_edits(
             adapter, Task.INPAINTING, 1.0, preserve_unmasked=True
         )
+    if args.loras:
+        for lora in (None, *sorted(adapter.loras)):
+            out[f"style_{lora or 'base'}"] = serve_styles(adapter, lora)
     print(json.dumps(out, indent=2))
     return 0
 

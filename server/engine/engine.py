@@ -58,6 +58,9 @@ class EngineConfig:
     # with the call, and the decoded pixels); beyond it a request with image inputs is refused
     # like one past max_queue. None: no byte limit.
     max_queued_input_bytes: int | None = 512 << 20
+    # "mixed": requests with different LoRA adapters share forwards; "separate": each adapter
+    # stack gets batches of its own (what servers without per-row adapters do; for comparison).
+    lora_batching: str = "mixed"
 
 
 class Engine:
@@ -237,7 +240,7 @@ class Engine:
         def deliver(messages: list[Message]) -> Load:
             for m in messages:
                 if isinstance(m, Submit):
-                    req = m.to_request()
+                    req = self._request(m)
                     s.add(req)
                     refusal = self._refuse_if_unmeetable(req)
                     if refusal is not None:
@@ -258,6 +261,12 @@ class Engine:
             for req, event in refused:
                 logger.info("request %s refused: %s", req.request_id, event.message, extra=req.log_extra)
                 self.outbox.end_later(req, event)
+
+    def _request(self, submission: Submit) -> RequestState:
+        req = submission.to_request()
+        if self.config.lora_batching == "separate":
+            req.batch_tag = submission.params.loras
+        return req
 
     def estimated_finish_s(self, req: RequestState) -> float:
         """Seconds until a just-queued request would finish at the current load: the wait for
@@ -306,6 +315,6 @@ class Engine:
             self.runner.release(req)
             self.outbox.end_later(req, FailedEvent(status.finish_reason, message))
         for submission in self.inbox.take_submissions():
-            req = submission.to_request()
+            req = self._request(submission)
             req.status = status
             self.outbox.end_later(req, FailedEvent(status.finish_reason, message))

@@ -47,7 +47,9 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_REJECTED: FinishReason.UNMEETABLE_DEADLINE,
 }
 
-BucketKey = tuple[str, int, int]
+# (model, height, width, tag): the tag is () unless the engine separates batches by something
+# else (--lora-batching separate: the request's adapters).
+BucketKey = tuple[str, int, int, tuple[Any, ...]]
 
 
 @dataclass(eq=False)
@@ -75,6 +77,8 @@ class RequestState(Generic[WorkT]):
     first_preview_time: float | None = None
     # Scheduler step counter of this request's last forward (-1 = none yet).
     last_step: int = -1
+    # Only requests with equal tags share a forward (see BucketKey).
+    batch_tag: tuple[Any, ...] = ()
     work: WorkT | None = field(default=None, repr=False)
     # The caller's trace context (an OpenTelemetry SpanContext, or None when not traced) and
     # per-request state that observers keep (open spans); the engine never looks inside.
@@ -101,7 +105,7 @@ class RequestState(Generic[WorkT]):
     @property
     def bucket(self) -> BucketKey:
         """Requests with equal buckets can share one batched denoiser forward."""
-        return (self.params.model, self.params.height, self.params.width)
+        return (self.params.model, self.params.height, self.params.width, self.batch_tag)
 
     @property
     def total_steps(self) -> int:

@@ -33,7 +33,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from ..batch_invariance import make_rowwise_linears
-from ..lora import LoraAdapter, LoraContext, LoraPlan, LoraStack, read_lora, wrap_targets
+from ..lora import LoraAdapter, LoraContext, LoraLoadError, LoraPlan, LoraStack, read_lora, wrap_targets
 from ..samplers import (
     GENERAL_SAMPLERS,
     KARRAS_SAMPLERS,
@@ -159,6 +159,8 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
             # (a --model-option path is the operator's own, used as given).
             if settings.get("preview_decoder"):
                 settings["preview_decoder"] = str(self.path / settings["preview_decoder"])
+            # So are the LoRA adapters it ships ({"name": "relative path"}), registered at load.
+            settings["loras"] = {n: str(self.path / p) for n, p in settings.get("loras", {}).items()}
         settings.update(overrides or {})
         native = int(self.unet.config.sample_size) * self.vae_scale_factor
         default_sampler = settings.get("default_sampler")
@@ -210,6 +212,11 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
         self._embed_cache_size = embed_cache_size
         self._latent_rgb = self._fit_latent_rgb(settings.get("latent_rgb_factors"))
         self.preview_decoder = self._load_preview_decoder(settings.get("preview_decoder"))
+        for lora_name, lora_path in settings.get("loras", {}).items():
+            try:
+                self.register_lora(lora_name, Path(lora_path))
+            except LoraLoadError as e:
+                raise ModelLoadError(f"model {name}: its own LoRA {lora_name!r}: {e}") from e
 
     # -- prompts ------------------------------------------------------------------------
     def count_prompt_tokens(self, text: str) -> int:
