@@ -301,3 +301,12 @@ def test_separate_lora_batching_gives_each_adapter_its_own_forwards(adapter) -> 
     mixed = serve(adapter, *reqs)
     for p in reqs:
         np.testing.assert_array_equal(h.result(p.request_id).images[0], mixed[p.request_id])
+
+
+def test_the_engine_refuses_an_adapter_it_does_not_have(adapter) -> None:
+    """Validation answers NOT_FOUND first; the engine's door refuses too, so no request with
+    an unknown adapter ever reaches a forward."""
+    h = Harness({"tiny": adapter})
+    with pytest.raises(ValueError, match="no LoRA adapter nope"):
+        h.submit(params("p", loras=(("nope", 1.0),)))
+    assert h.engine.idle()

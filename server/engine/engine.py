@@ -122,9 +122,12 @@ class Engine:
         images than the model batches). ``trace_context`` (the caller's OpenTelemetry span
         context) goes to observers."""
         self.scheduler.check_admissible(params)  # never let the engine thread meet one
-        tasks = self.models[params.model].info.tasks
-        if params.task not in tasks:
+        info = self.models[params.model].info
+        if params.task not in info.tasks:
             raise ValueError(f"model {params.model!r} does not serve {params.task.value} requests")
+        unknown = sorted({n for n, _ in params.loras} - {x.name for x in info.loras})
+        if unknown:
+            raise ValueError(f"model {params.model!r} has no LoRA adapter {', '.join(unknown)}")
         self.inbox.submit(Submit(params, self.clock(), trace_context), sink)
 
     def cancel(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_CANCELLED) -> None:
