@@ -51,13 +51,22 @@ PY
   --init-image "$OUT/input-red-circle.png" --mask "$OUT/input-mask-left.png" --strength 1 \
   --preserve-unmasked --seed 2 -o "$OUT/inpaint-green-square.png"
 
+echo "== the same prompt with the model's own LoRA adapters, batched together in one forward"
+for STYLE in outline stripes; do
+  "$BIN/stepserve-client" --target "127.0.0.1:$PORT" generate "a large red circle on the left" \
+    --lora "$STYLE" --seed 4 -o "$OUT/lora-$STYLE.png" &
+done
+"$BIN/stepserve-client" --target "127.0.0.1:$PORT" generate "a large red circle on the left" \
+  --seed 4 -o "$OUT/lora-none.png"
+wait
+
 echo "== what Prometheus would scrape (http://127.0.0.1:$METRICS_PORT/metrics), in part"
 "$BIN/python" - "$METRICS_PORT" <<'PY'
 import sys, urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=10).read().decode()
 want = {"stepserve_requests_total", "stepserve_images_total", "stepserve_cost_usd_total",
-        "stepserve_admitted_requests_total",
+        "stepserve_admitted_requests_total", "stepserve_lora_requests_total",
         "stepserve_batch_size_sum", "stepserve_batch_size_count", "stepserve_queue_depth"}
 for fam in text_string_to_metric_families(text):
     for s in fam.samples:

@@ -88,7 +88,7 @@ def caption(s: Sample, rng: random.Random | None = None, omit: frozenset[str] = 
 # STROKE_PX wide, or horizontal stripes STRIPE_PX high (colour, background, colour...).
 STYLES = ("solid", "outline", "stripes")
 STROKE_PX = 2
-STRIPE_PX = 2
+STRIPE_PX = 3
 
 
 def render(s: Sample, fill: tuple[int, int, int] | None = None, style: str = "solid") -> Image.Image:

@@ -188,7 +188,7 @@ if __name__ == "__main__":
 
 
 # Style (the embedded LoRA adapters): a striped object's box has rows (almost) empty between
-# covered ones, at least twice; an outline has few pixels whose four neighbours are object
+# covered ones; an outline has few pixels whose four neighbours are object
 # too. Calibrated on renders (validate_styles): large shapes only, small ones are too few
 # pixels for a 2 px stroke or stripe to show.
 STRIPE_GAP = 0.25
@@ -206,8 +206,9 @@ def read_style(image: np.ndarray) -> str | None:
     rows = box.mean(axis=1)
     # Rows of the object's box with (almost) nothing in them, between covered ones: stripes.
     low = rows < STRIPE_GAP * rows.max()
-    starts = int((~low[1:] & low[:-1]).sum())  # covered rows that follow a gap
-    if starts >= 2:
+    covered = np.nonzero(~low)[0]
+    inner = low[covered[0] : covered[-1] + 1]  # between the first and last covered rows
+    if bool(inner.any()):
         return "stripes"
     inner = obj[1:-1, 1:-1] & obj[:-2, 1:-1] & obj[2:, 1:-1] & obj[1:-1, :-2] & obj[1:-1, 2:]
     return "outline" if inner.sum() / obj.sum() < OUTLINE_INTERIOR else "solid"

@@ -2,7 +2,7 @@
 ``stripes`` (shapes filled with horizontal stripes), on the same captions as the base model
 (the adapter is the style; the prompt still says color, shape, size and place).
 
-    python models/tiny/train_loras.py [--out server/assets/tiny-shapes/loras] [--steps 600]
+    python models/tiny/train_loras.py [--out server/assets/tiny-shapes/loras] [--steps 400]
 
 Each is a rank-4 PEFT LoRA of the UNet's attention projections, trained with the base
 recipe's v-prediction loss on renders in its style (the base weights frozen), saved with
@@ -32,14 +32,13 @@ from models.tiny.train import lr_at, to_tensor
 logger = logging.getLogger("train_loras")
 ASSETS = Path(__file__).resolve().parents[2] / "server" / "assets" / "tiny-shapes"
 ADAPTERS = ("outline", "stripes")
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "time_emb_proj"]
 
 
 def train(
     style: str, steps: int, batch: int, rank: int, lr: float, images: int, seed: int, out: Path
 ) -> dict:
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
@@ -93,7 +92,7 @@ def train(
         if step % 100 == 0 or step == steps - 1:
             logger.info("%s step %d/%d loss %.4f (%.0fs)", style, step, steps, loss.item(), time.time() - t0)
     unet.eval()
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    layers = get_peft_model_state_dict(unet)  # PEFT's names throughout (see server/engine/lora.py)
     target = out / style
     target.mkdir(parents=True, exist_ok=True)
     StableDiffusionPipeline.save_lora_weights(
@@ -115,13 +114,13 @@ def train(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=ASSETS / "loras")
-    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--images", type=int, default=4000)
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", choices=ADAPTERS, action="append", help="train only this adapter (repeatable)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

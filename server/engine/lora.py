@@ -132,7 +132,10 @@ def read_lora(name: str, path: Path, pipeline_class: Any, models: dict[str, nn.M
         if model is None:
             raise LoraLoadError(f"{str(file)!r} has {component} layers; this model has no {component}")
         if component == "unet":
-            if not any("lora_A" in k for k in part):
+            # Any key not in PEFT's names is converted (diffusers' training scripts save
+            # attention layers in diffusers' names and feed-forward ones in PEFT's; diffusers'
+            # loader decides from the first key alone).
+            if not all(".lora_A." in k or ".lora_B." in k for k in part):
                 part = convert_unet_state_dict_to_peft(part)  # type: ignore[no-untyped-call]
         else:
             part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))  # type: ignore[no-untyped-call]
