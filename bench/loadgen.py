@@ -15,6 +15,10 @@ strength 1.0 (diffusers' inpainting default) of an init image under a mask. The 
 right half, or a centred square, white = repaint) are drawn here with PIL, deterministically,
 at ``--image-size`` (default: the target's default model's size, from ListModels), so edits
 come out at the size text-to-image requests do.
+
+``--loras A,B,...`` (either shape) attaches LoRA adapters: request ``i`` draws one of the named
+adapters or none, all equally likely (8 names: 1 in 9 without), at scale 1.0, from a RNG seeded
+with ``--seed`` and ``i`` (so the draw is the request's own, whatever order the calls go in).
 """
 
 from __future__ import annotations
@@ -114,6 +118,18 @@ class EditInputs:
             req.prompt = MASKS[m][1]
 
 
+@dataclass(frozen=True)
+class LoraDraw:
+    """``--loras``: each request's adapter (or None), drawn from ``names`` and none alike."""
+
+    names: tuple[str, ...]
+    seed: int
+
+    def of(self, i: int) -> str | None:
+        choices = (None, *self.names)
+        return choices[random.Random(f"lora-{self.seed}-{i}").randrange(len(choices))]
+
+
 async def one(
     stub: pb_grpc.ImageGenerationServiceStub,
     i: int,
@@ -123,9 +139,16 @@ async def one(
     t0: float,
     kind: str = "text",
     edit: EditInputs | None = None,
+    loras: LoraDraw | None = None,
 ) -> dict[str, Any]:
+    lora = loras.of(i) if loras is not None else None
     req = build_request(
-        PROMPTS[i % len(PROMPTS)], steps=steps, seed=i, sampler=sampler, preview_every=1 if preview else 0
+        PROMPTS[i % len(PROMPTS)],
+        steps=steps,
+        seed=i,
+        sampler=sampler,
+        preview_every=1 if preview else 0,
+        loras=[(lora, 1.0)] if lora else (),
     )
     if edit is not None:
         edit.apply(req, kind, i)
@@ -134,6 +157,7 @@ async def one(
         "kind": kind,
         "steps": steps,
         "sampler": sampler,
+        "lora": lora,
         "start": time.perf_counter() - t0,
     }
     try:
@@ -168,9 +192,10 @@ async def closed_loop(
     mix_seed: int | None = None,
     edit: EditInputs | None = None,
     edit_seed: int = 0,
+    loras: LoraDraw | None = None,
 ) -> list[dict[str, Any]]:
     """``mix_seed`` set: each request's steps and sampler are drawn from the mix (seeded);
-    ``edit`` set: its task too (see the module's docstring)."""
+    ``edit`` set: its task too; ``loras`` set: its adapter (see the module's docstring)."""
     records: list[dict[str, Any]] = []
     rng = random.Random(mix_seed)
     kinds = random.Random(f"edit-{edit_seed}")
@@ -186,7 +211,7 @@ async def closed_loop(
                 else:
                     s, sampler = rng.choice(MIX_STEPS), rng.choice(MIX_SAMPLERS)
                 kind = kinds.choice(EDIT_KINDS) if edit is not None else "text"
-                records.append(await one(stub, next(counter), s, sampler, preview, t0, kind, edit))
+                records.append(await one(stub, next(counter), s, sampler, preview, t0, kind, edit, loras))
                 if time.perf_counter() - t0 >= duration:
                     break
 
@@ -202,6 +227,7 @@ async def open_loop(
     preview: bool,
     steps: int | None,
     edit: EditInputs | None = None,
+    loras: LoraDraw | None = None,
 ) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     kinds = random.Random(f"edit-{seed}")  # its own: the same arrivals with and without --edit
@@ -220,7 +246,7 @@ async def open_loop(
             s = steps or rng.choice(MIX_STEPS)
             sampler = rng.choice(MIX_SAMPLERS)
             kind = kinds.choice(EDIT_KINDS) if edit is not None else "text"
-            tasks.append(asyncio.create_task(one(stub, i, s, sampler, preview, t0, kind, edit)))
+            tasks.append(asyncio.create_task(one(stub, i, s, sampler, preview, t0, kind, edit, loras)))
             i += 1
         return list(await asyncio.gather(*tasks))
 
@@ -254,7 +280,14 @@ def main() -> None:
     ap.add_argument(
         "--image-size", type=_size, help="--edit: init images' WxH or N (default: the target's default)"
     )
+    ap.add_argument(
+        "--loras",
+        type=lambda t: tuple(n for n in t.split(",") if n),
+        default=(),
+        help="comma-separated adapter names: each request draws one of them or none (seeded)",
+    )
     args = ap.parse_args()
+    loras = LoraDraw(args.loras, args.seed) if args.loras else None
     edit = EditInputs.draw(*(args.image_size or default_size(args.target))) if args.edit else None
     if args.streams:
         records = asyncio.run(
@@ -267,11 +300,12 @@ def main() -> None:
                 args.seed if args.mix else None,
                 edit,
                 args.seed,
+                loras,
             )
         )
     else:
         records = asyncio.run(
-            open_loop(args.target, args.rate, args.duration, args.seed, args.preview, args.steps, edit)
+            open_loop(args.target, args.rate, args.duration, args.seed, args.preview, args.steps, edit, loras)
         )
     json.dump(records, sys.stdout)
 

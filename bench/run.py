@@ -22,14 +22,23 @@ Workloads, from real gRPC clients in a separate process (bench/loadgen.py):
               step-level capacity for that mix (measured first the same way; the smoke
               profile takes the mixed workload's): p50/p95/p99 latency overall and per task,
               throughput
+  lora        8 random rank-8 LoRAs (bench/random_loras.py) registered with two more stepserve
+              servers, --lora-batching mixed (the default: different adapters in one forward)
+              and separate (each adapter stack batched on its own, as servers without per-row
+              adapters must, vLLM-Omni among them); 16 closed-loop streams, 20 steps, each
+              request one of the 8 adapters or none (equally likely, seeded): images/s of the
+              mixed server without adapters, of the mixed server with them, of the separate
+              server with them, and the batch sizes each reached
 
     python bench/run.py [--profile full|quick|brief|smoke] [--out bench/results]
-                        [--model PATH --device cuda] [--run-ahead auto|on|off]
+                        [--model PATH --device cuda] [--run-ahead auto|on|off] [--only lora]
 
 On a GPU: build a full-size SD 1.5 architecture at random weights with bench/random_sd.py and
 pass it with --model. The brief profile took about 10 minutes on this 2-core CPU before the edit
 workload (which adds two 20 s capacity runs and two 20 s open loops, with their drains); the
-reference's open loops, which only drain an overloaded queue, are skipped there.
+reference's open loops, which only drain an overloaded queue, are skipped there. The lora
+workload adds three closed-loop runs (sat_s each) and two server start-ups; ``--only lora`` runs
+it alone (results in <date>-<host>-<profile>-lora.json, no chart).
 """
 
 from __future__ import annotations
@@ -43,7 +52,9 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +71,7 @@ FULL: dict[str, Any] = {
     "edit_loads": [0.8],
     "lone": 15,
     "lone_warmup": 2,
+    "lora_streams": 16,  # the lora workload's closed loops run sat_s each
 }
 PROFILES: dict[str, dict[str, Any]] = {
     "full": FULL,
@@ -77,10 +89,17 @@ PROFILES: dict[str, dict[str, Any]] = {
         "lone": 1,
         "lone_warmup": 0,
         "pipeline_runs": 2,
+        "lora_streams": 4,
+        "lora_s": 2,
     },
 }
 MODES = ("step", "request", "reference")
 EDIT_KINDS = ("text", "img2img", "inpaint")
+# The lora workload: adapters registered (all drawn by bench/random_loras.py), the two
+# --lora-batching modes it compares, and the runs: (name, server, with adapters).
+LORA_COUNT = 8
+LORA_MODES = ("mixed", "separate")
+LORA_RUNS = (("no_adapters", "mixed", False), ("mixed", "mixed", True), ("separate", "separate", True))
 
 
 @dataclass(frozen=True)
@@ -115,9 +134,18 @@ def percentile(xs: list[float], q: float) -> float | None:
 
 class Server:
     """A server process for ``mode``: the reference, or stepserve (``executable``, by
-    default this install's) with that batching mode."""
+    default this install's) with that batching mode and ``extra`` flags. Ready when built,
+    unless ``wait`` is false (then call wait_ready: servers can start side by side)."""
 
-    def __init__(self, mode: str, log: Path, setup: Setup, executable: Path | None = None) -> None:
+    def __init__(
+        self,
+        mode: str,
+        log: Path,
+        setup: Setup,
+        executable: Path | None = None,
+        extra: Sequence[str] = (),
+        wait: bool = True,
+    ) -> None:
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -155,11 +183,13 @@ class Server:
             ]
             if setup.model is not None:
                 cmd += ["--model", f"bench={setup.model}"]
+            cmd += extra
         self.log = log.open("w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        self._wait_ready()
+        if wait:
+            self.wait_ready()
 
-    def _wait_ready(self) -> None:
+    def wait_ready(self) -> None:
         end = time.monotonic() + 300
         while time.monotonic() < end:
             assert self.proc.poll() is None, "server exited during start-up"
@@ -336,15 +366,19 @@ def compute_limit(
     return out
 
 
-def run(profile: str, out_dir: Path, setup: Setup) -> dict[str, Any]:
+def run(profile: str, out_dir: Path, setup: Setup, only: str | None = None) -> dict[str, Any]:
     p = PROFILES[profile]
     logs = out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    if only == "lora":
+        return {"profile": profile, "only": "lora", "lora": lora_workload(p, setup, logs)}
     results: dict[str, Any] = {"profile": profile, "modes": {m: {} for m in MODES}}
     servers: dict[str, Server] = {}
     try:
-        for mode in MODES:
-            servers[mode] = Server(mode, logs / f"{mode}.log", setup)
+        for mode in MODES:  # started side by side (nothing is measured until all are up)
+            servers[mode] = Server(mode, logs / f"{mode}.log", setup, wait=False)
+        for srv in servers.values():
+            srv.wait_ready()
         results["edit_workload"] = edit_workload(servers["step"].target, p)
         # Lone requests, interleaved across the three servers (all up, idle but one): this
         # machine's speed drifts by tens of percent over minutes, and interleaving puts each
@@ -365,6 +399,7 @@ def run(profile: str, out_dir: Path, setup: Setup) -> dict[str, Any]:
     finally:
         for srv in servers.values():
             srv.stop()
+    results["lora"] = lora_workload(p, setup, logs, results["modes"]["step"]["saturation"])
     reached = sorted(
         {max(1, round(v["mean_batch"] or 1)) for v in results["modes"]["step"]["saturation"].values()}
     )
@@ -380,6 +415,67 @@ def run(profile: str, out_dir: Path, setup: Setup) -> dict[str, Any]:
         setup, runs=p.get("pipeline_runs", 7), warmup=p["lone_warmup"]
     )
     return results
+
+
+def lora_workload(
+    p: dict[str, Any], setup: Setup, logs: Path, step_saturation: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The lora workload (see the module's docstring): LORA_COUNT random adapters for the
+    served model, two stepserve servers with all of them registered (--lora-batching mixed and
+    separate, started side by side, both up throughout), then the closed-loop runs of LORA_RUNS
+    one after the other, the two ratios' terms adjacent. ``step_saturation``: the step server's
+    saturation figures of this run, whose one at the same stream count is recorded beside
+    (not used: that server has no adapters registered and ran minutes earlier)."""
+    import random_loras  # bench/, beside this file
+
+    t0 = time.monotonic()
+    n, d = p["lora_streams"], p.get("lora_s", p["sat_s"])
+    out: dict[str, Any] = {
+        "adapters": f"{LORA_COUNT} random rank-8 LoRAs of the UNet's {', '.join(random_loras.TARGETS)} "
+        "(bench/random_loras.py: std 0.1, alpha 8, seeds 0-7), diffusers/PEFT keys",
+        "draw": f"each request one of the {LORA_COUNT} or none, equally likely (seeded per request), "
+        "scale 1.0",
+        "streams": n,
+        "seconds": d,
+        "steps": 20,
+        "sampler": "euler",
+        "servers": "two stepserve servers with all the adapters registered: --lora-batching mixed "
+        "(runs no_adapters and mixed) and separate (run separate), started side by side, "
+        "measured one after the other",
+        "no_adapters_basis": "measured here: the same closed loop without adapters against the "
+        "--lora-batching mixed server (adapters registered, none used), just before its mixed run",
+    }
+    with tempfile.TemporaryDirectory(prefix="stepserve-bench-loras-") as tmp:
+        paths = random_loras.build(Path(tmp), setup.model_path(), count=LORA_COUNT)
+        flags = [arg for name, path in paths.items() for arg in ("--lora", f"{name}={path}")]
+        servers: dict[str, Server] = {}
+        try:
+            for mode in LORA_MODES:
+                extra = [*flags, "--lora-batching", mode]
+                servers[mode] = Server("step", logs / f"lora-{mode}.log", setup, extra=extra, wait=False)
+            for srv in servers.values():
+                srv.wait_ready()
+            print(f"== lora: {n} streams, {LORA_COUNT} adapters or none", flush=True)
+            for name, mode, with_loras in LORA_RUNS:
+                args = ["--streams", str(n), "--duration", str(d), "--steps", "20"]
+                if with_loras:
+                    args += ["--loras", ",".join(paths)]
+                recs = loadgen(servers[mode].target, args)
+                res = out[name] = summarize(recs, closed_loop=(n, 0.25 * d, d))
+                res["without_adapter"] = sum(1 for r in recs if r.get("ok") and not r.get("lora"))
+                print(
+                    f"  {name}: {_s(res['images_per_s'])} img/s, mean batch {_s(res['mean_batch'])}"
+                    f"{' errors ' + str(res['errors']) if res['errors'] else ''}",
+                    flush=True,
+                )
+        finally:
+            for srv in servers.values():
+                srv.stop()
+    out["wall_s"] = round(time.monotonic() - t0, 1)  # with the start-ups and drains
+    same = (step_saturation or {}).get(str(n))
+    if same is not None:
+        out["step_server_saturation_images_per_s"] = same["images_per_s"]
+    return out
 
 
 def pipeline_rate(setup: Setup, steps: int = 20, runs: int = 7, warmup: int = 2) -> float:
@@ -493,7 +589,7 @@ def _mixed(srv: Server, p: dict[str, Any], capacity_rps: float, res: dict[str, A
         res["mixed"][str(frac)] = summarize(recs)
         m = res["mixed"][str(frac)]
         print(
-            f"  mixed {frac:.0%}: p50 {m['latency_p50_s']:.2f}s p99 {m['latency_p99_s']:.2f}s",
+            f"  mixed {frac:.0%}: p50 {_s(m['latency_p50_s'])}s p99 {_s(m['latency_p99_s'])}s",
             flush=True,
         )
 
@@ -539,6 +635,34 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def ratios(r: dict[str, Any]) -> dict[str, Any]:
+    """The ratios of the results ``r`` and whether each target is met (``targets_met``): the
+    modes' where they ran, the lora workload's where it ran."""
+    out: dict[str, Any] = _mode_ratios(r) if "modes" in r else {}
+    targets = out.pop("targets_met", {})
+    if "lora" in r:
+        lora_out, lora_targets = lora_ratios(r["lora"])
+        out.update(lora_out)
+        targets.update(lora_targets)
+    out["targets_met"] = targets
+    return out
+
+
+def lora_ratios(lora: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bool]]:
+    """The lora workload's ratios (issue 18: mixed adapters at >= 0.85x the load without them
+    and >= 2x batching each adapter separately) and their verdicts."""
+    mixed = lora["mixed"]["images_per_s"]
+    out = {
+        "lora_mixed_vs_no_adapters": _ratio(mixed, lora["no_adapters"]["images_per_s"]),
+        "lora_mixed_vs_separate": _ratio(mixed, lora["separate"]["images_per_s"]),
+    }
+    targets = {
+        "lora_mixed_vs_no_adapters >= 0.85": (out["lora_mixed_vs_no_adapters"] or 0) >= 0.85,
+        "lora_mixed_vs_separate >= 2.0": (out["lora_mixed_vs_separate"] or 0) >= 2.0,
+    }
+    return out, targets
+
+
+def _mode_ratios(r: dict[str, Any]) -> dict[str, Any]:
     step, req, ref = (r["modes"][m] for m in ("step", "request", "reference"))
     sat16 = step["saturation"].get("16") or step["saturation"][max(step["saturation"], key=int)]
     b16 = str(max(1, round(sat16["mean_batch"])))
@@ -660,6 +784,7 @@ def main() -> int:
     ap.add_argument(
         "--run-ahead", choices=("auto", "on", "off"), default="auto", help="stepserve's --run-ahead"
     )
+    ap.add_argument("--only", choices=("lora",), help="run only this workload (no chart)")
     args = ap.parse_args()
     if args.chart:
         chart(json.loads(args.chart.read_text()), args.chart.with_suffix(".png"))
@@ -672,7 +797,7 @@ def main() -> int:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     setup = Setup(args.model, device, args.run_ahead)
-    r = run(args.profile, args.out, setup)
+    r = run(args.profile, args.out, setup, args.only)
     r["ratios"] = ratios(r)
     r["environment"] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -689,9 +814,12 @@ def main() -> int:
         "command": _command(args),
     }
     stem = f"{datetime.date.today().isoformat()}-{socket.gethostname()}-{args.profile}"
+    if args.only:
+        stem += f"-{args.only}"
     (args.out / f"{stem}.json").write_text(json.dumps(r, indent=2) + "\n")
     try:
-        chart(r, args.out / f"{stem}.png")
+        if not args.only:
+            chart(r, args.out / f"{stem}.png")
     except ImportError:
         print("matplotlib not installed: no chart", flush=True)
     print(json.dumps(r["ratios"], indent=2))
@@ -708,6 +836,8 @@ def _command(args: argparse.Namespace) -> str:
         cmd += f" --device {args.device}"
     if args.run_ahead != "auto":
         cmd += f" --run-ahead {args.run_ahead}"
+    if args.only:
+        cmd += f" --only {args.only}"
     return cmd
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,6 +60,24 @@ def test_bench_smoke(tmp_path: Path) -> None:
     # verdict is a boolean computed from the run's own figures.
     ratios, met = r["ratios"], r["ratios"]["targets_met"]
     assert all(isinstance(v, bool) for v in met.values())
+    # The lora workload: 8 random adapters, closed loops against --lora-batching mixed without
+    # and with adapters and against separate with them; every request served.
+    lora = r["lora"]
+    assert lora["streams"] == 4 and "mixed server" in lora["no_adapters_basis"]
+    for name in ("no_adapters", "mixed", "separate"):
+        run = lora[name]
+        assert run["errors"] == 0 and run["ok"] > 0, (name, run.get("error_messages"))
+        assert run["images_per_s"] > 0 and run["mean_batch"] >= 1
+    assert lora["no_adapters"]["without_adapter"] == lora["no_adapters"]["ok"]
+    # Seed 0's first draws: an adapter, none, then adapters (one of 8 or none, equally likely).
+    assert lora["mixed"]["without_adapter"] < lora["mixed"]["ok"]
+    assert lora["separate"]["without_adapter"] < lora["separate"]["ok"]
+    assert (
+        lora["step_server_saturation_images_per_s"] == r["modes"]["step"]["saturation"]["4"]["images_per_s"]
+    )
+    mixed = lora["mixed"]["images_per_s"]
+    assert ratios["lora_mixed_vs_no_adapters"] == mixed / lora["no_adapters"]["images_per_s"]
+    assert ratios["lora_mixed_vs_separate"] == mixed / lora["separate"]["images_per_s"]
     assert met == {
         "saturated_vs_compute_limit >= 0.90": (ratios["saturated_vs_compute_limit"] or 0) >= 0.90,
         "saturated_vs_reference >= hardware_batch_gain": ratios["saturated_vs_sequential_reference"]
@@ -67,6 +86,8 @@ def test_bench_smoke(tmp_path: Path) -> None:
         "mixed80 p50 and p99 step <= 0.6 x request": ratios["mixed80_p50_step_vs_request"] <= 0.6
         and ratios["mixed80_p99_step_vs_request"] <= 0.6,
         "ttfp after queue <= 2 steps (p50)": (ratios["ttfp_after_queue_steps_p50"] or 99) <= 2,
+        "lora_mixed_vs_no_adapters >= 0.85": ratios["lora_mixed_vs_no_adapters"] >= 0.85,
+        "lora_mixed_vs_separate >= 2.0": ratios["lora_mixed_vs_separate"] >= 2.0,
     }
     step_lone = r["modes"]["step"]["lone"]["latency_p50_s"]
     assert ratios["lone_latency_vs_reference"] == step_lone / r["modes"]["reference"]["lone"]["latency_p50_s"]
@@ -90,6 +111,41 @@ def test_bench_smoke(tmp_path: Path) -> None:
     )
     assert sim.returncode == 0, sim.stderr[-3000:]
     assert "step-level capacity for the mix" in sim.stdout
+
+
+def test_loadgen_draws_each_adapter_and_none_alike() -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import loadgen
+
+    names = tuple(f"bench-{i}" for i in range(8))
+    draw = loadgen.LoraDraw(names, seed=0)
+    counts = Counter(draw.of(i) for i in range(9000))
+    assert set(counts) == {None, *names}
+    assert all(900 <= c <= 1100 for c in counts.values()), counts  # 1000 each, within 3 sigma
+    assert [draw.of(i) for i in range(3)] == [draw.of(i) for i in range(3)]  # the request's own
+    assert [draw.of(i) for i in range(20)] != [loadgen.LoraDraw(names, seed=1).of(i) for i in range(20)]
+
+
+def test_random_loras_are_peft_files_for_every_attention_projection(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import random_loras
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from stepserve.server.engine.models import default_model_path
+
+    layers = random_loras.unet_linears(default_model_path())
+    assert layers and {m.rsplit(".", 1)[-1] for m in layers} == {"to_q", "to_k", "to_v", "0"}
+    paths = random_loras.build(tmp_path, default_model_path(), count=2)
+    assert list(paths) == ["bench-0", "bench-1"]
+    tensors = []
+    for path in paths.values():
+        with safe_open(str(path / random_loras.FILE), framework="pt") as f:
+            assert json.loads(f.metadata()["lora_adapter_metadata"])["unet.r"] == 8
+        tensors.append(load_file(path / random_loras.FILE))
+        assert set(tensors[-1]) == {f"unet.{m}.lora_{ab}.weight" for m in layers for ab in ("A", "B")}
+    key = next(iter(tensors[0]))
+    assert tensors[0][key].shape[0] == 8 and not tensors[0][key].equal(tensors[1][key])  # seeds differ
 
 
 def test_simulator_serves_every_arrival_and_step_level_wins_on_a_flat_curve() -> None:
