@@ -52,13 +52,15 @@ PY
   --preserve-unmasked --seed 2 -o "$OUT/inpaint-green-square.png"
 
 echo "== the same prompt with the model's own LoRA adapters, batched together in one forward"
+STYLED=()
 for STYLE in outline stripes; do
   "$BIN/stepserve-client" --target "127.0.0.1:$PORT" generate "a large red circle on the left" \
     --lora "$STYLE" --seed 4 -o "$OUT/lora-$STYLE.png" &
+  STYLED+=($!)
 done
 "$BIN/stepserve-client" --target "127.0.0.1:$PORT" generate "a large red circle on the left" \
   --seed 4 -o "$OUT/lora-none.png"
-wait
+wait "${STYLED[@]}"
 
 echo "== what Prometheus would scrape (http://127.0.0.1:$METRICS_PORT/metrics), in part"
 "$BIN/python" - "$METRICS_PORT" <<'PY'
