@@ -93,8 +93,7 @@ def load_models(config: ServerConfig) -> dict[str, ModelAdapter]:
 
 
 def default_model_name(config: ServerConfig) -> str:
-    specs = config.model_specs()
-    return config.default_model or (specs[0][0] if specs else DEFAULT_MODEL_NAME)
+    return config.default_model_name()
 
 
 class StepServer:

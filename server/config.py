@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .engine.engine import EngineConfig
+from .engine.models.registry import DEFAULT_MODEL_NAME
 
 # The engine's own defaults are the flags' defaults (defined once, in EngineConfig).
 _ENGINE = EngineConfig()
@@ -198,12 +199,13 @@ class ServerConfig:
             model, colon, name = target.rpartition(":")
             if not sep or not name or not path or (colon and not model):
                 raise ConfigError(f"--lora {spec!r}: expected NAME=PATH or MODEL:NAME=PATH")
-            out.append((model or self._default_model_name(), name, Path(path)))
+            out.append((model or self.default_model_name(), name, Path(path)))
         return out
 
-    def _default_model_name(self) -> str:
+    def default_model_name(self) -> str:
+        """The model an empty GenerateRequest.model (or a --lora without MODEL:) means."""
         specs = self.model_specs()
-        return self.default_model or (specs[0][0] if specs else "tiny-shapes")
+        return self.default_model or (specs[0][0] if specs else DEFAULT_MODEL_NAME)
 
     def model_overrides(self) -> dict[str, dict[str, Any]]:
         """``--model-option`` values by model name, as a stepserve.json-shaped dict."""
@@ -313,7 +315,7 @@ class ServerConfig:
         try:
             for name in self.model_overrides():
                 need(
-                    name in (names or ["tiny-shapes"]),
+                    name in (names or [DEFAULT_MODEL_NAME]),
                     f"--model-option for {name!r}, which is not a --model name",
                 )
         except ValueError as e:
@@ -321,7 +323,8 @@ class ServerConfig:
         loras = self.lora_specs()
         for model, name, _ in loras:
             need(
-                model in (names or ["tiny-shapes"]), f"--lora {model}:{name}: no --model is called {model!r}"
+                model in (names or [DEFAULT_MODEL_NAME]),
+                f"--lora {model}:{name}: no --model is called {model!r}",
             )
         pairs = [(m, n) for m, n, _ in loras]
         need(len(pairs) == len(set(pairs)), f"--lora names must be unique per model, got {pairs}")

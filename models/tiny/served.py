@@ -152,6 +152,7 @@ def main() -> int:
         "--edits", action="store_true", help="also judge image-to-image (strength 0.7) and inpainting edits"
     )
     ap.add_argument("--loras", action="store_true", help="also judge the model's LoRA adapters (styles)")
+    ap.add_argument("--lora-scale", type=float, default=1.0, help="the adapters' scale for --loras")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -172,7 +173,7 @@ def main() -> int:
         )
     if args.loras:
         for lora in (None, *sorted(adapter.loras)):
-            out[f"style_{lora or 'base'}"] = serve_styles(adapter, lora)
+            out[f"style_{lora or 'base'}"] = serve_styles(adapter, lora, args.lora_scale)
     print(json.dumps(out, indent=2))
     return 0
 

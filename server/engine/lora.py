@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,15 +67,6 @@ class LoraAdapter:
     @property
     def components(self) -> tuple[str, ...]:
         return tuple(c for c in COMPONENTS if self.layers.get(c))
-
-    @property
-    def nbytes(self) -> int:
-        return sum(
-            t.nbytes
-            for layers in self.layers.values()
-            for layer in layers.values()
-            for t in (layer.down, layer.up)
-        )
 
     def to(self, device: torch.device, dtype: torch.dtype) -> LoraAdapter:
         layers = {
@@ -176,8 +168,6 @@ def _config(
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     """PEFT's rank/alpha pattern lookup: a pattern matches a module path that ends with it."""
-    import re
-
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", module):
             return value
@@ -297,18 +287,6 @@ class LoraLinear(nn.Module):
         self.component = component
         self.path = path
         self.context = context
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y: torch.Tensor = self.base(x)

@@ -136,8 +136,8 @@ class GenerationParams:
         """Host memory its image inputs hold while it waits, encoded and decoded (counted
         against the queue's input budget)."""
         decoded = sum(a.nbytes for a in (self.init_image, self.mask) if a is not None)
-        # Measured on a real server: a waiting call holds about twice its encoded inputs (the
-        # received message and its parsed copy; tests/test_image_inputs_api.py).
+        # A waiting call holds about twice its encoded inputs (gRPC's received message and its
+        # parsed copy); tests/test_image_inputs_api.py bounds the server's memory with this.
         return 2 * self.encoded_input_bytes + decoded
 
     @property

@@ -58,6 +58,13 @@ logger = logging.getLogger(__name__)
 SETTINGS_FILE = "stepserve.json"
 
 
+def _latents(im: ImageState) -> torch.Tensor:
+    """An image's latents (drawn at prepare, or at encode_images for image inputs)."""
+    if im.latents is None:
+        raise RuntimeError(f"image of seed {im.seed} has no latents (its init image was not encoded)")
+    return im.latents
+
+
 def _work(req: RequestState[RequestWork]) -> RequestWork:
     """The request's tensors (set by ``prepare``, dropped by ``release``)."""
     if req.work is None:
@@ -500,9 +507,8 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
         w = _work(req)
         rows: list[Row] = []
         for im in w.images:
-            assert im.latents is not None
             t = w.timestep(im, req.steps_done)
-            x_in = im.sampler.scale_model_input(im.latents, t)
+            x_in = im.sampler.scale_model_input(_latents(im), t)
             if self.inpainting_unet:
                 assert w.mask is not None and im.masked_latents is not None
                 x_in = torch.cat([x_in, w.mask, im.masked_latents], dim=1)
@@ -592,7 +598,7 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
 
     @torch.inference_mode()
     def decode(self, reqs: list[RequestState[RequestWork]]) -> list[list[RGBArray]]:
-        lat = torch.cat([im.latents for req in reqs for im in _work(req).images if im.latents is not None])
+        lat = torch.cat([_latents(im) for req in reqs for im in _work(req).images])
         images = self._evenly(lambda x: self.vae.decode(self._unscale(x), return_dict=False)[0], lat)
         # The pipeline's post-processing ("np" output, then x 255 and round), on the device:
         # only uint8 pixels cross to the host.
