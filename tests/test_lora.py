@@ -310,3 +310,44 @@ def test_the_engine_refuses_an_adapter_it_does_not_have(adapter) -> None:
     with pytest.raises(ValueError, match="no LoRA adapter nope"):
         h.submit(params("p", loras=(("nope", 1.0),)))
     assert h.engine.idle()
+
+
+def _adapter(name: str, rank: int, seed: int, paths: tuple[str, ...] = ("a", "b")):
+    from stepserve.server.engine.lora import LoraAdapter, LoraLayer
+
+    g = torch.Generator().manual_seed(seed)
+    layers = {
+        p: LoraLayer(torch.randn(rank, 6, generator=g), torch.randn(5, rank, generator=g), 0.5) for p in paths
+    }
+    return LoraAdapter(name, f"/{name}", {"unet": layers})
+
+
+def test_a_gathered_plan_adds_each_rows_own_adapters_and_keeps_few_stacks() -> None:
+    """Rows of ranks 2 and 3, an adapter lacking layer b, a stack of two, and a row with none,
+    in one plan: each row gets exactly its own low-rank terms. Stacked weights are kept for
+    the 4 most recent adapter sets and dropped when one of their adapters leaves."""
+    from stepserve.server.engine.lora import LoraContext
+
+    ads = {"p": _adapter("p", 2, 1), "q": _adapter("q", 3, 2), "r": _adapter("r", 2, 3, ("a",))}
+    stacks = [(("p", 1.0),), (), (("q", -0.5), ("p", 2.0)), (("r", 1.5),), (("p", 0.25),)]
+    context = LoraContext()
+    plan = context.plan("unet", stacks, ads)
+    x = torch.randn(5, 7, 6)
+    for path in ("a", "b"):
+        y = torch.randn(5, 7, 5)
+        got = plan.apply(path, x, y.clone())
+        for row, stack in enumerate(stacks):
+            want = y[row].clone()
+            for name, scale in stack:
+                layer = ads[name].layers["unet"].get(path)
+                if layer is not None:
+                    want += scale * layer.scale * (x[row] @ layer.down.T @ layer.up.T)
+            torch.testing.assert_close(got[row], want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got[1], y[1])  # no adapter: untouched
+    assert len(context._stacked) == 2  # one set per position: (p, q, r) first, (p) second
+    for i in range(5):
+        context.stacked("unet", (_adapter(f"s{i}", 2, 10 + i),), "a")
+    assert len(context._stacked) == 4
+    held = next(iter(context._stacked.values()))[0][0]
+    context.forget(held)
+    assert all(held not in entry[0] for entry in context._stacked.values())

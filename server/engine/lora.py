@@ -10,10 +10,11 @@ patterns.
 
 Serving never merges weights and never splits a batch: every targeted linear layer is wrapped
 (:class:`LoraLinear`) and, during a forward with a :class:`LoraPlan`, adds to each row the
-low-rank products of that row's adapters, ``s_r * B (A x_r)``: the rows of one adapter in one
-batched product (``bmm`` over the weight expanded per row, so each row's bits do not depend on
-how many rows share the product), added in the order of the request's own adapter list.
-Rows without adapters cost nothing beyond the base layer.
+low-rank products of that row's adapters, ``s_r * B_r (A_r x_r)``: one gathered product per
+layer for all rows whatever their adapters (each row takes its adapter's weights from a stack
+of the batch's adapters, and ``bmm`` runs every row's own small product, so a row's bits do
+not depend on its neighbours), added in the order of the request's own adapter list. Rows
+without adapters cost nothing beyond the base layer.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,65 +218,156 @@ def _layers(
     return out
 
 
+@dataclass(frozen=True)
+class _Stacked:
+    """One layer's weights for a set of adapters of one rank, stacked so that a forward
+    gathers each row's own: ``member[k]`` is adapter k's index here (-1: not in this stack)."""
+
+    down: torch.Tensor  # adapters x rank x in
+    up: torch.Tensor  # adapters x out x rank
+    scale: torch.Tensor  # adapters
+    member: tuple[int, ...]
+
+
+def _stack_layer(layers: Sequence[LoraLayer | None]) -> list[_Stacked]:
+    """``layers`` (one per adapter of a set, None where an adapter lacks the layer) stacked
+    by rank: one stack for the usual case of one rank."""
+    out = []
+    for rank in sorted({w.rank for w in layers if w is not None}):
+        chosen = [w for w in layers if w is not None and w.rank == rank]
+        member, n = [], 0
+        for w in layers:
+            member.append(n if w is not None and w.rank == rank else -1)
+            n += member[-1] >= 0
+        like = chosen[0].down
+        out.append(
+            _Stacked(
+                torch.stack([w.down for w in chosen]),
+                torch.stack([w.up for w in chosen]),
+                torch.tensor([w.scale for w in chosen], device=like.device, dtype=like.dtype),
+                tuple(member),
+            )
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """The rows of one forward that take part in one stack's product."""
+
+    index: torch.Tensor  # row in the batch
+    slot: torch.Tensor  # the row's adapter in the stack
+    scale: torch.Tensor  # the row's scale
+
+
 class LoraPlan:
     """Which adapters each row of one forward uses: built per forward from the rows' stacks,
-    read by every :class:`LoraLinear` of one component during it."""
+    read by every :class:`LoraLinear` of one component during it.
 
-    def __init__(self, component: str, stacks: Sequence[LoraStack], adapters: dict[str, LoraAdapter]) -> None:
+    Per position in the stacks (every row's first adapter, then every second...), each
+    targeted layer runs one gathered product for all its rows, whatever their adapters: each
+    row takes its own adapter's weights from the layer's stack (``index_select``) and ``bmm``
+    computes ``s_r * B_r (A_r x_r)`` for every row at once, each batch element its own small
+    product, so a row's bits do not depend on its neighbours. Adapters of different ranks for
+    one layer make one stack per rank."""
+
+    def __init__(
+        self,
+        component: str,
+        stacks: Sequence[LoraStack],
+        adapters: dict[str, LoraAdapter],
+        context: LoraContext,
+    ) -> None:
         self.component = component
-        # Per position in the stacks (first adapter of each row, then second...), the rows of
-        # each adapter with their scales: rows add their adapters in their own order.
-        self.groups: list[list[tuple[LoraAdapter, list[int], list[float]]]] = []
-        depth = max((len(s) for s in stacks), default=0)
-        for pos in range(depth):
-            by_name: dict[str, tuple[list[int], list[float]]] = {}
-            for row, stack in enumerate(stacks):
-                if pos < len(stack):
-                    name, scale = stack[pos]
-                    rows, scales = by_name.setdefault(name, ([], []))
-                    rows.append(row)
-                    scales.append(scale)
-            self.groups.append([(adapters[n], rows, scales) for n, (rows, scales) in sorted(by_name.items())])
-        self._index: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.context = context
+        first = next(iter(adapters.values()))
+        like = next(iter(next(iter(first.layers.values())).values())).down
+        self.device, self.dtype = like.device, like.dtype
+        # Per position: the adapters there (sorted names), each row's index among them.
+        self.positions: list[tuple[tuple[LoraAdapter, ...], list[int], list[int], list[float]]] = []
+        for pos in range(max((len(s) for s in stacks), default=0)):
+            rows = [r for r, s in enumerate(stacks) if pos < len(s)]
+            names = tuple(sorted({stacks[r][pos][0] for r in rows}))
+            slots = [names.index(stacks[r][pos][0]) for r in rows]
+            scales = [stacks[r][pos][1] for r in rows]
+            self.positions.append((tuple(adapters[n] for n in names), rows, slots, scales))
+        self._rows: dict[tuple[int, tuple[int, ...]], _Rows | None] = {}
 
-    def _tensors(
-        self, pos: int, k: int, rows: list[int], scales: list[float], like: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (pos, k)
-        got = self._index.get(key)
-        if got is None:
-            got = (
-                torch.tensor(rows, device=like.device, dtype=torch.long),
-                torch.tensor(scales, device=like.device, dtype=like.dtype),
+    def _rows_of(self, pos: int, member: tuple[int, ...]) -> _Rows | None:
+        """The rows at ``pos`` whose adapter is in the stack with ``member``; cached, since
+        most layers share one."""
+        key = (pos, member)
+        if key not in self._rows:
+            _, rows, slots, scales = self.positions[pos]
+            keep = [i for i, k in enumerate(slots) if member[k] >= 0]
+            self._rows[key] = (
+                _Rows(
+                    torch.tensor([rows[i] for i in keep], device=self.device, dtype=torch.long),
+                    torch.tensor([member[slots[i]] for i in keep], device=self.device, dtype=torch.long),
+                    torch.tensor([scales[i] for i in keep], device=self.device, dtype=self.dtype),
+                )
+                if keep
+                else None
             )
-            self._index[key] = got
-        return got
+        return self._rows[key]
 
     def apply(self, path: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``y`` (the base layer's output for input ``x``) with each row's adapters added."""
-        for pos, groups in enumerate(self.groups):
-            for k, (adapter, rows, scales) in enumerate(groups):
-                layer = adapter.layers.get(self.component, {}).get(path)
-                if layer is None:
+        for pos, (adapters, _, _, _) in enumerate(self.positions):
+            for st in self.context.stacked(self.component, adapters, path):
+                rows = self._rows_of(pos, st.member)
+                if rows is None:
                     continue
-                idx, s = self._tensors(pos, k, rows, scales, y)
-                xs = x.index_select(0, idx)
+                xs = x.index_select(0, rows.index)
                 flat = xs.dim() == 2
                 if flat:
                     xs = xs.unsqueeze(1)
-                n = xs.shape[0]
-                h = torch.bmm(xs, layer.down.t().expand(n, -1, -1))
-                d = torch.bmm(h, layer.up.t().expand(n, -1, -1)) * (s * layer.scale).view(n, 1, 1)
-                y = y.index_add(0, idx, d.squeeze(1) if flat else d)
+                down = st.down.index_select(0, rows.slot).transpose(1, 2)
+                up = st.up.index_select(0, rows.slot).transpose(1, 2)
+                s = rows.scale * st.scale.index_select(0, rows.slot)
+                d = torch.bmm(torch.bmm(xs, down), up) * s.view(-1, 1, 1)
+                y = y.index_add(0, rows.index, d.squeeze(1) if flat else d)
         return y
 
 
 class LoraContext:
     """The plan of the forward running now (None: no adapters in it), shared by the wrapped
-    layers of one model."""
+    layers of one model, and the stacked weights of the adapter sets recent forwards used
+    (the set changes only when a request with a new adapter joins: up to ``keep_sets`` sets
+    are kept, each a copy of its adapters' weights)."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_sets: int = 4) -> None:
         self.plans: dict[str, LoraPlan] = {}
+        self.keep_sets = keep_sets
+        self._stacked: OrderedDict[
+            tuple[str, tuple[int, ...]], tuple[tuple[LoraAdapter, ...], dict[str, list[_Stacked]]]
+        ] = OrderedDict()
+
+    def plan(self, component: str, stacks: Sequence[LoraStack], adapters: dict[str, LoraAdapter]) -> LoraPlan:
+        return LoraPlan(component, stacks, adapters, self)
+
+    def stacked(self, component: str, adapters: tuple[LoraAdapter, ...], path: str) -> list[_Stacked]:
+        """Layer ``path``'s weights for ``adapters``, stacked (built on first use)."""
+        # By identity: an adapter loaded to the device again is a new object, so a stale
+        # stack is never used (and leaves with the least recently used sets).
+        # The entry holds the adapters, so their ids stay theirs while it lives.
+        key = (component, tuple(id(a) for a in adapters))
+        entry = self._stacked.get(key)
+        if entry is None:
+            entry = self._stacked[key] = (adapters, {})
+            while len(self._stacked) > self.keep_sets:
+                self._stacked.popitem(last=False)
+        self._stacked.move_to_end(key)
+        per_path = entry[1]
+        got = per_path.get(path)
+        if got is None:
+            got = per_path[path] = _stack_layer([a.layers.get(component, {}).get(path) for a in adapters])
+        return got
+
+    def forget(self, adapter: LoraAdapter) -> None:
+        """Drop the stacked sets holding ``adapter`` (it left the device)."""
+        for key in [k for k, (held, _) in self._stacked.items() if any(a is adapter for a in held)]:
+            del self._stacked[key]
 
 
 class LoraLinear(nn.Module):

@@ -33,7 +33,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from ..batch_invariance import make_rowwise_linears
-from ..lora import LoraAdapter, LoraContext, LoraLoadError, LoraPlan, LoraStack, read_lora, wrap_targets
+from ..lora import LoraAdapter, LoraContext, LoraLoadError, LoraStack, read_lora, wrap_targets
 from ..samplers import (
     GENERAL_SAMPLERS,
     KARRAS_SAMPLERS,
@@ -279,7 +279,8 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
             self._resident[name] = got
             self.lora_loads += 1
             while len(self._resident) > self.max_loras_resident:
-                self._resident.popitem(last=False)
+                _, gone = self._resident.popitem(last=False)
+                self._lora_context.forget(gone)
         self._resident.move_to_end(name)
         return got
 
@@ -292,7 +293,7 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
             return
         adapters = {n: self._resident_lora(n) for stack in stacks for n, _ in stack}
         for c in components:
-            self._lora_context.plans[c] = LoraPlan(c, stacks, adapters)
+            self._lora_context.plans[c] = self._lora_context.plan(c, stacks, adapters)
         try:
             yield
         finally:
