@@ -5,24 +5,27 @@ answers for unknown or out-of-range adapters."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, StableDiffusionPipeline
+from PIL import Image
 
 from stepserve.client import ImageClient, StepserveError
 from stepserve.server.engine.lora import LoraLinear, LoraLoadError
 from stepserve.server.engine.models import load_model
 from stepserve.server.engine.samplers import SAMPLER_CLASSES
-from stepserve.server.engine.types import Sampler
+from stepserve.server.engine.types import Sampler, Task
 
 from .engine_helpers import Harness, params
 from .metrics_helpers import Samples, scrape
 from .server_process import free_port
 from .server_thread import ServerThread
+from .test_image_inputs import image_params
 from .tiny_pipelines import build_lora
 
 MAX_DIFF = 2
@@ -59,8 +62,15 @@ def adapter(tiny_sd_dir: Path, loras: dict[str, Path]):
 
 
 def reference(tiny_sd_dir: Path, loras: dict[str, Path], p, weights: dict[str, float]) -> np.ndarray:
-    """diffusers with ``load_lora_weights`` of each adapter and ``set_adapters`` weights."""
-    pipe = StableDiffusionPipeline.from_pretrained(
+    """diffusers with ``load_lora_weights`` of each adapter and ``set_adapters`` weights: the
+    text-to-image pipeline, or for a request with an init image (and mask) diffusers'
+    img2img (inpaint) pipeline, called with its image, mask and strength."""
+    cls = {
+        Task.TEXT_TO_IMAGE: StableDiffusionPipeline,
+        Task.IMAGE_TO_IMAGE: StableDiffusionImg2ImgPipeline,
+        Task.INPAINTING: StableDiffusionInpaintPipeline,
+    }[p.task]
+    pipe = cls.from_pretrained(
         str(tiny_sd_dir), safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
     pipe.set_progress_bar_config(disable=True)
@@ -69,8 +79,14 @@ def reference(tiny_sd_dir: Path, loras: dict[str, Path], p, weights: dict[str, f
         pipe.load_lora_weights(str(loras[name]), adapter_name=name)
     if weights:
         pipe.set_adapters(list(weights), list(weights.values()))
+    images = {}
+    if p.init_image is not None:
+        images = {"image": Image.fromarray(p.init_image), "strength": p.strength}
+        if p.mask is not None:
+            images["mask_image"] = Image.fromarray(p.mask)
     image = pipe(
         p.prompt,
+        **images,
         negative_prompt=p.negative_prompt or None,
         num_inference_steps=p.steps,
         guidance_scale=p.guidance_scale,
@@ -133,6 +149,31 @@ def test_stacked_adapters_and_kohya_keys_match_diffusers(
     got = serve(adapter, stack, kohya)
     assert diff(got["s"], reference(tiny_sd_dir, loras, stack, {"x": 0.5, "y": 1.5})) <= MAX_DIFF
     assert diff(got["k"], reference(tiny_sd_dir, loras, kohya, {"k": 1.5})) <= MAX_DIFF
+
+
+def test_adapters_with_init_images_and_masks_match_diffusers(
+    adapter, tiny_sd_dir: Path, loras: dict[str, Path]
+) -> None:
+    """Image-to-image (strength 0.6) with x and inpainting with kohya k, in one batch with a
+    text-to-image request of y and an image-to-image request without adapters: each as
+    diffusers' img2img / inpaint pipeline draws it after ``load_lora_weights``."""
+    i2i = image_params("i2i", Task.IMAGE_TO_IMAGE, steps=5, seed=21, loras=(("x", 0.8),))
+    inp = image_params(
+        "inp", Task.INPAINTING, steps=5, seed=22, sampler=Sampler.EULER_ANCESTRAL, loras=(("k", 1.5),)
+    )
+    others = [
+        params("text", seed=23, steps=4, prompt="a dog", loras=(("y", 1.0),)),
+        image_params("bare", Task.IMAGE_TO_IMAGE, steps=5, seed=24),
+    ]
+    got = serve(adapter, i2i, inp, *others)
+    for p in (i2i, inp):
+        assert diff(got[p.request_id], reference(tiny_sd_dir, loras, p, dict(p.loras))) <= MAX_DIFF, (
+            p.request_id
+        )
+    # The adapters do something to image requests too.
+    plain = serve(adapter, replace(i2i, request_id="pi", loras=()), replace(inp, request_id="pm", loras=()))
+    assert diff(got["i2i"], plain["pi"]) > 20
+    assert diff(got["inp"][:, 16:], plain["pm"][:, 16:]) > 20  # the repainted half
 
 
 def test_alone_or_batched_gives_identical_pixels(adapter) -> None:
@@ -271,6 +312,66 @@ def test_sdxl_adapters_match_diffusers(sdxl, tiny_sdxl_dir: Path, tmp_path: Path
     ).images[0]
     ref_u8 = (np.clip(ref, 0, 1) * 255).round().astype(np.uint8)
     assert diff(h.result("p").images[0], ref_u8) <= MAX_DIFF
+
+
+def test_sdxl_adapters_of_both_text_encoders_match_diffusers(
+    sdxl, tiny_sdxl_dir: Path, tmp_path: Path
+) -> None:
+    """SDXL adapters with text_encoder and text_encoder_2 layers (PEFT keys and the metadata
+    diffusers writes): one with UNet and both encoders, one with the second encoder alone
+    (it also feeds the pooled embedding), batched with a request without adapters; each as
+    diffusers draws it, and each visibly changes the image."""
+    from diffusers import StableDiffusionXLPipeline
+
+    text = ("q_proj", "k_proj", "v_proj", "out_proj")
+    paths = {
+        "xl-te": build_lora(
+            tmp_path / "xl-te", tiny_sdxl_dir, seed=6, rank=4, alpha=8, text_targets=text, text2_targets=text
+        ),
+        "xl-te2": build_lora(
+            tmp_path / "xl-te2", tiny_sdxl_dir, seed=7, unet_targets=(), text2_targets=(*text, "fc1", "fc2")
+        ),
+    }
+    for name, path in paths.items():
+        if name not in sdxl.loras:
+            sdxl.register_lora(name, path)
+    info = {x.name: x.components for x in sdxl.info.loras}
+    assert info["xl-te"] == ("unet", "text_encoder", "text_encoder_2")
+    assert info["xl-te2"] == ("text_encoder_2",)
+    reqs = [
+        params("te", model="xl", seed=14, steps=3, loras=(("xl-te", 0.8),)),
+        params("te2", model="xl", seed=15, steps=3, negative_prompt="green", loras=(("xl-te2", 1.0),)),
+        params("plain", model="xl", seed=14, steps=3),
+    ]
+    h = Harness({"xl": sdxl})
+    for p in reqs:
+        h.submit(p)
+    h.run_until_idle()
+    got = {p.request_id: h.result(p.request_id).images[0] for p in reqs}
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_dir))
+    pipe.set_progress_bar_config(disable=True)
+    for name, path in paths.items():
+        pipe.load_lora_weights(str(path), adapter_name=name)
+    for p in reqs[:2]:
+        ((name, scale),) = p.loras
+        pipe.set_adapters([name], [scale])
+        ref = pipe(
+            p.prompt,
+            negative_prompt=p.negative_prompt or None,
+            num_inference_steps=p.steps,
+            guidance_scale=p.guidance_scale,
+            height=32,
+            width=32,
+            generator=[torch.Generator().manual_seed(p.seed)],
+            output_type="np",
+        ).images[0]
+        ref_u8 = (np.clip(ref, 0, 1) * 255).round().astype(np.uint8)
+        assert diff(got[p.request_id], ref_u8) <= MAX_DIFF, p.request_id
+    assert diff(got["te"], got["plain"]) > 20
+    h2 = Harness({"xl": sdxl})
+    h2.submit(replace(reqs[1], request_id="te2-plain", loras=()))
+    h2.run_until_idle()
+    assert diff(got["te2"], h2.result("te2-plain").images[0]) > 20
 
 
 def test_separate_lora_batching_gives_each_adapter_its_own_forwards(adapter) -> None:

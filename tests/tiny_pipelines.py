@@ -253,11 +253,13 @@ def build_lora(
     text_targets: tuple[str, ...] = (),
     kohya: bool = False,
     std: float = 0.3,
+    text2_targets: tuple[str, ...] = (),
 ) -> Path:
     """A random LoRA for the pipeline at ``pipe_dir``: diffusers/PEFT keys (with the adapter
     metadata diffusers' ``save_lora_weights`` writes: rank and alpha), or kohya/A1111 keys
     (``lora_unet_..._to_q.lora_down.weight`` with ``.alpha``) when ``kohya``. Weights are
-    large enough to change the images visibly."""
+    large enough to change the images visibly. ``text2_targets``: layers of SDXL's second
+    text encoder (``text_encoder_2.`` keys, ``lora_te2_`` in kohya's)."""
     import json as _json
 
     from diffusers import DiffusionPipeline
@@ -270,7 +272,11 @@ def build_lora(
     for prefix, kohya_prefix, model, targets in (
         ("unet", "lora_unet", pipe.unet, unet_targets),
         ("text_encoder", "lora_te", pipe.text_encoder, text_targets),
+        ("text_encoder_2", "lora_te2", getattr(pipe, "text_encoder_2", None), text2_targets),
     ):
+        if model is None:
+            assert not targets, f"{pipe_dir} has no {prefix}"
+            continue
         for name, mod in model.named_modules():
             if not targets or not any(name.endswith("." + t) for t in targets):
                 continue
@@ -282,7 +288,7 @@ def build_lora(
             up = torch.randn(n_out, rank, generator=g) * std
             if kohya:
                 key = f"{kohya_prefix}_{name.replace('.', '_')}"
-                if prefix == "text_encoder" and not name.startswith("text_model"):
+                if prefix.startswith("text_encoder") and not name.startswith("text_model"):
                     key = f"{kohya_prefix}_text_model_{name.replace('.', '_')}"
                 tensors[f"{key}.lora_down.weight"] = down
                 tensors[f"{key}.lora_up.weight"] = up
@@ -294,7 +300,11 @@ def build_lora(
     metadata = None
     if not kohya:
         config = {}
-        for prefix, targets in (("unet", unet_targets), ("text_encoder", text_targets)):
+        for prefix, targets in (
+            ("unet", unet_targets),
+            ("text_encoder", text_targets),
+            ("text_encoder_2", text2_targets),
+        ):
             if targets:
                 for k, v in {"r": rank, "lora_alpha": alpha, "target_modules": list(targets)}.items():
                     config[f"{prefix}.{k}"] = v
