@@ -134,7 +134,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                     bar.show(f"queued: position {q.position}, about {q.estimated_wait_ms / 1000:.1f}s")
                 elif kind == "progress":
                     p = resp.progress
-                    bar.steps(p.step, p.total_steps, p.elapsed_ms)
+                    if p.paused:
+                        bar.show(f"paused at step {p.step}/{p.total_steps} (more urgent work runs first)")
+                    else:
+                        bar.steps(p.step, p.total_steps, p.elapsed_ms)
                     if previews is not None and p.HasField("preview"):
                         previews.mkdir(parents=True, exist_ok=True)
                         (previews / f"step-{p.step:03d}.jpg").write_bytes(p.preview.data)

@@ -250,6 +250,11 @@ class StepServer:
                 run_ahead={"on": True, "off": False}.get(self.config.run_ahead),
                 max_queued_input_bytes=self.config.max_queued_input_bytes or None,
                 lora_batching=self.config.lora_batching,
+                scheduling=self.config.scheduling,
+                interactive_slo_s=self.config.interactive_slo_s or None,
+                max_paused_images=None
+                if self.config.max_paused_images < 0
+                else self.config.max_paused_images,
             ),
             observers=observers,
         )

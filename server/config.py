@@ -94,6 +94,22 @@ class ServerConfig:
         "'step': continuous batching, requests join and leave between denoising steps; "
         "'request': classic dynamic batching, a formed batch runs to completion (for comparison)",
     )
+    scheduling: str = _opt(
+        _ENGINE.scheduling,
+        "step batching's policy: 'fifo': every running request steps in each forward of its size; "
+        "'slo': choose who steps by latency objective (deadline, --interactive-slo-s), interactive "
+        "first, least slack first; preempt batch-class requests at step boundaries",
+    )
+    interactive_slo_s: float = _opt(
+        0.0,
+        "--scheduling slo: latency objective of PRIORITY_INTERACTIVE requests without a deadline, "
+        "seconds after arrival (0 = none)",
+    )
+    max_paused_images: int = _opt(
+        -1,
+        "--scheduling slo: most images per model paused (preempted, state kept) beyond the batch "
+        "capacity (-1 = the max batch size; 0 = never preempt)",
+    )
     max_batch_size: int = _opt(16, "most images one model denoises in one batched forward")
     run_ahead: str = _opt(
         "auto",
@@ -236,6 +252,15 @@ class ServerConfig:
             self.batching in ("step", "request"), f"--batching {self.batching!r}: must be 'step' or 'request'"
         )
         need(1 <= self.max_batch_size <= 1024, f"--max-batch-size {self.max_batch_size}: must be 1..1024")
+        need(self.scheduling in ("fifo", "slo"), f"--scheduling {self.scheduling!r}: must be 'fifo' or 'slo'")
+        need(
+            0 <= self.interactive_slo_s <= 86_400,
+            f"--interactive-slo-s {self.interactive_slo_s}: must be 0..86400 (0 = none)",
+        )
+        need(
+            -1 <= self.max_paused_images <= 4096,
+            f"--max-paused-images {self.max_paused_images}: must be -1..4096 (-1 = the max batch size)",
+        )
         need(
             self.run_ahead in ("auto", "on", "off"),
             f"--run-ahead {self.run_ahead!r}: must be auto, on or off",

@@ -130,7 +130,10 @@ def test_unmeetable_deadline_is_refused_before_any_work(harness) -> None:
     now = harness.clock.now
     harness.submit(params("busy", steps=20))
     harness.step()
-    harness.engine.ledger.step_time_s["tiny"] = 0.5  # seconds per step, as if measured
+    p = params("x")
+    for rows in range(1, 9):  # 0.5 s per forward of any size, as if measured many times
+        for _ in range(100):
+            harness.engine.scheduler.step_times.record("tiny", p.height, p.width, rows, 0.5)
     # 10 steps need about 5 s; 1 s is not enough. 30 s is.
     harness.submit(params("hopeless", steps=10, deadline=now + 1.0))
     harness.submit(params("fine", steps=10, deadline=now + 30.0))

@@ -350,7 +350,10 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
 
     async def _progress(self, params: GenerationParams, event: ProgressEvent) -> pb.GenerateResponse:
         progress = pb.Progress(
-            step=event.step, total_steps=event.total_steps, elapsed_ms=int(event.elapsed_s * 1000)
+            step=event.step,
+            total_steps=event.total_steps,
+            elapsed_ms=int(event.elapsed_s * 1000),
+            paused=event.paused,
         )
         if event.preview is not None:
             loop = asyncio.get_running_loop()

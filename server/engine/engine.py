@@ -61,6 +61,14 @@ class EngineConfig:
     # "mixed": requests with different LoRA adapters share forwards; "separate": each adapter
     # stack gets batches of its own (what servers without per-row adapters do; for comparison).
     lora_batching: str = "mixed"
+    # Step-level batching's policy: "fifo" (every running request steps in its bucket's
+    # forwards) or "slo" (choose who steps by objective, preempt at step boundaries).
+    scheduling: str = "fifo"
+    # slo: interactive requests without a deadline aim to finish this long after arriving.
+    interactive_slo_s: float | None = None
+    # slo: most images paused (preempted) per model beyond its batch capacity; None: as many
+    # as the capacity.
+    max_paused_images: int | None = None
 
 
 class Engine:
@@ -81,6 +89,9 @@ class Engine:
             {n: m.info.max_batch_size for n, m in models.items()},
             config.max_batch_delay_s,
             priority_delays(config.batch_priority_delay_s),
+            policy=config.scheduling,
+            interactive_slo_s=config.interactive_slo_s,
+            max_paused_images=config.max_paused_images,
         )
         self.ledger = Ledger(models)
         self.inbox = Inbox(config.max_queue, self._load(), config.max_queued_input_bytes)
@@ -211,6 +222,7 @@ class Engine:
         self.inbox.publish(self._load())
         # Execute: end the aborted, encode the newcomers, one batched forward.
         self.runner.end_aborted(plan.aborted)
+        self.runner.pauses(plan.paused, plan.resumed)
         self.runner.prepare(plan.admitted)
         outcome = self.runner.denoise(plan.batch)
         if outcome.attempts:  # a step is queued: read the previous one while it runs
@@ -272,16 +284,10 @@ class Engine:
         return req
 
     def estimated_finish_s(self, req: RequestState) -> float:
-        """Seconds until a just-queued request would finish at the current load: the wait for
-        a slot plus its own steps, at the model's recent step time (an optimistic estimate:
-        it assumes the batch does not grow)."""
-        step = self.ledger.step_time_s[req.model]
-        pos = self.scheduler.queue_positions()[req.request_id]
+        """Seconds until a just-queued request would finish at the current load, as the
+        scheduling policy estimates it with the learned step-time curve."""
         info = self.models[req.model].info
-        return (
-            self.scheduler.estimated_wait(pos, req.model, step, info.default_steps)
-            + req.params.steps_run * step
-        )
+        return self.scheduler.estimate_finish_s(req, self.clock(), info.default_steps)
 
     def _refuse_if_unmeetable(self, req: RequestState) -> FailedEvent | None:
         """Deadline-aware admission: take a just-queued request out again if the current load

@@ -38,6 +38,12 @@ class EngineObserver:
     def preview_made(self, req: RequestState, now: float, seconds: float) -> None:
         """A preview of ``req`` was computed in ``seconds`` and is about to be sent."""
 
+    def request_paused(self, req: RequestState, now: float) -> None:
+        """The scheduler left running ``req`` out of its bucket's forward (preempted)."""
+
+    def request_resumed(self, req: RequestState, now: float) -> None:
+        """Paused ``req`` steps again."""
+
     def images_decoded(self, reqs: Sequence[RequestState], seconds: float) -> None:
         """The finished ``reqs`` (one model) were decoded together in ``seconds``."""
 
@@ -77,6 +83,12 @@ class ObserverGroup(EngineObserver):
 
     def images_decoded(self, reqs: Sequence[RequestState], seconds: float) -> None:
         self._call("images_decoded", reqs, seconds)
+
+    def request_paused(self, req: RequestState, now: float) -> None:
+        self._call("request_paused", req, now)
+
+    def request_resumed(self, req: RequestState, now: float) -> None:
+        self._call("request_resumed", req, now)
 
     def request_finished(
         self, req: RequestState, reason: FinishReason, now: float, usage: Usage | None

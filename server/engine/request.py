@@ -75,8 +75,13 @@ class RequestState(Generic[WorkT]):
     forwards: int = 0
     batch_images_sum: int = 0
     first_preview_time: float | None = None
-    # Scheduler step counter of this request's last forward (-1 = none yet).
+    # Scheduler step counter of this request's last forward (-1 = none yet), and when it ran.
     last_step: int = -1
+    last_stepped_at: float | None = None
+    # Left out of its bucket's forwards by the scheduler (preempted), keeping its state; how
+    # many times that happened.
+    paused: bool = False
+    pauses: int = 0
     # Only requests with equal tags share a forward (see BucketKey).
     batch_tag: tuple[Any, ...] = ()
     work: WorkT | None = field(default=None, repr=False)

@@ -126,6 +126,22 @@ class StepRunner:
 
         self.completions.defer(end, encoded)
 
+    def pauses(self, paused: list[RequestState], resumed: list[RequestState]) -> None:
+        """Requests the scheduler left out of this forward (told with a paused progress
+        event) and those it took back."""
+        now = self.clock()
+        for req in paused:
+            logger.info(
+                "request %s paused after %d steps", req.request_id, req.steps_done, extra=req.log_extra
+            )
+            if not req.params.internal:
+                self.observer.request_paused(req, now)
+            event = ProgressEvent(req.steps_done, req.total_steps, now - req.arrival_time, paused=True)
+            self.outbox.send_later(req, event)
+        for req in resumed:
+            if not req.params.internal:
+                self.observer.request_resumed(req, now)
+
     def denoise(self, batch: list[RequestState]) -> StepOutcome:
         """One batched step for the plan's batch (those still running after prepare)."""
         batch = [r for r in batch if r.status is RequestStatus.RUNNING]
@@ -156,6 +172,8 @@ class StepRunner:
         # steps_done of this step.
         seconds = fwd.end.seconds_since(fwd.start)
         self.ledger.record_step_time(model, seconds)
+        p = fwd.requests[0].params
+        self.scheduler.step_times.record(model, p.height, p.width, fwd.rows, seconds)
         self.observer.batch_stepped(fwd.requests, fwd.rows, seconds)
 
     def _lower_capacity(self, model: str, images: int, error: BaseException) -> None:

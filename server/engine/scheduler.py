@@ -10,9 +10,18 @@ Two policies share the bookkeeping in :class:`BaseScheduler`:
   between any two steps, as long as the model's batch capacity (in images) allows, and
   steps one bucket (model + latent size) per forward, rotating between buckets so none
   starves.
+- :class:`SloScheduler` (``--scheduling slo``) is step-level batching that also chooses
+  *who* steps: by latency objective (the gRPC deadline, or ``--interactive-slo-s`` for
+  interactive requests), interactive before batch class, least slack first. A waiting
+  interactive request may displace running batch-class ones (they pause between steps,
+  keeping their state, and resume where they stopped), and a forward may leave out requests
+  that can afford it when a smaller, faster forward lets urgent ones meet their objectives.
 - :class:`RequestLevelScheduler` is the classic dynamic batcher of general model servers:
   it forms a batch (up to the capacity, waiting at most ``max_delay_s`` for it to fill),
   runs that batch until every member finishes, and only then admits the next one.
+
+Every policy estimates a request's finish time with the learned step-time curve
+(:class:`~.step_times.StepTimes`), which deadline-aware admission checks deadlines against.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from .request import BucketKey, RequestState, RequestStatus
+from .step_times import StepTimes
 from .types import GenerationParams, Priority
 
 # How much later than an interactive request a batch request counts as having arrived, by
@@ -45,6 +55,10 @@ class StepPlan:
     admitted: list[RequestState] = field(default_factory=list)
     # The requests of one bucket that take part in this step's batched forward.
     batch: list[RequestState] = field(default_factory=list)
+    # Running requests of that bucket left out of this forward that stepped in their last
+    # chance (now paused), and paused ones stepping again.
+    paused: list[RequestState] = field(default_factory=list)
+    resumed: list[RequestState] = field(default_factory=list)
     # When nothing can run, the earliest time something might (None = on the next event).
     wake_at: float | None = None
 
@@ -63,14 +77,21 @@ class Load:
     next_slot_s: Mapping[str, float]
     # Host bytes the waiting requests' image inputs hold (encoded and decoded).
     waiting_input_bytes: int = 0
+    # Running requests left out of their bucket's forwards (preempted) now.
+    paused: Mapping[str, int] = field(default_factory=dict)
 
 
 class BaseScheduler:
     """Waiting queue, running set, cancellation and deadlines, per-model capacity."""
 
     def __init__(
-        self, capacity: dict[str, int], priority_delay_s: Mapping[Priority, float] | None = None
+        self,
+        capacity: dict[str, int],
+        priority_delay_s: Mapping[Priority, float] | None = None,
+        step_times: StepTimes | None = None,
     ) -> None:
+        # Seconds per forward, learned by the runner; estimates of finish times read it.
+        self.step_times = StepTimes() if step_times is None else step_times
         # Most images each model may have in its running set (its max batch size), lowered by
         # lower_capacity() after an out-of-memory error; max_images stays the configured limit.
         self._capacity = dict(capacity)
@@ -144,8 +165,10 @@ class BaseScheduler:
         for req in self.waiting:
             waiting[req.model] += 1
             input_bytes += req.params.input_bytes
+        paused = dict.fromkeys(self._capacity, 0)
         for req in self.running.values():
             running[req.model] += 1
+            paused[req.model] += req.paused
             used[req.model] += req.params.num_images
             left = max(1, req.remaining_steps)
             fewest_steps_left[req.model] = min(fewest_steps_left.get(req.model, left), left)
@@ -158,6 +181,7 @@ class BaseScheduler:
             capacity=MappingProxyType(dict(self._capacity)),
             free_images=MappingProxyType({m: max(0, c - used[m]) for m, c in self._capacity.items()}),
             waiting_input_bytes=input_bytes,
+            paused=MappingProxyType(paused),
         )
 
     def has_unfinished(self) -> bool:
@@ -178,12 +202,25 @@ class BaseScheduler:
             req.status = RequestStatus.RUNNING
             req.admitted_time = now
             self.running[req.request_id] = req
-        plan.batch = self._pick_batch()
+        plan.batch = self._pick_batch(now)
         if plan.batch:
             self._step_counter += 1
-            self._bucket_last_step[plan.batch[0].bucket] = self._step_counter
-            for req in plan.batch:
-                req.last_step = self._step_counter
+            bucket = plan.batch[0].bucket
+            self._bucket_last_step[bucket] = self._step_counter
+            chosen = {id(r) for r in plan.batch}
+            for req in self.running.values():
+                if req.bucket != bucket:
+                    continue
+                if id(req) in chosen:
+                    req.last_step = self._step_counter
+                    req.last_stepped_at = now
+                    if req.paused:
+                        req.paused = False
+                        plan.resumed.append(req)
+                elif not req.paused:
+                    req.paused = True
+                    req.pauses += 1
+                    plan.paused.append(req)
         return plan
 
     def update(self, stepped: list[RequestState]) -> list[RequestState]:
@@ -237,6 +274,37 @@ class BaseScheduler:
         last = remaining[-1] if remaining else 0
         return (last + rounds * default_steps) * step_time_s
 
+    def forward_rows(self, reqs: list[RequestState]) -> int:
+        return sum(r.params.rows for r in reqs)
+
+    def step_estimate(self, reqs: list[RequestState]) -> float:
+        """Seconds one forward of ``reqs`` (one bucket) is expected to take."""
+        p = reqs[0].params
+        return self.step_times.estimate(p.model, p.height, p.width, self.forward_rows(reqs))
+
+    def estimate_finish_s(self, req: RequestState, now: float, default_steps: int) -> float:
+        """Seconds until ``req`` (waiting) would finish under this policy at the current load:
+        the wait for a slot, then its steps in forwards with its bucket's running requests
+        (as many as fit the capacity), at the learned step time for that many rows of its
+        size. Assumes nobody else joins: the estimate admission checks deadlines against."""
+        pos = self.queue_positions()[req.request_id]
+        mates = [r for r in self.running.values() if r.bucket == req.bucket]
+        running = [r for r in self.running.values() if r.model == req.model] or [req]
+        wait = self.estimated_wait(pos, req.model, self.step_estimate(running), default_steps)
+        return wait + req.remaining_steps * self.step_estimate(self._fit([req, *mates]))
+
+    def _fit(self, reqs: list[RequestState]) -> list[RequestState]:
+        """The first of ``reqs`` that fit the model's capacity (the first always does)."""
+        cap = self._capacity[reqs[0].model]
+        out: list[RequestState] = []
+        used = 0
+        for r in reqs:
+            if out and used + r.params.num_images > cap:
+                break
+            out.append(r)
+            used += r.params.num_images
+        return out
+
     # -- helpers for subclasses ----------------------------------------------------------
     def _collect_aborts(self, now: float) -> list[RequestState]:
         aborted = []
@@ -255,8 +323,9 @@ class BaseScheduler:
     def _admit(self, now: float, plan: StepPlan) -> list[RequestState]:
         raise NotImplementedError
 
-    def _pick_batch(self) -> list[RequestState]:
-        """All running requests of the bucket that has waited longest for a step."""
+    def _pick_batch(self, now: float) -> list[RequestState]:
+        """Running requests of the bucket that has waited longest for a step, as many as
+        :meth:`_choose` takes, in arrival order."""
         if not self.running:
             return []
         buckets: dict[BucketKey, list[RequestState]] = {}
@@ -268,18 +337,14 @@ class BaseScheduler:
             return (self._bucket_last_step.get(key, -1), min(r.arrival_time for r in members))
 
         _, members = min(buckets.items(), key=priority)
-        # Normally the whole bucket fits its model's capacity. After the cap was lowered (out
-        # of memory) it may not: then the members stepped least recently go first.
-        cap = self._capacity[members[0].model]
-        chosen: list[RequestState] = []
-        used = 0
-        for req in sorted(members, key=lambda r: (r.last_step, r.arrival_time)):
-            if chosen and used + req.params.num_images > cap:
-                break
-            chosen.append(req)
-            used += req.params.num_images
-        picked = {id(r) for r in chosen}
+        picked = {id(r) for r in self._choose(members, now)}
         return [r for r in sorted(members, key=lambda r: r.arrival_time) if id(r) in picked]
+
+    def _choose(self, members: list[RequestState], now: float) -> list[RequestState]:
+        """Which of a bucket's running requests step. Normally the whole bucket fits its
+        model's capacity. After the cap was lowered (out of memory) it may not: then the
+        members stepped least recently go first."""
+        return self._fit(sorted(members, key=lambda r: (r.last_step, r.arrival_time)))
 
 
 class StepLevelScheduler(BaseScheduler):
@@ -315,8 +380,9 @@ class RequestLevelScheduler(BaseScheduler):
         capacity: dict[str, int],
         max_delay_s: float,
         priority_delay_s: Mapping[Priority, float] | None = None,
+        step_times: StepTimes | None = None,
     ) -> None:
-        super().__init__(capacity, priority_delay_s)
+        super().__init__(capacity, priority_delay_s, step_times)
         # Longest a request waits for its batch to fill before the batch starts anyway.
         self.max_delay_s = max_delay_s
 
@@ -342,17 +408,179 @@ class RequestLevelScheduler(BaseScheduler):
         return chosen
 
 
+class SloScheduler(StepLevelScheduler):
+    """Step-level batching that chooses who steps by latency objective.
+
+    A request's objective is its deadline when it has one, else ``interactive_slo_s`` after
+    its arrival for interactive requests (None: no objective). Before each forward the bucket's
+    running requests are ranked: overdue for a step (paused longer than ``max_pause_s``: the
+    aging bound, so nobody starves), then interactive before batch class, then requests that
+    can still meet their objective before those that cannot even alone, then least slack
+    (time left to the objective minus the remaining steps at the current step time), then
+    arrival. The forward takes the ranked requests that fit the capacity, and then possibly
+    fewer: when some would miss their objectives at this forward's step time and a smaller
+    forward (leaving out the lowest ranked that can afford a pause: no objective, or slack to
+    spare) lets more objectives be met, it takes the smallest such set; ties keep the
+    larger forward (throughput). Requests left out pause, keeping latents, sampler state and
+    embeddings, and resume where they stopped.
+
+    Preemption: a waiting interactive request is admitted beyond the capacity while the
+    running interactive images fit it and the running set stays within capacity plus
+    ``max_paused_images`` (the cap on paused work): ranked first, it displaces batch-class
+    requests at the next step boundary.
+    """
+
+    def __init__(
+        self,
+        capacity: dict[str, int],
+        priority_delay_s: Mapping[Priority, float] | None = None,
+        step_times: StepTimes | None = None,
+        *,
+        interactive_slo_s: float | None = None,
+        max_paused_images: int | None = None,
+        max_pause_s: float | None = None,
+    ) -> None:
+        super().__init__(capacity, priority_delay_s, step_times)
+        self.interactive_slo_s = interactive_slo_s
+        self.max_paused_images = {
+            m: c if max_paused_images is None else max_paused_images for m, c in capacity.items()
+        }
+        self.max_pause_s = (
+            self.priority_delay_s.get(Priority.BATCH, DEFAULT_BATCH_PRIORITY_DELAY_S)
+            if max_pause_s is None
+            else max_pause_s
+        )
+
+    def objective(self, req: RequestState) -> float | None:
+        """When ``req`` should be done (engine clock), or None."""
+        if req.params.deadline is not None:
+            return req.params.deadline
+        if self.interactive_slo_s is not None and req.params.priority is Priority.INTERACTIVE:
+            return req.arrival_time + self.interactive_slo_s
+        return None
+
+    def _overdue(self, req: RequestState, now: float) -> bool:
+        since = req.last_stepped_at if req.last_stepped_at is not None else req.admitted_time
+        return since is not None and now - since > self.max_pause_s
+
+    def _admit(self, now: float, plan: StepPlan) -> list[RequestState]:
+        admitted: list[RequestState] = []
+        used = {m: self.used(m) for m in self._capacity}
+        interactive = dict.fromkeys(self._capacity, 0)
+        for r in self.running.values():
+            if r.params.priority is Priority.INTERACTIVE:
+                interactive[r.model] += r.params.num_images
+        blocked: set[str] = set()
+        for req in list(self.waiting):
+            m, n = req.model, req.params.num_images
+            if m in blocked:
+                continue
+            cap = self._capacity[m]
+            fits = used[m] + n <= cap or used[m] == 0
+            if not fits and req.params.priority is Priority.INTERACTIVE:
+                # Preempt: batch-class images step aside for it, within the paused-work cap.
+                fits = interactive[m] + n <= cap and used[m] + n <= cap + self.max_paused_images[m]
+            if fits:
+                used[m] += n
+                if req.params.priority is Priority.INTERACTIVE:
+                    interactive[m] += n
+                admitted.append(req)
+            else:
+                blocked.add(m)  # first come, first served per model, as StepLevelScheduler
+        if admitted:
+            ids = {id(r) for r in admitted}
+            self.waiting = [r for r in self.waiting if id(r) not in ids]
+        return admitted
+
+    def _choose(self, members: list[RequestState], now: float) -> list[RequestState]:
+        interactive_first = sorted(
+            members,
+            key=lambda r: (
+                not self._overdue(r, now),
+                r.params.priority is not Priority.INTERACTIVE,
+                r.arrival_time,
+            ),
+        )
+        t_ref = self.step_estimate(self._fit(interactive_first))
+        alone = {id(r): self.step_estimate([r]) for r in members}
+
+        def key(r: RequestState) -> tuple[bool, bool, bool, float, float]:
+            o = self.objective(r)
+            slack = float("inf") if o is None else o - now - r.remaining_steps * t_ref
+            hopeless = o is not None and o - now < r.remaining_steps * alone[id(r)]
+            return (
+                not self._overdue(r, now),
+                r.params.priority is not Priority.INTERACTIVE,
+                hopeless,
+                slack,
+                r.arrival_time,
+            )
+
+        chosen = self._fit(sorted(members, key=key))
+
+        def meets(r: RequestState, t: float) -> bool:
+            o = self.objective(r)
+            return o is not None and now + r.remaining_steps * t <= o
+
+        t = self.step_estimate(chosen)
+        at_risk = [r for r in chosen if self.objective(r) is not None and not meets(r, t)]
+        if not at_risk:
+            return chosen
+        # Smaller forwards: drop the lowest ranked that can afford a pause, one at a time,
+        # and keep the set that meets the most objectives (the largest such set on ties).
+        best, best_met = chosen, sum(meets(r, t) for r in chosen)
+        trial = list(chosen)
+        dropped_met = 0
+        while len(trial) > 1:
+            t_now = self.step_estimate(trial)
+            need = max((r.remaining_steps for r in trial if self.objective(r) is not None), default=0) * t_now
+            drop = next(
+                (
+                    r
+                    for r in reversed(trial)
+                    if not self._overdue(r, now) and (self.objective(r) is None or key(r)[3] >= need)
+                ),
+                None,
+            )
+            if drop is None:
+                break
+            trial.remove(drop)
+            dropped_met += self.objective(drop) is not None
+            t_trial = self.step_estimate(trial)
+            met = sum(meets(r, t_trial) for r in trial) + dropped_met
+            if met > best_met:
+                best, best_met = list(trial), met
+        return best
+
+
 def make_scheduler(
     mode: str,
     capacity: dict[str, int],
     max_delay_s: float,
     priority_delay_s: Mapping[Priority, float] | None = None,
+    *,
+    policy: str = "fifo",
+    step_times: StepTimes | None = None,
+    interactive_slo_s: float | None = None,
+    max_paused_images: int | None = None,
 ) -> BaseScheduler:
-    """``mode`` is ``"step"`` (continuous batching) or ``"request"`` (classic dynamic batching)."""
+    """``mode`` is ``"step"`` (continuous batching) or ``"request"`` (classic dynamic
+    batching); for ``"step"``, ``policy`` is ``"fifo"`` (every running request steps) or
+    ``"slo"`` (:class:`SloScheduler`)."""
     if mode == "step":
-        return StepLevelScheduler(capacity, priority_delay_s)
+        if policy == "slo":
+            return SloScheduler(
+                capacity,
+                priority_delay_s,
+                step_times,
+                interactive_slo_s=interactive_slo_s,
+                max_paused_images=max_paused_images,
+            )
+        if policy != "fifo":
+            raise ValueError(f"unknown scheduling policy {policy!r} (expected 'fifo' or 'slo')")
+        return StepLevelScheduler(capacity, priority_delay_s, step_times)
     if mode == "request":
-        return RequestLevelScheduler(capacity, max_delay_s, priority_delay_s)
+        return RequestLevelScheduler(capacity, max_delay_s, priority_delay_s, step_times)
     raise ValueError(f"unknown batching mode {mode!r} (expected 'step' or 'request')")
 
 
@@ -361,6 +589,7 @@ __all__ = [
     "BaseScheduler",
     "Load",
     "RequestLevelScheduler",
+    "SloScheduler",
     "StepLevelScheduler",
     "StepPlan",
     "make_scheduler",

@@ -248,6 +248,9 @@ class ProgressEvent:
     total_steps: int
     elapsed_s: float
     preview: RGBArray | None = None
+    # The scheduler left the request out of the forwards from now on (preempted at a step
+    # boundary, its state kept); the next progress event is its next step.
+    paused: bool = False
 
 
 @dataclass(frozen=True)

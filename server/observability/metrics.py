@@ -132,6 +132,12 @@ class Metrics:
             "Requests that joined the running batch, by task (text_to_image, image_to_image, inpainting).",
             ("model", "task"),
         )
+        self.preemptions = counter(
+            "stepserve_preemptions",
+            "Times a running request was paused at a step boundary (left out of its bucket's forward "
+            "for more urgent work, --scheduling slo; or after the batch cap was lowered).",
+            ("model",),
+        )
         self.lora_requests = counter(
             "stepserve_lora_requests",
             "Requests that joined the running batch with a LoRA adapter, by adapter (registered names only).",
@@ -218,6 +224,9 @@ class MetricsObserver(EngineObserver):
     def images_encoded(self, reqs: Sequence[RequestState], seconds: float) -> None:
         self.m.image_encode.labels(reqs[0].model).observe(seconds)
 
+    def request_paused(self, req: RequestState, now: float) -> None:
+        self.m.preemptions.labels(req.model).inc()
+
     def batch_stepped(self, batch: Sequence[RequestState], rows: int, seconds: float) -> None:
         model = batch[0].model
         self.m.step_duration.labels(model).observe(seconds)
@@ -272,6 +281,11 @@ class EngineCollector(Collector):
             "Requests in the running batch (admitted, not finished).",
             labels=["model"],
         )
+        paused = GaugeMetricFamily(
+            "stepserve_paused_requests",
+            "Requests in the running set left out of their bucket's forwards now (preempted; state kept).",
+            labels=["model"],
+        )
         cap = GaugeMetricFamily(
             "stepserve_max_batch_size",
             "Most images one batched forward may hold now (lowered after an out-of-memory error).",
@@ -280,15 +294,18 @@ class EngineCollector(Collector):
         load = engine.load() if engine is not None else None  # one consistent snapshot
         for model, max_batch in self._max_batch.items():
             if load is None:
-                waiting, running, size = 0, 0, max_batch
+                waiting, running, size, held = 0, 0, max_batch, 0
             else:
                 # The live cap: the engine lowers it after running out of accelerator memory.
                 waiting, running, size = load.waiting[model], load.running[model], load.capacity[model]
+                held = load.paused.get(model, 0)
             queue.add_metric([model], waiting)
             active.add_metric([model], running)
+            paused.add_metric([model], held)
             cap.add_metric([model], size)
         yield queue
         yield active
+        yield paused
         yield cap
         if self._loras is not None:
             registered = GaugeMetricFamily(

@@ -213,6 +213,18 @@ class TracingObserver(EngineObserver):
     def images_decoded(self, reqs: Sequence[RequestState], seconds: float) -> None:
         self._span_each("stepserve.decode", reqs, seconds)
 
+    def request_paused(self, req: RequestState, now: float) -> None:
+        self._denoise_event(req, "paused")
+
+    def request_resumed(self, req: RequestState, now: float) -> None:
+        self._denoise_event(req, "resumed")
+
+    def _denoise_event(self, req: RequestState, name: str) -> None:
+        """An event on the request's denoise span (open once it has stepped)."""
+        denoise = req.telemetry.get("denoise")
+        if denoise is not None:
+            denoise.add_event(name, {"stepserve.step": req.steps_done})
+
     def request_finished(
         self, req: RequestState, reason: FinishReason, now: float, usage: Usage | None
     ) -> None:

@@ -443,12 +443,18 @@ class Progress(_message.Message):
     TOTAL_STEPS_FIELD_NUMBER: _builtins.int
     ELAPSED_MS_FIELD_NUMBER: _builtins.int
     PREVIEW_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
     step: _builtins.int
     """Number of denoising steps done so far (1-based)."""
     total_steps: _builtins.int
     """Number of denoising steps the request will run in total."""
     elapsed_ms: _builtins.int
     """Time since the request was accepted, in milliseconds."""
+    paused: _builtins.bool
+    """True when the scheduler paused the request at this step boundary (preempted by more
+    urgent work under --scheduling slo): step is the steps done so far, its state is kept,
+    and it resumes where it stopped; the next Progress is its next step. False otherwise.
+    """
     @_builtins.property
     def preview(self) -> Global___Image:
         """Low-cost preview of the first image from the model's current estimate of the final
@@ -462,10 +468,11 @@ class Progress(_message.Message):
         total_steps: _builtins.int = ...,
         elapsed_ms: _builtins.int = ...,
         preview: Global___Image | None = ...,
+        paused: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["preview", b"preview"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["elapsed_ms", b"elapsed_ms", "preview", b"preview", "step", b"step", "total_steps", b"total_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["elapsed_ms", b"elapsed_ms", "paused", b"paused", "preview", b"preview", "step", b"step", "total_steps", b"total_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
