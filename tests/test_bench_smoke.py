@@ -155,11 +155,30 @@ def test_simulator_serves_every_arrival_and_step_level_wins_on_a_flat_curve() ->
     flat = simulate.Costs(step_s={1: 0.030, 16: 0.045})
     cap = simulate.capacity(flat, 16, seconds=120)
     arr = simulate.arrivals(0.8 * cap, 30, seed=3)
-    step = simulate.simulate("step", arr, flat, 16)
-    req = simulate.simulate("request", arr, flat, 16)
+    step = simulate.latencies(simulate.simulate("fifo", arr, flat, 16))
+    req = simulate.latencies(simulate.simulate("request", arr, flat, 16))
     assert len(step) == len(req) == len(arr)  # nobody lost
     # Every request takes at least its own steps at batch-1 speed.
     assert min(step) >= 4 * 0.030 and min(req) >= 4 * 0.030
     # When batching is nearly free, joining between steps beats waiting for a batch.
     assert simulate.percentile(step, 0.5) < 0.5 * simulate.percentile(req, 0.5)
     assert simulate.percentile(step, 0.99) < simulate.percentile(req, 0.99)
+
+
+def test_simulator_runs_the_engines_scheduler_and_slo_preempts_a_flood() -> None:
+    """The flood on a CPU-like (linear) curve: batch-class streams fill the batch; under fifo
+    interactive requests wait for a slot and share every forward, under slo they displace
+    batch requests at the next step and run in small forwards."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import simulate
+
+    from stepserve.server.engine.scheduler import SloScheduler, StepLevelScheduler
+
+    assert isinstance(simulate.scheduler_for("slo", simulate.Costs({1: 0.01}), 4, None), SloScheduler)
+    assert type(simulate.scheduler_for("fifo", simulate.Costs({1: 0.01}), 4, None)) is StepLevelScheduler
+    cpu = simulate.Costs(step_s={1: 0.0125, 4: 0.028, 16: 0.108}, prepare_s=0.002, decode_s={1: 0.004})
+    out = simulate.flood(cpu, 16, rate=0.25, duration=20, seeds=1)
+    assert out["fifo"]["interactive_p99_vs_lone"] > 10
+    assert out["slo"]["interactive_p99_vs_lone"] <= 2.0
+    assert out["slo"]["ttfp_p99_full_steps"] <= 2.0
+    assert out["slo"]["batch_requests_per_s"] >= 0.9 * out["fifo"]["batch_requests_per_s"]
