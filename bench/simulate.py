@@ -195,7 +195,9 @@ def simulate(
     def ended(req: RequestState, now: float, ok: bool) -> None:
         a = arrival_of.pop(req.request_id)
         fs = first_step.pop(req.request_id, None)
-        outcomes.append(Outcome(a, now - req.arrival_time if ok else None, fs, objective_of.pop(req.request_id)))
+        outcomes.append(
+            Outcome(a, now - req.arrival_time if ok else None, fs, objective_of.pop(req.request_id))
+        )
         if a.stream is not None and (until is None or now < until):
             steps = a.steps if redraw is None else redraw.choice(MIX_STEPS)
             again = Arrival(now, steps, a.priority, a.deadline_s, a.stream)
@@ -211,7 +213,11 @@ def simulate(
             sched.add(req)
             deadline = req.params.deadline
             # The engine's deadline-aware admission (Engine._refuse_if_unmeetable).
-            if reject_unmeetable and deadline is not None and t + sched.estimate_finish_s(req, t, 20) > deadline:
+            if (
+                reject_unmeetable
+                and deadline is not None
+                and t + sched.estimate_finish_s(req, t, 20) > deadline
+            ):
                 sched.finish(req, RequestStatus.FINISHED_REJECTED, t)
                 ended(req, t, ok=False)
         plan = sched.schedule(t)
@@ -267,7 +273,9 @@ def costs_from_curve(text: str) -> Costs:
     return Costs(step_s={int(b): float(s) for b, s in pairs})
 
 
-def slo_table(costs: Costs, cap: int, cap_rps: float, loads: list[float], ks: list[float], duration: float, seeds: int) -> dict[str, Any]:
+def slo_table(
+    costs: Costs, cap: int, cap_rps: float, loads: list[float], ks: list[float], duration: float, seeds: int
+) -> dict[str, Any]:
     """SLO attainment and goodput per k, load and policy (means over seeds)."""
     out: dict[str, Any] = {}
     for k in ks:
@@ -305,7 +313,9 @@ def flood(costs: Costs, cap: int, rate: float, duration: float, seeds: int) -> d
             lat += latencies(inter)
             ttfp += [o.first_step for o in inter if o.first_step is not None]
             met += [o.met for o in inter]
-            batch_done += sum(1 for o in res if o.arrival.priority is Priority.BATCH and o.latency is not None)
+            batch_done += sum(
+                1 for o in res if o.arrival.priority is Priority.BATCH and o.latency is not None
+            )
         out[policy] = {
             "interactive_p50_s": percentile(lat, 0.5),
             "interactive_p99_s": percentile(lat, 0.99),
@@ -328,7 +338,9 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=20, help="runs per load, averaged")
     ap.add_argument("--loads", default="0.5,0.8,1.0,1.2")
     ap.add_argument("--ks", default="2,4", help="objectives: k x each request's lone latency")
-    ap.add_argument("--flood-rate", type=float, default=1.0, help="interactive arrivals per second in the flood")
+    ap.add_argument(
+        "--flood-rate", type=float, default=1.0, help="interactive arrivals per second in the flood"
+    )
     ap.add_argument("--json", type=Path, help="write every table here too")
     args = ap.parse_args()
     costs = costs_from_results(args.results) if args.results else costs_from_curve(args.curve)
@@ -369,7 +381,10 @@ def main() -> int:
         )
     sat = {p: capacity(costs, cap, policy=p) for p in ("fifo", "slo")}
     report["saturation_rps"] = sat
-    print(f"\nsaturation (mix, {cap} closed-loop streams): fifo {sat['fifo']:.2f} req/s, slo {sat['slo']:.2f} (x{sat['slo'] / sat['fifo']:.3f})")
+    print(
+        f"\nsaturation (mix, {cap} closed-loop streams): fifo {sat['fifo']:.2f} req/s, "
+        f"slo {sat['slo']:.2f} (x{sat['slo'] / sat['fifo']:.3f})"
+    )
     report["flood"] = fl = flood(costs, cap, args.flood_rate, args.duration, max(1, args.seeds // 2))
     print(
         f"\nflood: {cap} batch 50-step streams + interactive 10-step at {args.flood_rate:g}/s "
@@ -379,8 +394,8 @@ def main() -> int:
         r = fl[policy]
         print(
             f"  {policy}: interactive p50 {r['interactive_p50_s']:.2f} s, p99 {r['interactive_p99_s']:.2f} s "
-            f"({r['interactive_p99_vs_lone']:.1f}x lone), met {r['interactive_attainment']:.1%}, first preview p99 "
-            f"{r['ttfp_p99_s']:.2f} s ({r['ttfp_p99_full_steps']:.1f} full-batch steps); "
+            f"({r['interactive_p99_vs_lone']:.1f}x lone), met {r['interactive_attainment']:.1%}, "
+            f"first preview p99 {r['ttfp_p99_s']:.2f} s ({r['ttfp_p99_full_steps']:.1f} full-batch steps); "
             f"batch {r['batch_requests_per_s']:.2f} req/s"
         )
     if args.json:
