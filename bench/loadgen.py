@@ -16,6 +16,10 @@ right half, or a centred square, white = repaint) are drawn here with PIL, deter
 at ``--image-size`` (default: the target's default model's size, from ListModels), so edits
 come out at the size text-to-image requests do.
 
+``--priority batch`` sends PRIORITY_BATCH requests; ``--deadlines 4:0.2,10:0.5,...`` gives each
+request a gRPC deadline by its steps (the SLO workloads: objectives as deadlines), recorded as
+``deadline_s``.
+
 ``--loras A,B,...`` (either shape) attaches LoRA adapters: request ``i`` draws one of the named
 adapters or none, all equally likely (8 names: 1 in 9 without), at scale 1.0, from a RNG seeded
 with ``--seed`` and ``i`` (so the draw is the request's own, whatever order the calls go in).
@@ -119,6 +123,17 @@ class EditInputs:
 
 
 @dataclass(frozen=True)
+class Calls:
+    """How every request is sent: its priority class and, by steps, its deadline (seconds)."""
+
+    priority: str = "interactive"
+    deadlines: dict[int, float] | None = None
+
+    def deadline(self, steps: int) -> float | None:
+        return None if self.deadlines is None else self.deadlines[steps]
+
+
+@dataclass(frozen=True)
 class LoraDraw:
     """``--loras``: each request's adapter (or None), drawn from ``names`` and none alike."""
 
@@ -140,8 +155,10 @@ async def one(
     kind: str = "text",
     edit: EditInputs | None = None,
     loras: LoraDraw | None = None,
+    calls: Calls = Calls(),
 ) -> dict[str, Any]:
     lora = loras.of(i) if loras is not None else None
+    deadline = calls.deadline(steps)
     req = build_request(
         PROMPTS[i % len(PROMPTS)],
         steps=steps,
@@ -149,6 +166,7 @@ async def one(
         sampler=sampler,
         preview_every=1 if preview else 0,
         loras=[(lora, 1.0)] if lora else (),
+        priority=calls.priority,
     )
     if edit is not None:
         edit.apply(req, kind, i)
@@ -158,10 +176,12 @@ async def one(
         "steps": steps,
         "sampler": sampler,
         "lora": lora,
+        "priority": calls.priority,
+        "deadline_s": deadline,
         "start": time.perf_counter() - t0,
     }
     try:
-        async for ev in stub.Generate(req, timeout=900):
+        async for ev in stub.Generate(req, timeout=deadline or 900):
             now = time.perf_counter() - t0
             kind = ev.WhichOneof("event")
             if kind == "progress":
@@ -193,6 +213,7 @@ async def closed_loop(
     edit: EditInputs | None = None,
     edit_seed: int = 0,
     loras: LoraDraw | None = None,
+    calls: Calls = Calls(),
 ) -> list[dict[str, Any]]:
     """``mix_seed`` set: each request's steps and sampler are drawn from the mix (seeded);
     ``edit`` set: its task too; ``loras`` set: its adapter (see the module's docstring)."""
@@ -211,7 +232,9 @@ async def closed_loop(
                 else:
                     s, sampler = rng.choice(MIX_STEPS), rng.choice(MIX_SAMPLERS)
                 kind = kinds.choice(EDIT_KINDS) if edit is not None else "text"
-                records.append(await one(stub, next(counter), s, sampler, preview, t0, kind, edit, loras))
+                records.append(
+                    await one(stub, next(counter), s, sampler, preview, t0, kind, edit, loras, calls)
+                )
                 if time.perf_counter() - t0 >= duration:
                     break
 
@@ -228,6 +251,7 @@ async def open_loop(
     steps: int | None,
     edit: EditInputs | None = None,
     loras: LoraDraw | None = None,
+    calls: Calls = Calls(),
 ) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     kinds = random.Random(f"edit-{seed}")  # its own: the same arrivals with and without --edit
@@ -246,7 +270,7 @@ async def open_loop(
             s = steps or rng.choice(MIX_STEPS)
             sampler = rng.choice(MIX_SAMPLERS)
             kind = kinds.choice(EDIT_KINDS) if edit is not None else "text"
-            tasks.append(asyncio.create_task(one(stub, i, s, sampler, preview, t0, kind, edit, loras)))
+            tasks.append(asyncio.create_task(one(stub, i, s, sampler, preview, t0, kind, edit, loras, calls)))
             i += 1
         return list(await asyncio.gather(*tasks))
 
@@ -286,7 +310,14 @@ def main() -> None:
         default=(),
         help="comma-separated adapter names: each request draws one of them or none (seeded)",
     )
+    ap.add_argument("--priority", choices=("interactive", "batch"), default="interactive")
+    ap.add_argument(
+        "--deadlines",
+        type=lambda t: {int(k): float(v) for k, v in (p.split(":") for p in t.split(","))},
+        help="STEPS:SECONDS,...: each request's gRPC deadline by its steps",
+    )
     args = ap.parse_args()
+    calls = Calls(args.priority, args.deadlines)
     loras = LoraDraw(args.loras, args.seed) if args.loras else None
     edit = EditInputs.draw(*(args.image_size or default_size(args.target))) if args.edit else None
     if args.streams:
@@ -301,11 +332,14 @@ def main() -> None:
                 edit,
                 args.seed,
                 loras,
+                calls,
             )
         )
     else:
         records = asyncio.run(
-            open_loop(args.target, args.rate, args.duration, args.seed, args.preview, args.steps, edit, loras)
+            open_loop(
+                args.target, args.rate, args.duration, args.seed, args.preview, args.steps, edit, loras, calls
+            )
         )
     json.dump(records, sys.stdout)
 

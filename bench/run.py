@@ -29,16 +29,29 @@ Workloads, from real gRPC clients in a separate process (bench/loadgen.py):
               request one of the 8 adapters or none (equally likely, seeded): images/s of the
               mixed server without adapters, of the mixed server with them, of the separate
               server with them, and the batch sizes each reached
+  slo         three more stepserve servers: --batching request, step with --scheduling fifo,
+              step with --scheduling slo. The mix (Poisson, steps from {4, 10, 20, 30, 50})
+              with each request's gRPC deadline k x its lone latency (k = 2, 4; lone latency
+              measured per step count first, on the fifo server), at 50/80/100/120% of the
+              fifo server's capacity for the mix: SLO attainment (share of requests finished
+              within their deadline; refused and expired ones count as misses) and goodput;
+              saturation (16 closed-loop mixed streams) of fifo and slo; and the flood: 16
+              closed-loop PRIORITY_BATCH 50-step streams with Poisson interactive 10-step
+              requests (previews every step) among them, the slo server started with
+              --interactive-slo-s 2 x their lone latency: interactive latency and time to first
+              preview, batch throughput
 
     python bench/run.py [--profile full|quick|brief|smoke] [--out bench/results]
-                        [--model PATH --device cuda] [--run-ahead auto|on|off] [--only lora]
+                        [--model PATH --device cuda] [--run-ahead auto|on|off] [--only lora|slo]
 
 On a GPU: build a full-size SD 1.5 architecture at random weights with bench/random_sd.py and
 pass it with --model. The brief profile took about 10 minutes on this 2-core CPU before the edit
 workload (which adds two 20 s capacity runs and two 20 s open loops, with their drains); the
 reference's open loops, which only drain an overloaded queue, are skipped there. The lora
 workload adds three closed-loop runs (sat_s each) and two server start-ups; ``--only lora`` runs
-it alone (results in <date>-<host>-<profile>-lora.json, no chart).
+it alone (results in <date>-<host>-<profile>-lora.json, no chart). The slo workload runs only
+with ``--only slo`` (24 open loops of mixed_s, two floods of 2 x mixed_s, two capacity runs:
+about 13 minutes on the brief profile; bench/simulate.py replays it in seconds).
 """
 
 from __future__ import annotations
@@ -374,6 +387,8 @@ def run(profile: str, out_dir: Path, setup: Setup, only: str | None = None) -> d
     logs.mkdir(parents=True, exist_ok=True)
     if only == "lora":
         return {"profile": profile, "only": "lora", "lora": lora_workload(p, setup, logs)}
+    if only == "slo":
+        return {"profile": profile, "only": "slo", "slo": slo_workload(p, setup, logs)}
     results: dict[str, Any] = {"profile": profile, "modes": {m: {} for m in MODES}}
     servers: dict[str, Server] = {}
     try:
@@ -478,6 +493,208 @@ def lora_workload(
     if same is not None:
         out["step_server_saturation_images_per_s"] = same["images_per_s"]
     return out
+
+
+SLO_POLICIES = ("request", "fifo", "slo")
+SLO_KS = (2, 4)
+SLO_LOADS = (0.5, 0.8, 1.0, 1.2)
+FLOOD_STREAMS, FLOOD_STEPS, FLOOD_INTERACTIVE_STEPS, FLOOD_RATE = 16, 50, 10, 0.5
+
+
+def loadgen_together(runs: list[tuple[str, list[str]]]) -> list[list[dict[str, Any]]]:
+    """Several loadgen processes at once (one workload's parts), each one's records."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "bench/loadgen.py"), "--target", t, *a],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for t, a in runs
+    ]
+    out = []
+    for proc in procs:
+        stdout, stderr = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(stderr[-2000:])
+        out.append(list(json.loads(stdout)))
+    return out
+
+
+def slo_workload(p: dict[str, Any], setup: Setup, logs: Path) -> dict[str, Any]:
+    """The slo workload (see the module's docstring)."""
+    from loadgen import MIX_STEPS
+
+    t0 = time.monotonic()
+    d = p["mixed_s"]
+    loads, ks = p.get("slo_loads", SLO_LOADS), p.get("slo_ks", SLO_KS)
+    out: dict[str, Any] = {"loads": list(loads), "ks": list(ks), "seconds": d}
+    servers: dict[str, Server] = {}
+    try:
+        servers["request"] = Server("request", logs / "slo-request.log", setup, wait=False)
+        servers["fifo"] = Server(
+            "step", logs / "slo-fifo.log", setup, extra=["--scheduling", "fifo"], wait=False
+        )
+        for srv in servers.values():
+            srv.wait_ready()
+        # Lone latency per step count (the objectives' unit), median of 3 after a warm-up.
+        lone: dict[int, float] = {}
+        for steps in MIX_STEPS:
+            args = ["--streams", "1", "--duration", "0.001", "--steps", str(steps)]
+            loadgen(servers["fifo"].target, args)  # warm-up
+            times = [r["end"] - r["start"] for _ in range(3) for r in loadgen(servers["fifo"].target, args)]
+            lone[steps] = statistics.median(times)
+        out["lone_s"] = {str(k): v for k, v in lone.items()}
+        slo_s = 2 * lone[FLOOD_INTERACTIVE_STEPS]
+        extra = ["--scheduling", "slo", "--interactive-slo-s", f"{slo_s:.4f}"]
+        servers["slo"] = Server("step", logs / "slo-slo.log", setup, extra=extra)
+        print(f"== slo: lone {', '.join(f'{k}: {v:.3f}s' for k, v in lone.items())}", flush=True)
+        # Saturation of fifo and slo, interleaved (two rounds each, alternating who goes
+        # first): this machine drifts by tens of percent over minutes.
+        n, sat_d = 16, p["sat_s"]
+        rates: dict[str, list[float]] = {"fifo": [], "slo": []}
+        for rnd in range(2):
+            for policy in ("fifo", "slo") if rnd == 0 else ("slo", "fifo"):
+                recs = loadgen(
+                    servers[policy].target,
+                    ["--streams", str(n), "--duration", str(sat_d), "--mix", "--seed", str(7 + rnd)],
+                )
+                rates[policy].append(summarize(recs, closed_loop=(n, 0.25 * sat_d, sat_d))["images_per_s"])
+        sat = {policy: statistics.fmean(r) for policy, r in rates.items()}
+        for policy in sat:
+            print(f"  {policy} saturation (mix): {_s(sat[policy])} req/s ({rates[policy]})", flush=True)
+        out["saturation_rps"] = sat
+        cap = sat["fifo"]
+        out["attainment"] = {}
+        for k in ks:
+            deadlines = ",".join(f"{s}:{k * lone[s]:.4f}" for s in MIX_STEPS)
+            for frac in loads:
+                row = out["attainment"][f"k{k}_load{frac:g}"] = {}
+                for policy in SLO_POLICIES:
+                    args = [
+                        "--rate",
+                        f"{frac * cap:.4f}",
+                        "--duration",
+                        str(d),
+                        "--seed",
+                        "11",
+                        "--deadlines",
+                        deadlines,
+                    ]
+                    recs = loadgen(servers[policy].target, args)
+                    met = [r for r in recs if r.get("ok") and r["end"] - r["start"] <= r["deadline_s"]]
+                    errors: dict[str, int] = {}
+                    for r in recs:
+                        if not r.get("ok"):
+                            errors[r["error"]] = errors.get(r["error"], 0) + 1
+                    row[policy] = {
+                        "requests": len(recs),
+                        "attainment": len(met) / max(1, len(recs)),
+                        "goodput_rps": len(met) / d,
+                        "errors": errors,
+                    }
+                a = {pol: row[pol]["attainment"] for pol in SLO_POLICIES}
+                print(
+                    f"  k={k} load {frac:.0%}: attainment request {a['request']:.1%}, fifo {a['fifo']:.1%}, "
+                    f"slo {a['slo']:.1%}",
+                    flush=True,
+                )
+        out["flood"] = {"interactive_rate": FLOOD_RATE, "interactive_objective_s": slo_s, "seconds": 2 * d}
+        for policy in ("fifo", "slo"):
+            batch, inter = loadgen_together(
+                [
+                    (
+                        servers[policy].target,
+                        [
+                            "--streams",
+                            str(FLOOD_STREAMS),
+                            "--duration",
+                            str(2 * d),
+                            "--steps",
+                            str(FLOOD_STEPS),
+                            "--priority",
+                            "batch",
+                        ],
+                    ),
+                    (
+                        servers[policy].target,
+                        [
+                            "--rate",
+                            str(FLOOD_RATE),
+                            "--duration",
+                            str(2 * d),
+                            "--steps",
+                            str(FLOOD_INTERACTIVE_STEPS),
+                            "--preview",
+                            "--seed",
+                            "5",
+                        ],
+                    ),
+                ]
+            )
+            ok = [r for r in inter if r.get("ok")]
+            lat = [r["end"] - r["start"] for r in ok]
+            ttfp = [r["first_preview"] - r["start"] for r in ok if "first_preview" in r]
+            batch_ok = [r for r in batch if r.get("ok")]
+            out["flood"][policy] = {
+                "interactive_requests": len(inter),
+                "interactive_ok": len(ok),
+                "interactive_p50_s": percentile(lat, 0.5),
+                "interactive_p99_s": percentile(lat, 0.99),
+                "interactive_p99_vs_lone": _ratio(percentile(lat, 0.99), lone[FLOOD_INTERACTIVE_STEPS]),
+                "ttfp_p50_s": percentile(ttfp, 0.5),
+                "ttfp_p99_s": percentile(ttfp, 0.99),
+                # A step of the full batch: the batch streams' time per step under fifo (where
+                # they are never paused), the unit of the time-to-first-preview target.
+                "batch_requests_per_s": summarize(batch, closed_loop=(FLOOD_STREAMS, 0.25 * 2 * d, 2 * d))[
+                    "images_per_s"
+                ],
+                "batch_step_s_p50": percentile(
+                    [(r["end"] - r["start"]) / FLOOD_STEPS for r in batch_ok], 0.5
+                ),
+            }
+            f = out["flood"][policy]
+            print(
+                f"  flood {policy}: interactive p99 {_s(f['interactive_p99_s'])} s "
+                f"({_s(f['interactive_p99_vs_lone'])}x lone), first preview p99 {_s(f['ttfp_p99_s'])} s, "
+                f"batch {_s(f['batch_requests_per_s'])} req/s",
+                flush=True,
+            )
+        full_step = out["flood"]["fifo"]["batch_step_s_p50"]
+        for policy in ("fifo", "slo"):
+            out["flood"][policy]["ttfp_p99_full_steps"] = _ratio(
+                out["flood"][policy]["ttfp_p99_s"], full_step
+            )
+    finally:
+        for srv in servers.values():
+            srv.stop()
+    out["wall_s"] = round(time.monotonic() - t0, 1)
+    return out
+
+
+def slo_ratios(slo: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bool]]:
+    """Issue 19's targets on this run: at 100% load slo attainment >= 1.3x request-level and
+    >= 1.15x fifo (each k); in the flood interactive p99 <= 2x lone and first preview p99 <= 2
+    full-batch steps; saturation within 5% of fifo."""
+    out: dict[str, Any] = {}
+    targets: dict[str, bool] = {}
+    for k in slo["ks"]:
+        row = slo["attainment"][f"k{k}_load1"]
+        a = {pol: row[pol]["attainment"] for pol in SLO_POLICIES}
+        out[f"slo_k{k}_vs_request"] = _ratio(a["slo"], a["request"])
+        out[f"slo_k{k}_vs_fifo"] = _ratio(a["slo"], a["fifo"])
+        targets[f"k={k}, 100% load: slo attainment >= 1.3x request-level"] = (
+            out[f"slo_k{k}_vs_request"] or 0
+        ) >= 1.3
+        targets[f"k={k}, 100% load: slo attainment >= 1.15x fifo"] = (out[f"slo_k{k}_vs_fifo"] or 0) >= 1.15
+    fl = slo["flood"]["slo"]
+    out["flood_interactive_p99_vs_lone"] = fl["interactive_p99_vs_lone"]
+    out["flood_ttfp_p99_full_steps"] = fl["ttfp_p99_full_steps"]
+    out["saturation_slo_vs_fifo"] = _ratio(slo["saturation_rps"]["slo"], slo["saturation_rps"]["fifo"])
+    targets["flood: interactive p99 <= 2x lone"] = (fl["interactive_p99_vs_lone"] or 99) <= 2
+    targets["flood: first preview p99 <= 2 full-batch steps"] = (fl["ttfp_p99_full_steps"] or 99) <= 2
+    targets["saturation: slo within 5% of fifo"] = (out["saturation_slo_vs_fifo"] or 0) >= 0.95
+    return out, targets
 
 
 def pipeline_rate(setup: Setup, steps: int = 20, runs: int = 7, warmup: int = 2) -> float:
@@ -645,6 +862,10 @@ def ratios(r: dict[str, Any]) -> dict[str, Any]:
         lora_out, lora_targets = lora_ratios(r["lora"])
         out.update(lora_out)
         targets.update(lora_targets)
+    if "slo" in r:
+        slo_out, slo_targets = slo_ratios(r["slo"])
+        out.update(slo_out)
+        targets.update(slo_targets)
     out["targets_met"] = targets
     return out
 
@@ -786,7 +1007,7 @@ def main() -> int:
     ap.add_argument(
         "--run-ahead", choices=("auto", "on", "off"), default="auto", help="stepserve's --run-ahead"
     )
-    ap.add_argument("--only", choices=("lora",), help="run only this workload (no chart)")
+    ap.add_argument("--only", choices=("lora", "slo"), help="run only this workload (no chart)")
     args = ap.parse_args()
     if args.chart:
         chart(json.loads(args.chart.read_text()), args.chart.with_suffix(".png"))

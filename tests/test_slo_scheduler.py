@@ -47,8 +47,10 @@ def test_the_step_time_curve_interpolates_extrapolates_and_errs_long() -> None:
     assert st.estimate("m", 128, 128, 2) == pytest.approx(0.4)
     assert st.estimate("m", 32, 32, 2) == 0.1
     assert st.estimate("other", 64, 64, 3) == pytest.approx(3 * PRIOR_S_PER_ROW)
-    st.record("m", 64, 64, 2, 0.2)  # smoothed, not replaced
-    assert 0.1 < st.estimate("m", 64, 64, 2) < 0.2
+    st.record("m", 64, 64, 2, 0.12)  # the second replaces the first (one-time costs)...
+    assert st.estimate("m", 64, 64, 2) == 0.12
+    st.record("m", 64, 64, 2, 0.2)  # ...later ones are smoothed in
+    assert 0.12 < st.estimate("m", 64, 64, 2) < 0.2
 
 
 def test_admission_estimate_knows_the_requests_size() -> None:
@@ -218,3 +220,30 @@ def test_requests_with_objectives_are_left_out_only_when_it_costs_little_through
         s.add(req(f"r{i}", 0.0, steps=10, deadline=8.0))
     plan = step(s, 0.0)
     assert ids(plan.batch) == (["urgent"] if shrinks else ["urgent", "r0", "r1", "r2"])
+
+
+def test_a_generous_deadline_does_not_turn_the_class_objective_off() -> None:
+    s = slo(interactive_slo_s=2.0)
+    assert s.objective(req("safety-net", 1.0, deadline=600.0)) == 3.0
+    assert s.objective(req("tight", 1.0, deadline=2.5)) == 2.5
+    assert s.objective(req("batch", 1.0, deadline=600.0, priority=B)) == 600.0
+    assert s.objective(req("none", 1.0, priority=B)) is None
+
+
+def test_request_level_estimates_wait_for_the_running_batch() -> None:
+    """Nobody joins a running batch: a newcomer's estimate counts the running batch's last
+    member's steps, where the step-level one starts at once."""
+    from stepserve.server.engine.scheduler import RequestLevelScheduler
+
+    st = curve(FLAT_THEN_LINEAR)
+    r = RequestLevelScheduler({"m": 4}, 0.0, step_times=st)
+    r.add(req("running", 0.0, steps=20))
+    step(r, 0.0)
+    r.add(new := req("new", 1.0, steps=10))
+    # 19 steps of the running one alone (0.1 s), then its own 10 steps alone.
+    assert r.estimate_finish_s(new, 1.0, 20) == pytest.approx(19 * 0.1 + 10 * 0.1)
+    f = StepLevelScheduler({"m": 4}, step_times=st)
+    f.add(req("running", 0.0, steps=20))
+    step(f, 0.0)
+    f.add(new := req("new", 1.0, steps=10))
+    assert f.estimate_finish_s(new, 1.0, 20) == pytest.approx(10 * 0.25)  # with it, 2 images

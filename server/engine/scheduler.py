@@ -389,6 +389,21 @@ class RequestLevelScheduler(BaseScheduler):
         # Longest a request waits for its batch to fill before the batch starts anyway.
         self.max_delay_s = max_delay_s
 
+    def estimate_finish_s(self, req: RequestState, now: float, default_steps: int) -> float:
+        """The running batch's last member's steps first (nobody joins a running batch), then
+        the batch forming wait, then its own steps with the waiting requests ahead of it that
+        share its batch."""
+        wait = 0.0
+        if self.running:
+            batch = list(self.running.values())
+            wait = max(r.remaining_steps for r in batch) * self.step_estimate(batch)
+        ahead = [r for r in self.waiting if r.bucket == req.bucket]
+        mates = self._fit(ahead[: ahead.index(req) + 1])
+        if not any(r is req for r in mates):  # not in the next batch: one more batch's time
+            wait += max(r.remaining_steps for r in mates) * self.step_estimate(mates)
+            mates = [req]
+        return wait + self.max_delay_s + req.remaining_steps * self.step_estimate(mates)
+
     def _admit(self, now: float, plan: StepPlan) -> list[RequestState]:
         if self.running or not self.waiting:
             return []
@@ -457,9 +472,17 @@ class SloScheduler(StepLevelScheduler):
         )
 
     def objective(self, req: RequestState) -> float | None:
-        """When ``req`` should be done (engine clock), or None."""
-        if req.params.deadline is not None:
-            return req.params.deadline
+        """When ``req`` should be done (engine clock), or None: its deadline, or for an
+        interactive request the class objective if that comes first (callers often set a
+        generous deadline as a safety net; the client library and gRPC tools do: it must not
+        turn the service's target off)."""
+        soft = self._class_objective(req)
+        deadline = req.params.deadline
+        if deadline is None or (soft is not None and soft < deadline):
+            return soft
+        return deadline
+
+    def _class_objective(self, req: RequestState) -> float | None:
         if self.interactive_slo_s is not None and req.params.priority is Priority.INTERACTIVE:
             return req.arrival_time + self.interactive_slo_s
         return None
@@ -550,19 +573,21 @@ class SloScheduler(StepLevelScheduler):
                 return None
             if not hopeless(r):
                 return (o - now - delay) / (r.remaining_steps + 1)
-            return None if r.params.deadline is not None else self.step_estimate([r])
+            binding = r.params.deadline is not None and r.params.deadline <= o
+            return None if binding else self.step_estimate([r])
 
         # The forward is a prefix of the ranked requests (those fitting the capacity; overdue
         # ones first, always in): the prefix under which the most objectives stay reachable,
         # the longest on ties (throughput). A request in the forward keeps its objective if the
         # forward's step time is within its budget; one left out, if after waiting this step
         # its budget still covers the full forward's step time (counted as running in full
-        # forwards later). Leaving out requests that have objectives to keep is allowed only
-        # while the smaller forward keeps SHRINK_EFFICIENCY of the full one's throughput: on a
-        # flat step-time curve (a GPU's) small forwards cost the backlog more than they save
-        # (the simulator's first policy, which shrank regardless, lost 40% attainment to fifo
-        # there), on a linear one (a CPU's) they cost little. Requests without objectives to
-        # keep (batch class, none, or past a deadline they cannot meet) may always be left out.
+        # forwards later). Leaving out interactive requests that have objectives to keep is
+        # allowed only while the smaller forward keeps SHRINK_EFFICIENCY of the full one's
+        # throughput: on a flat step-time curve (a GPU's) small forwards cost the backlog more
+        # than they save (the simulator's first policy, which shrank regardless, lost 40%
+        # attainment to fifo there), on a linear one (a CPU's) they cost little. Batch-class
+        # requests (their deadlines weigh in the score) and requests with no objective to keep
+        # (none, or past a deadline they cannot meet) may always be left out.
         ranked = self._fit(sorted(members, key=key))
         overdue = sum(self._overdue(r, now) for r in ranked)
         graded = [(r, budget(r)) for r in ranked]
@@ -574,7 +599,12 @@ class SloScheduler(StepLevelScheduler):
         keeps_left_out = False
         for n in range(len(ranked), max(1, overdue) - 1, -1):
             t = self.step_estimate(ranked[:n])
-            if n < len(ranked) and graded[n][1] is not None:
+            left_out, its_budget = graded[n] if n < len(ranked) else (None, None)
+            if (
+                left_out is not None
+                and its_budget is not None
+                and left_out.params.priority is Priority.INTERACTIVE
+            ):
                 keeps_left_out = True
             if (
                 keeps_left_out

@@ -32,13 +32,20 @@ class StepTimes:
         # model -> (height, width) -> sorted rows, and their smoothed seconds.
         self._rows: dict[str, dict[Shape, list[int]]] = {}
         self._seconds: dict[tuple[str, int, int, int], float] = {}
+        self._count: dict[tuple[str, int, int, int], int] = {}
 
     def record(self, model: str, height: int, width: int, rows: int, seconds: float) -> None:
-        """Fold one measured forward into its point's smoothed time."""
+        """Fold one measured forward into its point's smoothed time. A point's first forward
+        pays one-time costs (allocations, kernel choices: measured 2-3x a later one on this
+        CPU), so its second measurement replaces it instead of being smoothed into it."""
         key = (model, height, width, rows)
         old = self._seconds.get(key)
+        n = self._count.get(key, 0)
+        self._count[key] = n + 1
         if old is None:
             bisect.insort(self._rows.setdefault(model, {}).setdefault((height, width), []), rows)
+            self._seconds[key] = seconds
+        elif n == 1:
             self._seconds[key] = seconds
         else:
             self._seconds[key] = (1 - SMOOTHING) * old + SMOOTHING * seconds
