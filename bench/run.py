@@ -29,16 +29,17 @@ Workloads, from real gRPC clients in a separate process (bench/loadgen.py):
               request one of the 8 adapters or none (equally likely, seeded): images/s of the
               mixed server without adapters, of the mixed server with them, of the separate
               server with them, and the batch sizes each reached
-  slo         three more stepserve servers: --batching request, step with --scheduling fifo,
-              step with --scheduling slo. The mix (Poisson, steps from {4, 10, 20, 30, 50})
+  slo         four more stepserve servers: --batching request, step with --scheduling fifo,
+              step with --scheduling slo, and another slo one with --interactive-slo-s for
+              the flood (a class objective would apply to the mix's requests too). The mix (Poisson, steps from {4, 10, 20, 30, 50})
               with each request's gRPC deadline k x its lone latency (k = 2, 4; lone latency
               measured per step count first, on the fifo server), at 50/80/100/120% of the
               fifo server's capacity for the mix: SLO attainment (share of requests finished
               within their deadline; refused and expired ones count as misses) and goodput;
               saturation (16 closed-loop mixed streams) of fifo and slo; and the flood: 16
               closed-loop PRIORITY_BATCH 50-step streams with Poisson interactive 10-step
-              requests (previews every step) among them, the slo server started with
-              --interactive-slo-s 2 x their lone latency: interactive latency and time to first
+              requests (previews every step) among them, the second slo server started
+              with --interactive-slo-s 2 x their lone latency: interactive latency and time to first
               preview, batch throughput
 
     python bench/run.py [--profile full|quick|brief|smoke] [--out bench/results]
@@ -106,6 +107,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "pipeline_runs": 2,
         "lora_streams": 4,
         "lora_s": 2,
+        "slo_loads": [1.0],
+        "slo_ks": [2],
     },
 }
 MODES = ("step", "request", "reference")
@@ -545,9 +548,16 @@ def slo_workload(p: dict[str, Any], setup: Setup, logs: Path) -> dict[str, Any]:
             times = [r["end"] - r["start"] for _ in range(3) for r in loadgen(servers["fifo"].target, args)]
             lone[steps] = statistics.median(times)
         out["lone_s"] = {str(k): v for k, v in lone.items()}
+        # Two slo servers: the mix's objectives are its deadlines alone; the flood's interactive
+        # requests have the class objective (a class objective would apply to the mix too).
         slo_s = 2 * lone[FLOOD_INTERACTIVE_STEPS]
+        servers["slo"] = Server(
+            "step", logs / "slo-slo.log", setup, extra=["--scheduling", "slo"], wait=False
+        )
         extra = ["--scheduling", "slo", "--interactive-slo-s", f"{slo_s:.4f}"]
-        servers["slo"] = Server("step", logs / "slo-slo.log", setup, extra=extra)
+        servers["slo-flood"] = Server("step", logs / "slo-slo-flood.log", setup, extra=extra, wait=False)
+        for name in ("slo", "slo-flood"):
+            servers[name].wait_ready()
         print(f"== slo: lone {', '.join(f'{k}: {v:.3f}s' for k, v in lone.items())}", flush=True)
         # Saturation of fifo and slo, interleaved (two rounds each, alternating who goes
         # first): this machine drifts by tens of percent over minutes.
@@ -601,10 +611,11 @@ def slo_workload(p: dict[str, Any], setup: Setup, logs: Path) -> dict[str, Any]:
                 )
         out["flood"] = {"interactive_rate": FLOOD_RATE, "interactive_objective_s": slo_s, "seconds": 2 * d}
         for policy in ("fifo", "slo"):
+            target = servers["slo-flood" if policy == "slo" else "fifo"].target
             batch, inter = loadgen_together(
                 [
                     (
-                        servers[policy].target,
+                        target,
                         [
                             "--streams",
                             str(FLOOD_STREAMS),
@@ -617,7 +628,7 @@ def slo_workload(p: dict[str, Any], setup: Setup, logs: Path) -> dict[str, Any]:
                         ],
                     ),
                     (
-                        servers[policy].target,
+                        target,
                         [
                             "--rate",
                             str(FLOOD_RATE),

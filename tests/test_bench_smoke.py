@@ -113,6 +113,43 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert "step-level capacity for the mix" in sim.stdout
 
 
+def test_bench_slo_workload_smoke(tmp_path: Path) -> None:
+    """`bench/run.py --only slo` at its smallest (one load, one k, short floods): every
+    server answers, the refusals are the deadline's, and in the flood slo serves interactive
+    requests faster than fifo (preemption; tens of times on this CPU, asserted at 2x)."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench/run.py"),
+            "--profile",
+            "smoke",
+            "--only",
+            "slo",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (result,) = tmp_path.glob("*-smoke-slo.json")
+    r = json.loads(result.read_text())
+    slo = r["slo"]
+    assert set(slo["lone_s"]) == {"4", "10", "20", "30", "50"}
+    assert slo["saturation_rps"]["fifo"] > 0 and slo["saturation_rps"]["slo"] > 0
+    (row,) = slo["attainment"].values()
+    for policy in ("request", "fifo", "slo"):
+        assert row[policy]["requests"] > 0
+        assert set(row[policy]["errors"]) <= {"RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
+    fifo, fast = slo["flood"]["fifo"], slo["flood"]["slo"]
+    assert fifo["interactive_ok"] == fifo["interactive_requests"] > 0
+    assert fast["interactive_ok"] == fast["interactive_requests"] > 0
+    assert fast["interactive_p50_s"] < 0.5 * fifo["interactive_p50_s"]
+    assert "flood: interactive p99 <= 2x lone" in r["ratios"]["targets_met"]
+    assert r["environment"]["command"] == "python bench/run.py --profile smoke --only slo"
+
+
 def test_loadgen_draws_each_adapter_and_none_alike() -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     import loadgen

@@ -247,3 +247,17 @@ def test_request_level_estimates_wait_for_the_running_batch() -> None:
     step(f, 0.0)
     f.add(new := req("new", 1.0, steps=10))
     assert f.estimate_finish_s(new, 1.0, 20) == pytest.approx(10 * 0.25)  # with it, 2 images
+
+
+def test_admission_estimates_an_interactive_request_that_would_preempt_as_the_policy_runs_it() -> None:
+    """A full batch of batch-class requests: an interactive request with a 2 s deadline would
+    wait for a slot under fifo (8 steps of the shortest at 1 s, then its 10 with the others:
+    refused), but under slo it displaces them and runs alone (10 x 0.1 s)."""
+    fifo = StepLevelScheduler({"m": 4}, step_times=curve(FLAT_THEN_LINEAR))
+    for scheduler, expect in ((fifo, 18.0), (slo(), 1.0)):
+        for i in range(4):
+            scheduler.add(req(f"b{i}", 0.0, steps=10 + i, priority=B))
+        step(scheduler, 0.0)
+        step(scheduler, 1.0)
+        scheduler.add(urgent := req("urgent", 2.0, steps=10, deadline=4.0))
+        assert scheduler.estimate_finish_s(urgent, 2.0, 20) == pytest.approx(expect)

@@ -506,6 +506,36 @@ class SloScheduler(StepLevelScheduler):
         since = req.last_stepped_at if req.last_stepped_at is not None else req.admitted_time
         return since is not None and now - since > self.max_pause_s
 
+    def estimate_finish_s(self, req: RequestState, now: float, default_steps: int) -> float:
+        """As step-level batching estimates it, except for an interactive request that would
+        preempt (the batch is full of others): it steps at once, in the forward this policy
+        would choose with it."""
+        base = super().estimate_finish_s(req, now, default_steps)
+        m, n = req.model, req.params.num_images
+        if (
+            req.params.priority is not Priority.INTERACTIVE
+            or self.used(m) + n <= self._capacity[m]
+            or self.queue_positions()[req.request_id] != 0
+            or not self._may_preempt(req)
+        ):
+            return base
+        chosen = self._choose([*(r for r in self.running.values() if r.bucket == req.bucket), req], now)
+        if not any(r is req for r in chosen):
+            return base
+        return min(base, req.remaining_steps * self.step_estimate(chosen))
+
+    def _may_preempt(self, req: RequestState) -> bool:
+        """Whether interactive ``req`` may join a full running set (batch-class requests step
+        aside), within the paused-work cap."""
+        m, n = req.model, req.params.num_images
+        interactive = sum(
+            r.params.num_images
+            for r in self.running.values()
+            if r.model == m and r.params.priority is Priority.INTERACTIVE
+        )
+        cap = self._capacity[m]
+        return interactive + n <= cap and self.used(m) + n <= cap + self.max_paused_images[m]
+
     def _admit(self, now: float, plan: StepPlan) -> list[RequestState]:
         admitted: list[RequestState] = []
         used = {m: self.used(m) for m in self._capacity}
