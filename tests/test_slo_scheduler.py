@@ -201,23 +201,19 @@ def test_waiting_requests_with_objectives_are_served_by_latest_start() -> None:
     assert ids(s.waiting) == ["none", "tight", "batch", "loose"]
 
 
-@pytest.mark.parametrize(
-    ("points", "shrinks"),
-    [
-        ({2: 0.1, 8: 0.4}, True),  # linear (a CPU): a small forward costs no throughput
-        ({2: 0.1, 8: 0.13}, False),  # flat (a GPU): it would cost 70% of it
-    ],
-)
-def test_requests_with_objectives_are_left_out_only_when_it_costs_little_throughput(
-    points: dict[int, float], shrinks: bool
+@pytest.mark.parametrize(("others", "shrinks"), [(Priority.INTERACTIVE, False), (B, True)])
+@pytest.mark.parametrize("points", [{2: 0.1, 8: 0.4}, {2: 0.1, 8: 0.13}])  # linear (CPU), flat (GPU)
+def test_only_batch_class_requests_step_aside_for_an_urgent_one(
+    points: dict[int, float], others: Priority, shrinks: bool
 ) -> None:
-    """Four interactive requests with objectives: one urgent (10 steps due in 1.15 s: at
-    most 0.105 s per step, so it needs a forward of one), three with more time but not
-    unlimited. They are left out for it on a linear curve, not on a flat one."""
+    """One urgent interactive request (10 steps due in 1.15 s: at most 0.105 s per step, so
+    it needs a forward of one) and three with more time (deadline 8 s). Batch-class ones
+    step aside for it; interactive ones with objectives of their own do not (bench/simulate.py
+    and the real server both measured that as a loss), whatever the curve."""
     s = slo(cap=4, st=curve(points))
     s.add(req("urgent", 0.0, steps=10, deadline=1.15))
     for i in range(3):
-        s.add(req(f"r{i}", 0.0, steps=10, deadline=8.0))
+        s.add(req(f"r{i}", 0.0, steps=10, deadline=8.0, priority=others))
     plan = step(s, 0.0)
     assert ids(plan.batch) == (["urgent"] if shrinks else ["urgent", "r0", "r1", "r2"])
 
