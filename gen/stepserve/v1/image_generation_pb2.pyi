@@ -129,7 +129,10 @@ class _PriorityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Priority.Val
 class Priority(_Priority, metaclass=_PriorityEnumTypeWrapper):
     """Priority is a request's scheduling class. Waiting requests are served interactive first,
     but a batch request is never overtaken by interactive requests that arrived more than the
-    server's --batch-priority-delay-s after it (aging), so it cannot wait forever.
+    server's --batch-priority-delay-s after it (aging), so it cannot wait forever. With
+    --scheduling slo an interactive request also displaces running batch requests at the next
+    step boundary (they pause, see Progress.paused), and has the server's --interactive-slo-s
+    as its latency objective.
     """
 
 PRIORITY_UNSPECIFIED: Priority.ValueType  # 0
