@@ -257,3 +257,17 @@ def test_admission_estimates_an_interactive_request_that_would_preempt_as_the_po
         step(scheduler, 1.0)
         scheduler.add(urgent := req("urgent", 2.0, steps=10, deadline=4.0))
         assert scheduler.estimate_finish_s(urgent, 2.0, 20) == pytest.approx(expect)
+
+
+def test_interactive_requests_that_cannot_all_make_it_still_run_in_a_small_forward() -> None:
+    """Two interactive requests, each able to meet its objective alone but not together, and
+    batch requests filling the batch: the forward is the two of them (late, but fast), not the
+    full batch (the real flood's slowest requests ran at the full batch's pace)."""
+    s = slo(cap=6)
+    for i in range(4):
+        s.add(req(f"b{i}", 0.0, steps=50, priority=B))
+    step(s, 0.0)
+    s.add(req("i0", 1.0, steps=10, deadline=2.2))  # alone: 11 x 0.1 = 1.1 s; together 2.75 s
+    s.add(req("i1", 1.0, steps=10, deadline=2.2))
+    plan = step(s, 1.0)
+    assert sorted(ids(plan.batch)) == ["i0", "i1"]

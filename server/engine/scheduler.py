@@ -605,8 +605,9 @@ class SloScheduler(StepLevelScheduler):
 
         # The forward is a prefix of the ranked requests (those fitting the capacity; overdue
         # ones first, always in): the prefix under which the most objectives stay reachable,
-        # the longest on ties (throughput). A request in the forward keeps its objective if the
-        # forward's step time is within its budget; one left out, if after waiting this step
+        # then the least total lateness of those in it that miss, the longest on ties. A
+        # request in the forward keeps its objective if the forward's step time is within its
+        # budget; one left out, if after waiting this step
         # its budget still covers the full forward's step time (counted as running in full
         # forwards later). Only batch-class requests and requests with no objective to keep
         # (none, or past a deadline they cannot meet) are ever left out: leaving out
@@ -622,18 +623,26 @@ class SloScheduler(StepLevelScheduler):
         if all(b is None for _, b in graded):
             return ranked  # nothing to keep: everyone steps, as fifo
         t_full = self.step_estimate(ranked)
-        best, best_score = ranked, -1
+        best, best_score = ranked, (-1, 0.0)
         for n in range(len(ranked), max(1, overdue) - 1, -1):
             if n < len(ranked):
                 left_out, its_budget = graded[n]
                 if its_budget is not None and left_out.params.priority is Priority.INTERACTIVE:
                     break
             t = self.step_estimate(ranked[:n])
-            score = sum(1 for _, b in graded[:n] if b is not None and t <= b)
+            met, late = 0, 0.0
+            for r, b in graded[:n]:
+                if b is not None:
+                    met += t <= b
+                    # Objectives missed anyway still count by how late: two interactive
+                    # requests that cannot both make it still run fast together, not at the
+                    # full forward's pace (the real flood's slowest requests did).
+                    late += max(0.0, t - b) * (r.remaining_steps + 1)
             for r, b in graded[n:]:
                 if b is not None:
                     later = budget(r, delay=t)
-                    score += later is not None and t_full <= later
+                    met += later is not None and t_full <= later
+            score = (met, -late)
             if score > best_score:
                 best, best_score = ranked[:n], score
         return best
