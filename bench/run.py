@@ -227,18 +227,32 @@ class Server:
 
 
 def loadgen(target: str, args: list[str], quiet: bool = False) -> list[dict[str, Any]]:
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "bench/loadgen.py"), "--target", target, *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ},
-        check=False,
-    )
-    if out.returncode != 0:
-        if quiet:
-            return []
-        raise RuntimeError(out.stderr[-2000:])
-    return list(json.loads(out.stdout))
+    """The records of one bench/loadgen.py run (``quiet``: none if it failed, e.g. a server
+    not up yet)."""
+    return loadgen_together([(target, args)], quiet)[0]
+
+
+def loadgen_together(runs: list[tuple[str, list[str]]], quiet: bool = False) -> list[list[dict[str, Any]]]:
+    """Several bench/loadgen.py processes at once (one workload's parts), each one's records."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "bench/loadgen.py"), "--target", t, *a],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for t, a in runs
+    ]
+    out = []
+    for proc in procs:
+        stdout, stderr = proc.communicate()
+        if proc.returncode != 0:
+            if not quiet:
+                raise RuntimeError(stderr[-2000:])
+            out.append([])
+            continue
+        out.append(list(json.loads(stdout)))
+    return out
 
 
 def closed_loop_rate(records: list[dict[str, Any]], streams: int, lo: float, hi: float) -> float | None:
@@ -503,26 +517,6 @@ SLO_POLICIES = ("request", "fifo", "slo")
 SLO_KS = (2, 4)
 SLO_LOADS = (0.5, 0.8, 1.0, 1.2)
 FLOOD_STREAMS, FLOOD_STEPS, FLOOD_INTERACTIVE_STEPS, FLOOD_RATE = 16, 50, 10, 0.5
-
-
-def loadgen_together(runs: list[tuple[str, list[str]]]) -> list[list[dict[str, Any]]]:
-    """Several loadgen processes at once (one workload's parts), each one's records."""
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(ROOT / "bench/loadgen.py"), "--target", t, *a],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for t, a in runs
-    ]
-    out = []
-    for proc in procs:
-        stdout, stderr = proc.communicate()
-        if proc.returncode != 0:
-            raise RuntimeError(stderr[-2000:])
-        out.append(list(json.loads(stdout)))
-    return out
 
 
 def slo_workload(p: dict[str, Any], setup: Setup, logs: Path) -> dict[str, Any]:

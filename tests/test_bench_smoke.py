@@ -12,16 +12,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_bench_smoke(tmp_path: Path) -> None:
+def run_smoke(out_dir: Path, *extra: str) -> tuple[Path, dict]:
+    """``bench/run.py --profile smoke`` (with ``extra``) into ``out_dir``: its results file and
+    what it holds."""
     out = subprocess.run(
-        [sys.executable, str(ROOT / "bench/run.py"), "--profile", "smoke", "--out", str(tmp_path)],
+        [sys.executable, str(ROOT / "bench/run.py"), "--profile", "smoke", *extra, "--out", str(out_dir)],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    (result,) = tmp_path.glob("*-smoke.json")
-    r = json.loads(result.read_text())
+    (result,) = out_dir.glob("*.json")
+    return result, json.loads(result.read_text())
+
+
+def test_bench_smoke(tmp_path: Path) -> None:
+    result, r = run_smoke(tmp_path)
+    assert result.name.endswith("-smoke.json")
     assert set(r["modes"]) == {"step", "request", "reference"}
     for mode in r["modes"].values():
         assert mode["lone"]["ok"] == 1 and mode["lone"]["errors"] == 0
@@ -117,24 +124,8 @@ def test_bench_slo_workload_smoke(tmp_path: Path) -> None:
     """`bench/run.py --only slo` at its smallest (one load, one k, short floods): every
     server answers, the refusals are the deadline's, and in the flood slo serves interactive
     requests faster than fifo (preemption; tens of times on this CPU, asserted at 2x)."""
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench/run.py"),
-            "--profile",
-            "smoke",
-            "--only",
-            "slo",
-            "--out",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    (result,) = tmp_path.glob("*-smoke-slo.json")
-    r = json.loads(result.read_text())
+    result, r = run_smoke(tmp_path, "--only", "slo")
+    assert result.name.endswith("-smoke-slo.json")
     slo = r["slo"]
     assert set(slo["lone_s"]) == {"4", "10", "20", "30", "50"}
     assert slo["saturation_rps"]["fifo"] > 0 and slo["saturation_rps"]["slo"] > 0

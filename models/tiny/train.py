@@ -122,6 +122,21 @@ def judge_reconstructions(vae, seed: int, n: int = 500) -> dict[str, float]:
     return judge.score(list(rec), samples)
 
 
+def noised_batch(latents, ids, empty_ids, alphas_cumprod, num_timesteps, batch, gen):
+    """One training batch of the recipe: latents, their captions' token ids (10% dropped to
+    the empty caption, for guidance), timesteps, the noised latents and the v-prediction
+    target. The LoRA trainer draws its batches the same way."""
+    idx = torch.randint(0, len(latents), (batch,), generator=gen)
+    x0 = latents[idx]
+    tok = ids[idx].clone()
+    tok[torch.rand(batch, generator=gen) < 0.1] = empty_ids
+    t = torch.randint(0, num_timesteps, (batch,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    a = alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+    s = (1 - alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+    return tok, t, a * x0 + s * noise, a * noise - s * x0
+
+
 def train_unet(latents, ids, empty_ids, vocab, steps, batch, seed, lr):
     unet = arch.make_unet()
     text = arch.make_text_encoder(*vocab)
@@ -135,17 +150,9 @@ def train_unet(latents, ids, empty_ids, vocab, steps, batch, seed, lr):
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, 100)
-        idx = torch.randint(0, len(latents), (batch,), generator=gen)
-        x0 = latents[idx]
-        tok = ids[idx].clone()
-        drop = torch.rand(batch, generator=gen) < 0.1
-        tok[drop] = empty_ids
-        t = torch.randint(0, sampler.config.num_train_timesteps, (batch,), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        a = alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
-        s = (1 - alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
-        xt = a * x0 + s * noise
-        target = a * noise - s * x0
+        tok, t, xt, target = noised_batch(
+            latents, ids, empty_ids, alphas_cumprod, sampler.config.num_train_timesteps, batch, gen
+        )
         cond = text(tok)[0]
         pred = unet(xt, t, cond).sample
         loss = F.mse_loss(pred, target)

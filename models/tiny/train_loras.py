@@ -27,7 +27,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from models.tiny import data
-from models.tiny.train import lr_at, to_tensor
+from models.tiny.train import encode_all, lr_at, noised_batch
 
 logger = logging.getLogger("train_loras")
 ASSETS = Path(__file__).resolve().parents[2] / "server" / "assets" / "tiny-shapes"
@@ -52,10 +52,7 @@ def train(
     params = [p for p in unet.parameters() if p.requires_grad]
     pics, captions, _ = data.make_dataset(images, seed, style=style)
     with torch.no_grad():
-        latents = torch.cat(
-            [vae.encode(to_tensor(pics[i : i + 256])).latent_dist.mean for i in range(0, len(pics), 256)]
-        )
-        latents = latents * vae.config.scaling_factor
+        latents = encode_all(vae, pics) * vae.config.scaling_factor
         ids = tok(
             captions,
             padding="max_length",
@@ -74,18 +71,12 @@ def train(
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, 50)
-        idx = torch.randint(0, len(latents), (batch,), generator=gen)
-        x0 = latents[idx]
-        tokens = ids.input_ids[idx].clone()
-        tokens[torch.rand(batch, generator=gen) < 0.1] = empty
-        t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (batch,), generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        a = alphas[t].sqrt().view(-1, 1, 1, 1)
-        s = (1 - alphas[t]).sqrt().view(-1, 1, 1, 1)
+        tokens, t, xt, target = noised_batch(
+            latents, ids.input_ids, empty, alphas, pipe.scheduler.config.num_train_timesteps, batch, gen
+        )
         with torch.no_grad():
             cond = text(tokens)[0]
-        pred = unet(a * x0 + s * noise, t, cond).sample
-        loss = F.mse_loss(pred, a * noise - s * x0)  # v-prediction, as the base recipe
+        loss = F.mse_loss(unet(xt, t, cond).sample, target)  # v-prediction, as the base recipe
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -353,23 +353,41 @@ class StepLevelScheduler(BaseScheduler):
     def _admit(self, now: float, plan: StepPlan) -> list[RequestState]:
         admitted: list[RequestState] = []
         used = {m: self.used(m) for m in self._capacity}
+        interactive = {m: self.interactive_images(m) for m in self._capacity}
         blocked: set[str] = set()
         for req in list(self.waiting):
-            if req.model in blocked:
+            m, n = req.model, req.params.num_images
+            if m in blocked:
                 continue
             # A request larger than a lowered cap still runs, alone.
-            fits = used[req.model] + req.params.num_images <= self._capacity[req.model]
-            if fits or used[req.model] == 0:
-                used[req.model] += req.params.num_images
+            if (
+                used[m] + n <= self._capacity[m]
+                or used[m] == 0
+                or self._may_exceed(req, used[m], interactive[m])
+            ):
+                used[m] += n
+                interactive[m] += n if req.params.priority is Priority.INTERACTIVE else 0
                 admitted.append(req)
             else:
                 # First come, first served per model: nobody overtakes a request that does
                 # not fit yet (that would starve requests for many images).
-                blocked.add(req.model)
+                blocked.add(m)
         if admitted:
             ids = {id(r) for r in admitted}
             self.waiting = [r for r in self.waiting if id(r) not in ids]
         return admitted
+
+    def interactive_images(self, model: str) -> int:
+        return sum(
+            r.params.num_images
+            for r in self.running.values()
+            if r.model == model and r.params.priority is Priority.INTERACTIVE
+        )
+
+    def _may_exceed(self, req: RequestState, used: int, interactive: int) -> bool:
+        """Whether ``req`` may join beyond the capacity, ``used`` images running (of them
+        ``interactive`` interactive): never here (see :class:`SloScheduler`)."""
+        return False
 
 
 class RequestLevelScheduler(BaseScheduler):
@@ -510,10 +528,9 @@ class SloScheduler(StepLevelScheduler):
         base = super().estimate_finish_s(req, now, default_steps)
         m, n = req.model, req.params.num_images
         if (
-            req.params.priority is not Priority.INTERACTIVE
-            or self.used(m) + n <= self._capacity[m]
+            self.used(m) + n <= self._capacity[m]
             or self.queue_positions()[req.request_id] != 0
-            or not self._may_preempt(req)
+            or not self._may_exceed(req, self.used(m), self.interactive_images(m))
         ):
             return base
         chosen = self._choose([*(r for r in self.running.values() if r.bucket == req.bucket), req], now)
@@ -521,46 +538,16 @@ class SloScheduler(StepLevelScheduler):
             return base
         return min(base, req.remaining_steps * self.step_estimate(chosen))
 
-    def _may_preempt(self, req: RequestState) -> bool:
-        """Whether interactive ``req`` may join a full running set (batch-class requests step
-        aside), within the paused-work cap."""
+    def _may_exceed(self, req: RequestState, used: int, interactive: int) -> bool:
+        """Preemption: an interactive request joins a full running set while the interactive
+        images fit the capacity (batch-class ones step aside), within the paused-work cap."""
         m, n = req.model, req.params.num_images
-        interactive = sum(
-            r.params.num_images
-            for r in self.running.values()
-            if r.model == m and r.params.priority is Priority.INTERACTIVE
-        )
         cap = self._capacity[m]
-        return interactive + n <= cap and self.used(m) + n <= cap + self.max_paused_images[m]
-
-    def _admit(self, now: float, plan: StepPlan) -> list[RequestState]:
-        admitted: list[RequestState] = []
-        used = {m: self.used(m) for m in self._capacity}
-        interactive = dict.fromkeys(self._capacity, 0)
-        for r in self.running.values():
-            if r.params.priority is Priority.INTERACTIVE:
-                interactive[r.model] += r.params.num_images
-        blocked: set[str] = set()
-        for req in list(self.waiting):
-            m, n = req.model, req.params.num_images
-            if m in blocked:
-                continue
-            cap = self._capacity[m]
-            fits = used[m] + n <= cap or used[m] == 0
-            if not fits and req.params.priority is Priority.INTERACTIVE:
-                # Preempt: batch-class images step aside for it, within the paused-work cap.
-                fits = interactive[m] + n <= cap and used[m] + n <= cap + self.max_paused_images[m]
-            if fits:
-                used[m] += n
-                if req.params.priority is Priority.INTERACTIVE:
-                    interactive[m] += n
-                admitted.append(req)
-            else:
-                blocked.add(m)  # first come, first served per model, as StepLevelScheduler
-        if admitted:
-            ids = {id(r) for r in admitted}
-            self.waiting = [r for r in self.waiting if id(r) not in ids]
-        return admitted
+        return (
+            req.params.priority is Priority.INTERACTIVE
+            and interactive + n <= cap
+            and used + n <= cap + self.max_paused_images[m]
+        )
 
     def _choose(self, members: list[RequestState], now: float) -> list[RequestState]:
         interactive_first = sorted(
@@ -611,12 +598,9 @@ class SloScheduler(StepLevelScheduler):
         # its budget still covers the full forward's step time (counted as running in full
         # forwards later). Only batch-class requests and requests with no objective to keep
         # (none, or past a deadline they cannot meet) are ever left out: leaving out
-        # interactive requests with objectives for more urgent ones was tried and lost. In the
-        # simulator on a flat (GPU-like) curve it cost up to 40 points of SLO attainment
-        # against fifo, as those left out later ran in small, inefficient forwards; bounded to
-        # forwards keeping 90% of the full one's throughput it was even with fifo there, and
-        # on this CPU the real server lost 10-17 points at k = 2 (the chosen set changed
-        # nearly every step as slack moved: pauses and resumes, and every request slowed).
+        # interactive requests with objectives for more urgent ones was tried and lost to fifo,
+        # in the simulator on a flat (GPU-like) curve and on this CPU's real server (see
+        # docs/architecture.md, Scheduling).
         ranked = self._fit(sorted(members, key=key))
         overdue = sum(self._overdue(r, now) for r in ranked)
         graded = [(r, budget(r)) for r in ranked]

@@ -273,23 +273,17 @@ class EngineCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         engine = self._engine()
-        queue = GaugeMetricFamily(
-            "stepserve_queue_depth", "Requests waiting for a place in the running batch.", labels=["model"]
+        queue = _per_model("stepserve_queue_depth", "Requests waiting for a place in the running batch.")
+        active = _per_model(
+            "stepserve_active_requests", "Requests in the running batch (admitted, not finished)."
         )
-        active = GaugeMetricFamily(
-            "stepserve_active_requests",
-            "Requests in the running batch (admitted, not finished).",
-            labels=["model"],
-        )
-        paused = GaugeMetricFamily(
+        paused = _per_model(
             "stepserve_paused_requests",
             "Requests in the running set left out of their bucket's forwards now (preempted; state kept).",
-            labels=["model"],
         )
-        cap = GaugeMetricFamily(
+        cap = _per_model(
             "stepserve_max_batch_size",
             "Most images one batched forward may hold now (lowered after an out-of-memory error).",
-            labels=["model"],
         )
         load = engine.load() if engine is not None else None  # one consistent snapshot
         for model, max_batch in self._max_batch.items():
@@ -308,13 +302,10 @@ class EngineCollector(Collector):
         yield paused
         yield cap
         if self._loras is not None:
-            registered = GaugeMetricFamily(
-                "stepserve_loras_registered", "LoRA adapters registered (--lora).", labels=["model"]
-            )
-            resident = GaugeMetricFamily(
+            registered = _per_model("stepserve_loras_registered", "LoRA adapters registered (--lora).")
+            resident = _per_model(
                 "stepserve_loras_resident",
                 "LoRA adapters held on the accelerator now (at most --max-loras-resident).",
-                labels=["model"],
             )
             loads = CounterMetricFamily(
                 "stepserve_lora_loads",
@@ -351,3 +342,8 @@ class EngineCollector(Collector):
                 mem.add_metric([dev, "allocated"], torch.cuda.memory_allocated(dev))
                 mem.add_metric([dev, "reserved"], torch.cuda.memory_reserved(dev))
             yield mem
+
+
+def _per_model(name: str, doc: str) -> GaugeMetricFamily:
+    """A gauge family with one ``model`` label, filled at scrape time."""
+    return GaugeMetricFamily(name, doc, labels=["model"])
