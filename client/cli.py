@@ -121,6 +121,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         preserve_unmasked=args.preserve_unmasked,
         mask_feather_px=args.mask_feather,
         loras=args.lora,
+        cache_interval=args.cache_interval,
     )
     bar = ProgressBar(sys.stderr)
     previews = Path(args.previews) if args.previews else None
@@ -180,7 +181,9 @@ def cmd_models(args: argparse.Namespace) -> int:
             pb.Sampler.Name(s).removeprefix("SAMPLER_").lower() for s in m.supported_samplers
         )
         presets = ", ".join(
-            f"{pb.Preset.Name(p.preset).removeprefix('PRESET_').lower()} {p.steps}" for p in m.presets
+            f"{pb.Preset.Name(p.preset).removeprefix('PRESET_').lower()} {p.steps}"
+            + (f" (cache every {p.cache_interval})" if p.cache_interval else "")
+            for p in m.presets
         )
         print(
             f"{m.name}{' (default)' if m.is_default else ''}: {m.family}, "
@@ -189,6 +192,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             f"max batch {m.max_batch_size}, samplers: {samplers}, presets: {presets}, "
             f"tasks: {', '.join(task_names(m))}"
             + (f", loras: {', '.join(f'{x.name} (rank {x.rank})' for x in m.loras)}" if m.loras else "")
+            + (f", feature caching up to every {m.max_cache_interval} steps" if m.max_cache_interval else "")
         )
     return 0
 
@@ -303,6 +307,14 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="NAME[:SCALE]",
         help="a LoRA adapter the model lists (repeatable, stacked in order); scale in [-4, 4], default 1",
+    )
+    g.add_argument(
+        "--cache-interval",
+        type=int,
+        default=None,
+        metavar="N",
+        help="feature caching: the UNet's deep features every N steps, reused in between (faster, "
+        "slightly different image; 0 or 1 = off; default: the preset's)",
     )
     g.set_defaults(func=cmd_generate)
 

@@ -180,6 +180,7 @@ def build_request(
     preserve_unmasked: bool = False,
     mask_feather_px: int | None = None,
     loras: Sequence[str | tuple[str, float]] = (),
+    cache_interval: int | None = None,
 ) -> pb.GenerateRequest:
     """A ``GenerateRequest``; 0 / None / "" leave a field to the server's defaults.
 
@@ -193,7 +194,8 @@ def build_request(
     pixels back outside the mask, blended across ``mask_feather_px`` (None: the server's 4,
     0: a hard edge). A path that cannot be read raises ``OSError`` (``FileNotFoundError``...).
     ``loras``: registered LoRA adapters to stack, as ``"name"``, ``"name:scale"`` or
-    ``(name, scale)``.
+    ``(name, scale)``. ``cache_interval``: feature caching, the UNet's deep features
+    computed every this many steps (None: the preset's, else off; 0 or 1: off).
     """
     req = pb.GenerateRequest(
         model=model,
@@ -227,6 +229,8 @@ def build_request(
     for lora in loras:
         name, scale = parse_lora(lora) if isinstance(lora, str) else lora
         req.loras.add(name=name, scale=scale)
+    if cache_interval is not None:
+        req.cache_interval = cache_interval
     return req
 
 

@@ -27,8 +27,11 @@ MODEL_OPTION_KEYS = {
     "max_steps",
     "max_images_per_request",
     "preview_decoder",
+    "max_cache_interval",
 }
 PRESET_KEYS = {"presets.draft", "presets.standard", "presets.high"}
+# The feature-caching interval each preset selects (stepserve.json: "cache_intervals").
+CACHE_INTERVAL_KEYS = {"cache_intervals.draft", "cache_intervals.standard", "cache_intervals.high"}
 
 
 def _scalar(raw: str) -> Any:
@@ -67,7 +70,8 @@ class ServerConfig:
         [],
         "override a model's serving setting as NAME.KEY=VALUE (repeatable; env: comma-separated); keys: "
         + ", ".join(sorted(MODEL_OPTION_KEYS))
-        + ", presets.draft|standard|high; beats the model directory's stepserve.json",
+        + ", presets.draft|standard|high, cache_intervals.draft|standard|high; beats the model "
+        "directory's stepserve.json",
         "NAME.KEY=VALUE",
     )
     loras: list[str] = _opt(
@@ -231,11 +235,15 @@ class ServerConfig:
             name, dot, key = target.partition(".")
             if not sep or not dot or not name:
                 raise ConfigError(f"--model-option {opt!r}: expected NAME.KEY=VALUE")
-            if key not in MODEL_OPTION_KEYS | PRESET_KEYS:
+            if key not in MODEL_OPTION_KEYS | PRESET_KEYS | CACHE_INTERVAL_KEYS:
                 raise ConfigError(f"--model-option {opt!r}: unknown key {key!r}")
             settings = out.setdefault(name, {})
-            if key.startswith("presets."):
-                settings.setdefault("presets", {})[key.split(".", 1)[1]] = int(raw)
+            if key in PRESET_KEYS | CACHE_INTERVAL_KEYS:
+                group, preset = key.split(".", 1)
+                try:
+                    settings.setdefault(group, {})[preset] = int(raw)
+                except ValueError:
+                    raise ConfigError(f"--model-option {opt!r}: expected a whole number") from None
             else:
                 settings[key] = _scalar(raw)
         return out

@@ -80,7 +80,11 @@ def model_info_proto(info: ModelInfo, is_default: bool) -> pb.ModelInfo:
         max_steps=info.max_steps,
         max_images_per_request=info.max_images_per_request,
         presets=[
-            pb.PresetSteps(preset=PRESET_TO_PROTO[preset], steps=steps)
+            pb.PresetSteps(
+                preset=PRESET_TO_PROTO[preset],
+                steps=steps,
+                cache_interval=info.preset_cache_intervals.get(preset, 0),
+            )
             for preset, steps in sorted(info.preset_steps.items(), key=lambda kv: PRESET_TO_PROTO[kv[0]])
         ],
         karras_samplers=[SAMPLER_TO_PROTO[s] for s in info.karras_samplers],
@@ -88,6 +92,7 @@ def model_info_proto(info: ModelInfo, is_default: bool) -> pb.ModelInfo:
         tasks=[TASK_TO_PROTO[t] for t in info.tasks],
         loras=[pb.LoraInfo(name=x.name, rank=x.rank, components=list(x.components)) for x in info.loras],
         max_loras_per_request=info.max_loras_per_request,
+        max_cache_interval=info.max_cache_interval,
     )
 
 

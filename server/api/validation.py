@@ -145,12 +145,26 @@ def validate_generate(
             )
 
     steps = req.steps or info.default_steps
+    cache_interval = 0
     if req.preset != pb.PRESET_UNSPECIFIED:
         preset = PRESET_FROM_PROTO.get(req.preset)
         if preset is None:
             check(False, "preset", f"{req.preset} is not a known Preset value")
-        elif not req.steps:  # explicit steps win over a preset
-            steps = info.preset_steps.get(preset, steps)
+        else:
+            cache_interval = info.preset_cache_intervals.get(preset, 0)
+            if not req.steps:  # explicit steps win over a preset
+                steps = info.preset_steps.get(preset, steps)
+    if req.HasField("cache_interval"):
+        cache_interval = req.cache_interval
+        if not info.max_cache_interval and cache_interval > 1:
+            check(False, "cache_interval", f"model {name!r} does not offer feature caching (0 or 1 only)")
+        else:
+            check(
+                cache_interval <= info.max_cache_interval,
+                "cache_interval",
+                f"{cache_interval} is more than model {name!r}'s limit of {info.max_cache_interval}",
+            )
+    cache_interval = cache_interval if cache_interval > 1 else 0
     check(steps <= info.max_steps, "steps", f"{steps} is more than the limit of {info.max_steps}")
 
     guidance = info.default_guidance_scale
@@ -286,6 +300,7 @@ def validate_generate(
         mask_feather=feather,
         encoded_input_bytes=len(req.init_image) + len(req.mask_image),
         loras=loras,
+        cache_interval=cache_interval,
     )
 
 

@@ -33,11 +33,8 @@ class Attempt:
     requests: list[RequestState]
     start: Mark
     end: Mark
-
-    @property
-    def weights(self) -> list[int]:
-        """Each request's share of the attempt: the rows it added."""
-        return [r.params.rows for r in self.requests]
+    # Each request's share of the attempt: the work its rows added (ModelAdapter.row_costs).
+    weights: list[float]
 
 
 @dataclass(frozen=True)
@@ -77,6 +74,7 @@ def denoise_with_retries(adapter: ModelAdapter, batch: list[RequestState]) -> St
 def _attempt(adapter: ModelAdapter, batch: list[RequestState], outcome: StepOutcome) -> list[RequestState]:
     """One forward for ``batch``; on a shared failure, retried in halves. Returns the requests
     that advanced."""
+    weights = adapter.row_costs(batch)  # before the step moves the requests on
     start = adapter.mark()
     rows = 0
     failures: dict[str, BaseException] = {}
@@ -88,7 +86,7 @@ def _attempt(adapter: ModelAdapter, batch: list[RequestState], outcome: StepOutc
     except Exception as e:
         error = e
     end = adapter.mark()
-    outcome.attempts.append(Attempt(batch, start, end))
+    outcome.attempts.append(Attempt(batch, start, end, weights))
     if error is not None:
         return _retry_in_halves(adapter, batch, error, outcome)
     for req in batch:

@@ -36,7 +36,7 @@ class Ledger:
         """Idle time counts from now (the engine thread starts)."""
         self._started_at = time.perf_counter()
 
-    def charge(self, reqs: Sequence[RequestState], weights: Sequence[int], start: Mark, end: Mark) -> float:
+    def charge(self, reqs: Sequence[RequestState], weights: Sequence[float], start: Mark, end: Mark) -> float:
         """Account the accelerator time from ``start`` to ``end`` as spent on ``reqs``, split
         by ``weights`` (the rows or images each added), so the shares add up to the whole.
         Returns the time."""

@@ -116,6 +116,9 @@ class GenerationParams:
     mask_feather: int = 4
     # LoRA adapters, (registered name, scale) in the order they stack.
     loras: tuple[tuple[str, float], ...] = ()
+    # Feature caching: the UNet's deep features computed every this many steps, reused in
+    # between (0: off; see feature_cache.py).
+    cache_interval: int = 0
     # Size of the encoded image inputs as received: gRPC keeps the request message (and so
     # these bytes) for the call's whole life.
     encoded_input_bytes: int = 0
@@ -195,6 +198,10 @@ class ModelInfo:
     # Registered LoRA adapters, and how many one request may stack.
     loras: tuple[LoraInfo, ...] = ()
     max_loras_per_request: int = 4
+    # Largest feature-caching interval a request may ask for (0: not offered), and the one
+    # each preset selects when the request sets none.
+    max_cache_interval: int = 0
+    preset_cache_intervals: dict[Preset, int] = field(default_factory=dict)
 
     def schedule(self, steps: int, strength: float, task: Task) -> tuple[int, int]:
         """(first_step, steps run) for a request: the one rule, as diffusers' pipelines apply

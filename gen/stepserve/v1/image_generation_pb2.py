@@ -24,49 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#stepserve/v1/image_generation.proto\x12\x0cstepserve.v1\"\xc8\x05\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\x10\n\x08width_px\x18\x04 \x01(\r\x12\x11\n\theight_px\x18\x05 \x01(\r\x12\r\n\x05steps\x18\x06 \x01(\r\x12\x1b\n\x0eguidance_scale\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x01\x88\x01\x01\x12&\n\x07sampler\x18\t \x01(\x0e\x32\x15.stepserve.v1.Sampler\x12\x12\n\nnum_images\x18\n \x01(\r\x12\x1d\n\x15preview_every_n_steps\x18\x0b \x01(\r\x12\x1b\n\x13preview_max_size_px\x18\x0c \x01(\r\x12\x30\n\routput_format\x18\r \x01(\x0e\x32\x19.stepserve.v1.ImageFormat\x12\x12\n\nrequest_id\x18\x0e \x01(\t\x12\x16\n\x0eoutput_quality\x18\x0f \x01(\r\x12(\n\x08priority\x18\x10 \x01(\x0e\x32\x16.stepserve.v1.Priority\x12$\n\x06preset\x18\x11 \x01(\x0e\x32\x14.stepserve.v1.Preset\x12\x15\n\rkarras_sigmas\x18\x12 \x01(\x08\x12\x12\n\ninit_image\x18\x13 \x01(\x0c\x12\x15\n\x08strength\x18\x14 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\nmask_image\x18\x15 \x01(\x0c\x12\x19\n\x11preserve_unmasked\x18\x16 \x01(\x08\x12\x1c\n\x0fmask_feather_px\x18\x17 \x01(\rH\x03\x88\x01\x01\x12\'\n\x05loras\x18\x18 \x03(\x0b\x32\x18.stepserve.v1.LoraWeightB\x11\n\x0f_guidance_scaleB\x07\n\x05_seedB\x0b\n\t_strengthB\x12\n\x10_mask_feather_px\")\n\nLoraWeight\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05scale\x18\x02 \x01(\x02\"\xab\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x06queued\x18\x02 \x01(\x0b\x32\x14.stepserve.v1.QueuedH\x00\x12*\n\x08progress\x18\x03 \x01(\x0b\x32\x16.stepserve.v1.ProgressH\x00\x12&\n\x06result\x18\x04 \x01(\x0b\x32\x14.stepserve.v1.ResultH\x00\x42\x07\n\x05\x65vent\"5\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x19\n\x11\x65stimated_wait_ms\x18\x02 \x01(\r\"w\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\x12\n\nelapsed_ms\x18\x03 \x01(\r\x12$\n\x07preview\x18\x04 \x01(\x0b\x32\x13.stepserve.v1.Image\x12\x0e\n\x06paused\x18\x05 \x01(\x08\"s\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12)\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x19.stepserve.v1.ImageFormat\x12\x10\n\x08width_px\x18\x03 \x01(\r\x12\x11\n\theight_px\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"\xa0\x01\n\x05Usage\x12\r\n\x05steps\x18\x01 \x01(\r\x12\x10\n\x08queue_ms\x18\x02 \x01(\r\x12\x10\n\x08total_ms\x18\x03 \x01(\r\x12\x1b\n\x13\x61\x63\x63\x65lerator_seconds\x18\x04 \x01(\x01\x12\x17\n\x0fmean_batch_size\x18\x05 \x01(\x01\x12\x10\n\x08\x63ost_usd\x18\x06 \x01(\x01\x12\x1c\n\x14image_encode_seconds\x18\x07 \x01(\x01\"`\n\x06Result\x12#\n\x06images\x18\x01 \x03(\x0b\x32\x13.stepserve.v1.Image\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.stepserve.v1.Usage\x12\r\n\x05model\x18\x03 \x01(\t\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.stepserve.v1.ModelInfo\"\xe1\x04\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x18\n\x10\x64\x65\x66\x61ult_width_px\x18\x03 \x01(\r\x12\x19\n\x11\x64\x65\x66\x61ult_height_px\x18\x04 \x01(\r\x12\x15\n\rdefault_steps\x18\x05 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_guidance_scale\x18\x06 \x01(\x02\x12.\n\x0f\x64\x65\x66\x61ult_sampler\x18\x07 \x01(\x0e\x32\x15.stepserve.v1.Sampler\x12\x31\n\x12supported_samplers\x18\x08 \x03(\x0e\x32\x15.stepserve.v1.Sampler\x12\x16\n\x0emax_batch_size\x18\t \x01(\r\x12\x12\n\nis_default\x18\n \x01(\x08\x12\x13\n\x0bmin_size_px\x18\x0b \x01(\r\x12\x13\n\x0bmax_size_px\x18\x0c \x01(\r\x12\x11\n\tmax_steps\x18\r \x01(\r\x12\x1e\n\x16max_images_per_request\x18\x0e \x01(\r\x12*\n\x07presets\x18\x0f \x03(\x0b\x32\x19.stepserve.v1.PresetSteps\x12.\n\x0fkarras_samplers\x18\x10 \x03(\x0e\x32\x15.stepserve.v1.Sampler\x12\x19\n\x11guidance_embedded\x18\x11 \x01(\x08\x12!\n\x05tasks\x18\x12 \x03(\x0e\x32\x12.stepserve.v1.Task\x12%\n\x05loras\x18\x13 \x03(\x0b\x32\x16.stepserve.v1.LoraInfo\x12\x1d\n\x15max_loras_per_request\x18\x14 \x01(\r\":\n\x08LoraInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x12\n\ncomponents\x18\x03 \x03(\t\"B\n\x0bPresetSteps\x12$\n\x06preset\x18\x01 \x01(\x0e\x32\x14.stepserve.v1.Preset\x12\r\n\x05steps\x18\x02 \x01(\r*\x97\x01\n\x07Sampler\x12\x17\n\x13SAMPLER_UNSPECIFIED\x10\x00\x12\x11\n\rSAMPLER_EULER\x10\x01\x12\x1b\n\x17SAMPLER_EULER_ANCESTRAL\x10\x02\x12\x10\n\x0cSAMPLER_DDIM\x10\x03\x12 \n\x1cSAMPLER_DPM_SOLVER_MULTISTEP\x10\x04\x12\x0f\n\x0bSAMPLER_LCM\x10\x05*X\n\x06Preset\x12\x16\n\x12PRESET_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRESET_DRAFT\x10\x01\x12\x13\n\x0fPRESET_STANDARD\x10\x02\x12\x0f\n\x0bPRESET_HIGH\x10\x03*o\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x01\x12\x15\n\x11IMAGE_FORMAT_JPEG\x10\x02\x12\x15\n\x11IMAGE_FORMAT_WEBP\x10\x03*R\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x12\n\x0ePRIORITY_BATCH\x10\x02*b\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_TEXT_TO_IMAGE\x10\x01\x12\x17\n\x13TASK_IMAGE_TO_IMAGE\x10\x02\x12\x13\n\x0fTASK_INPAINTING\x10\x03\x32\xb6\x01\n\x16ImageGenerationService\x12K\n\x08Generate\x12\x1d.stepserve.v1.GenerateRequest\x1a\x1e.stepserve.v1.GenerateResponse0\x01\x12O\n\nListModels\x12\x1f.stepserve.v1.ListModelsRequest\x1a .stepserve.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#stepserve/v1/image_generation.proto\x12\x0cstepserve.v1\"\xf8\x05\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\x10\n\x08width_px\x18\x04 \x01(\r\x12\x11\n\theight_px\x18\x05 \x01(\r\x12\r\n\x05steps\x18\x06 \x01(\r\x12\x1b\n\x0eguidance_scale\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x01\x88\x01\x01\x12&\n\x07sampler\x18\t \x01(\x0e\x32\x15.stepserve.v1.Sampler\x12\x12\n\nnum_images\x18\n \x01(\r\x12\x1d\n\x15preview_every_n_steps\x18\x0b \x01(\r\x12\x1b\n\x13preview_max_size_px\x18\x0c \x01(\r\x12\x30\n\routput_format\x18\r \x01(\x0e\x32\x19.stepserve.v1.ImageFormat\x12\x12\n\nrequest_id\x18\x0e \x01(\t\x12\x16\n\x0eoutput_quality\x18\x0f \x01(\r\x12(\n\x08priority\x18\x10 \x01(\x0e\x32\x16.stepserve.v1.Priority\x12$\n\x06preset\x18\x11 \x01(\x0e\x32\x14.stepserve.v1.Preset\x12\x15\n\rkarras_sigmas\x18\x12 \x01(\x08\x12\x12\n\ninit_image\x18\x13 \x01(\x0c\x12\x15\n\x08strength\x18\x14 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\nmask_image\x18\x15 \x01(\x0c\x12\x19\n\x11preserve_unmasked\x18\x16 \x01(\x08\x12\x1c\n\x0fmask_feather_px\x18\x17 \x01(\rH\x03\x88\x01\x01\x12\'\n\x05loras\x18\x18 \x03(\x0b\x32\x18.stepserve.v1.LoraWeight\x12\x1b\n\x0e\x63\x61\x63he_interval\x18\x19 \x01(\rH\x04\x88\x01\x01\x42\x11\n\x0f_guidance_scaleB\x07\n\x05_seedB\x0b\n\t_strengthB\x12\n\x10_mask_feather_pxB\x11\n\x0f_cache_interval\")\n\nLoraWeight\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05scale\x18\x02 \x01(\x02\"\xab\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12&\n\x06queued\x18\x02 \x01(\x0b\x32\x14.stepserve.v1.QueuedH\x00\x12*\n\x08progress\x18\x03 \x01(\x0b\x32\x16.stepserve.v1.ProgressH\x00\x12&\n\x06result\x18\x04 \x01(\x0b\x32\x14.stepserve.v1.ResultH\x00\x42\x07\n\x05\x65vent\"5\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x19\n\x11\x65stimated_wait_ms\x18\x02 \x01(\r\"w\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\x13\n\x0btotal_steps\x18\x02 \x01(\r\x12\x12\n\nelapsed_ms\x18\x03 \x01(\r\x12$\n\x07preview\x18\x04 \x01(\x0b\x32\x13.stepserve.v1.Image\x12\x0e\n\x06paused\x18\x05 \x01(\x08\"s\n\x05Image\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12)\n\x06\x66ormat\x18\x02 \x01(\x0e\x32\x19.stepserve.v1.ImageFormat\x12\x10\n\x08width_px\x18\x03 \x01(\r\x12\x11\n\theight_px\x18\x04 \x01(\r\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"\xa0\x01\n\x05Usage\x12\r\n\x05steps\x18\x01 \x01(\r\x12\x10\n\x08queue_ms\x18\x02 \x01(\r\x12\x10\n\x08total_ms\x18\x03 \x01(\r\x12\x1b\n\x13\x61\x63\x63\x65lerator_seconds\x18\x04 \x01(\x01\x12\x17\n\x0fmean_batch_size\x18\x05 \x01(\x01\x12\x10\n\x08\x63ost_usd\x18\x06 \x01(\x01\x12\x1c\n\x14image_encode_seconds\x18\x07 \x01(\x01\"`\n\x06Result\x12#\n\x06images\x18\x01 \x03(\x0b\x32\x13.stepserve.v1.Image\x12\"\n\x05usage\x18\x02 \x01(\x0b\x32\x13.stepserve.v1.Usage\x12\r\n\x05model\x18\x03 \x01(\t\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.stepserve.v1.ModelInfo\"\xfd\x04\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x18\n\x10\x64\x65\x66\x61ult_width_px\x18\x03 \x01(\r\x12\x19\n\x11\x64\x65\x66\x61ult_height_px\x18\x04 \x01(\r\x12\x15\n\rdefault_steps\x18\x05 \x01(\r\x12\x1e\n\x16\x64\x65\x66\x61ult_guidance_scale\x18\x06 \x01(\x02\x12.\n\x0f\x64\x65\x66\x61ult_sampler\x18\x07 \x01(\x0e\x32\x15.stepserve.v1.Sampler\x12\x31\n\x12supported_samplers\x18\x08 \x03(\x0e\x32\x15.stepserve.v1.Sampler\x12\x16\n\x0emax_batch_size\x18\t \x01(\r\x12\x12\n\nis_default\x18\n \x01(\x08\x12\x13\n\x0bmin_size_px\x18\x0b \x01(\r\x12\x13\n\x0bmax_size_px\x18\x0c \x01(\r\x12\x11\n\tmax_steps\x18\r \x01(\r\x12\x1e\n\x16max_images_per_request\x18\x0e \x01(\r\x12*\n\x07presets\x18\x0f \x03(\x0b\x32\x19.stepserve.v1.PresetSteps\x12.\n\x0fkarras_samplers\x18\x10 \x03(\x0e\x32\x15.stepserve.v1.Sampler\x12\x19\n\x11guidance_embedded\x18\x11 \x01(\x08\x12!\n\x05tasks\x18\x12 \x03(\x0e\x32\x12.stepserve.v1.Task\x12%\n\x05loras\x18\x13 \x03(\x0b\x32\x16.stepserve.v1.LoraInfo\x12\x1d\n\x15max_loras_per_request\x18\x14 \x01(\r\x12\x1a\n\x12max_cache_interval\x18\x15 \x01(\r\":\n\x08LoraInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04rank\x18\x02 \x01(\r\x12\x12\n\ncomponents\x18\x03 \x03(\t\"Z\n\x0bPresetSteps\x12$\n\x06preset\x18\x01 \x01(\x0e\x32\x14.stepserve.v1.Preset\x12\r\n\x05steps\x18\x02 \x01(\r\x12\x16\n\x0e\x63\x61\x63he_interval\x18\x03 \x01(\r*\x97\x01\n\x07Sampler\x12\x17\n\x13SAMPLER_UNSPECIFIED\x10\x00\x12\x11\n\rSAMPLER_EULER\x10\x01\x12\x1b\n\x17SAMPLER_EULER_ANCESTRAL\x10\x02\x12\x10\n\x0cSAMPLER_DDIM\x10\x03\x12 \n\x1cSAMPLER_DPM_SOLVER_MULTISTEP\x10\x04\x12\x0f\n\x0bSAMPLER_LCM\x10\x05*X\n\x06Preset\x12\x16\n\x12PRESET_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRESET_DRAFT\x10\x01\x12\x13\n\x0fPRESET_STANDARD\x10\x02\x12\x0f\n\x0bPRESET_HIGH\x10\x03*o\n\x0bImageFormat\x12\x1c\n\x18IMAGE_FORMAT_UNSPECIFIED\x10\x00\x12\x14\n\x10IMAGE_FORMAT_PNG\x10\x01\x12\x15\n\x11IMAGE_FORMAT_JPEG\x10\x02\x12\x15\n\x11IMAGE_FORMAT_WEBP\x10\x03*R\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x12\n\x0ePRIORITY_BATCH\x10\x02*b\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_TEXT_TO_IMAGE\x10\x01\x12\x17\n\x13TASK_IMAGE_TO_IMAGE\x10\x02\x12\x13\n\x0fTASK_INPAINTING\x10\x03\x32\xb6\x01\n\x16ImageGenerationService\x12K\n\x08Generate\x12\x1d.stepserve.v1.GenerateRequest\x1a\x1e.stepserve.v1.GenerateResponse0\x01\x12O\n\nListModels\x12\x1f.stepserve.v1.ListModelsRequest\x1a .stepserve.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'stepserve.v1.image_generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SAMPLER']._serialized_start=2364
-  _globals['_SAMPLER']._serialized_end=2515
-  _globals['_PRESET']._serialized_start=2517
-  _globals['_PRESET']._serialized_end=2605
-  _globals['_IMAGEFORMAT']._serialized_start=2607
-  _globals['_IMAGEFORMAT']._serialized_end=2718
-  _globals['_PRIORITY']._serialized_start=2720
-  _globals['_PRIORITY']._serialized_end=2802
-  _globals['_TASK']._serialized_start=2804
-  _globals['_TASK']._serialized_end=2902
+  _globals['_SAMPLER']._serialized_start=2464
+  _globals['_SAMPLER']._serialized_end=2615
+  _globals['_PRESET']._serialized_start=2617
+  _globals['_PRESET']._serialized_end=2705
+  _globals['_IMAGEFORMAT']._serialized_start=2707
+  _globals['_IMAGEFORMAT']._serialized_end=2818
+  _globals['_PRIORITY']._serialized_start=2820
+  _globals['_PRIORITY']._serialized_end=2902
+  _globals['_TASK']._serialized_start=2904
+  _globals['_TASK']._serialized_end=3002
   _globals['_GENERATEREQUEST']._serialized_start=54
-  _globals['_GENERATEREQUEST']._serialized_end=766
-  _globals['_LORAWEIGHT']._serialized_start=768
-  _globals['_LORAWEIGHT']._serialized_end=809
-  _globals['_GENERATERESPONSE']._serialized_start=812
-  _globals['_GENERATERESPONSE']._serialized_end=983
-  _globals['_QUEUED']._serialized_start=985
-  _globals['_QUEUED']._serialized_end=1038
-  _globals['_PROGRESS']._serialized_start=1040
-  _globals['_PROGRESS']._serialized_end=1159
-  _globals['_IMAGE']._serialized_start=1161
-  _globals['_IMAGE']._serialized_end=1276
-  _globals['_USAGE']._serialized_start=1279
-  _globals['_USAGE']._serialized_end=1439
-  _globals['_RESULT']._serialized_start=1441
-  _globals['_RESULT']._serialized_end=1537
-  _globals['_LISTMODELSREQUEST']._serialized_start=1539
-  _globals['_LISTMODELSREQUEST']._serialized_end=1558
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1560
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1621
-  _globals['_MODELINFO']._serialized_start=1624
-  _globals['_MODELINFO']._serialized_end=2233
-  _globals['_LORAINFO']._serialized_start=2235
-  _globals['_LORAINFO']._serialized_end=2293
-  _globals['_PRESETSTEPS']._serialized_start=2295
-  _globals['_PRESETSTEPS']._serialized_end=2361
-  _globals['_IMAGEGENERATIONSERVICE']._serialized_start=2905
-  _globals['_IMAGEGENERATIONSERVICE']._serialized_end=3087
+  _globals['_GENERATEREQUEST']._serialized_end=814
+  _globals['_LORAWEIGHT']._serialized_start=816
+  _globals['_LORAWEIGHT']._serialized_end=857
+  _globals['_GENERATERESPONSE']._serialized_start=860
+  _globals['_GENERATERESPONSE']._serialized_end=1031
+  _globals['_QUEUED']._serialized_start=1033
+  _globals['_QUEUED']._serialized_end=1086
+  _globals['_PROGRESS']._serialized_start=1088
+  _globals['_PROGRESS']._serialized_end=1207
+  _globals['_IMAGE']._serialized_start=1209
+  _globals['_IMAGE']._serialized_end=1324
+  _globals['_USAGE']._serialized_start=1327
+  _globals['_USAGE']._serialized_end=1487
+  _globals['_RESULT']._serialized_start=1489
+  _globals['_RESULT']._serialized_end=1585
+  _globals['_LISTMODELSREQUEST']._serialized_start=1587
+  _globals['_LISTMODELSREQUEST']._serialized_end=1606
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1608
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1669
+  _globals['_MODELINFO']._serialized_start=1672
+  _globals['_MODELINFO']._serialized_end=2309
+  _globals['_LORAINFO']._serialized_start=2311
+  _globals['_LORAINFO']._serialized_end=2369
+  _globals['_PRESETSTEPS']._serialized_start=2371
+  _globals['_PRESETSTEPS']._serialized_end=2461
+  _globals['_IMAGEGENERATIONSERVICE']._serialized_start=3005
+  _globals['_IMAGEGENERATIONSERVICE']._serialized_end=3187
 # @@protoc_insertion_point(module_scope)

@@ -204,6 +204,7 @@ class GenerateRequest(_message.Message):
     PRESERVE_UNMASKED_FIELD_NUMBER: _builtins.int
     MASK_FEATHER_PX_FIELD_NUMBER: _builtins.int
     LORAS_FIELD_NUMBER: _builtins.int
+    CACHE_INTERVAL_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Registry name of the model to run (see ListModels); empty selects the server's default."""
     prompt: _builtins.str
@@ -281,6 +282,14 @@ class GenerateRequest(_message.Message):
     """Width in pixels of the blend between repainted and kept pixels when preserve_unmasked
     is set: unset means 4, 0 a hard edge, at most 64.
     """
+    cache_interval: _builtins.int
+    """Feature caching (DeepCache): the UNet's deep features are computed every this many
+    steps and reused in between, where only its shallow path runs (cheaper steps, a small,
+    measured change to the image; see the README). Unset: the preset's interval (see
+    PresetSteps.cache_interval), else off; 0 or 1: off; at most ModelInfo.max_cache_interval
+    (0 there: the model does not offer it). Requests with and without it share batched
+    steps, and the image is the same alone or batched.
+    """
     @_builtins.property
     def loras(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoraWeight]:
         """LoRA adapters to apply, from those the model lists (ModelInfo.loras), stacked in this
@@ -316,11 +325,14 @@ class GenerateRequest(_message.Message):
         preserve_unmasked: _builtins.bool = ...,
         mask_feather_px: _builtins.int | None = ...,
         loras: _abc.Iterable[Global___LoraWeight] | None = ...,
+        cache_interval: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_mask_feather_px", b"_mask_feather_px", "_seed", b"_seed", "_strength", b"_strength", "guidance_scale", b"guidance_scale", "mask_feather_px", b"mask_feather_px", "seed", b"seed", "strength", b"strength"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_cache_interval", b"_cache_interval", "_guidance_scale", b"_guidance_scale", "_mask_feather_px", b"_mask_feather_px", "_seed", b"_seed", "_strength", b"_strength", "cache_interval", b"cache_interval", "guidance_scale", b"guidance_scale", "mask_feather_px", b"mask_feather_px", "seed", b"seed", "strength", b"strength"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale", "_mask_feather_px", b"_mask_feather_px", "_seed", b"_seed", "_strength", b"_strength", "guidance_scale", b"guidance_scale", "height_px", b"height_px", "init_image", b"init_image", "karras_sigmas", b"karras_sigmas", "loras", b"loras", "mask_feather_px", b"mask_feather_px", "mask_image", b"mask_image", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "output_format", b"output_format", "output_quality", b"output_quality", "preserve_unmasked", b"preserve_unmasked", "preset", b"preset", "preview_every_n_steps", b"preview_every_n_steps", "preview_max_size_px", b"preview_max_size_px", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "sampler", b"sampler", "seed", b"seed", "steps", b"steps", "strength", b"strength", "width_px", b"width_px"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cache_interval", b"_cache_interval", "_guidance_scale", b"_guidance_scale", "_mask_feather_px", b"_mask_feather_px", "_seed", b"_seed", "_strength", b"_strength", "cache_interval", b"cache_interval", "guidance_scale", b"guidance_scale", "height_px", b"height_px", "init_image", b"init_image", "karras_sigmas", b"karras_sigmas", "loras", b"loras", "mask_feather_px", b"mask_feather_px", "mask_image", b"mask_image", "model", b"model", "negative_prompt", b"negative_prompt", "num_images", b"num_images", "output_format", b"output_format", "output_quality", b"output_quality", "preserve_unmasked", b"preserve_unmasked", "preset", b"preset", "preview_every_n_steps", b"preview_every_n_steps", "preview_max_size_px", b"preview_max_size_px", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "sampler", b"sampler", "seed", b"seed", "steps", b"steps", "strength", b"strength", "width_px", b"width_px"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__cache_interval: _TypeAlias = _typing.Literal["cache_interval"]  # noqa: Y015
+    _WhichOneofArgType__cache_interval: _TypeAlias = _typing.Literal["_cache_interval", b"_cache_interval"]  # noqa: Y015
     _WhichOneofReturnType__guidance_scale: _TypeAlias = _typing.Literal["guidance_scale"]  # noqa: Y015
     _WhichOneofArgType__guidance_scale: _TypeAlias = _typing.Literal["_guidance_scale", b"_guidance_scale"]  # noqa: Y015
     _WhichOneofReturnType__mask_feather_px: _TypeAlias = _typing.Literal["mask_feather_px"]  # noqa: Y015
@@ -329,6 +341,8 @@ class GenerateRequest(_message.Message):
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
     _WhichOneofReturnType__strength: _TypeAlias = _typing.Literal["strength"]  # noqa: Y015
     _WhichOneofArgType__strength: _TypeAlias = _typing.Literal["_strength", b"_strength"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__cache_interval) -> _WhichOneofReturnType__cache_interval | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__guidance_scale) -> _WhichOneofReturnType__guidance_scale | None: ...
     @_typing.overload
@@ -670,6 +684,7 @@ class ModelInfo(_message.Message):
     TASKS_FIELD_NUMBER: _builtins.int
     LORAS_FIELD_NUMBER: _builtins.int
     MAX_LORAS_PER_REQUEST_FIELD_NUMBER: _builtins.int
+    MAX_CACHE_INTERVAL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Registry name, as used in GenerateRequest.model."""
     family: _builtins.str
@@ -702,6 +717,10 @@ class ModelInfo(_message.Message):
     """
     max_loras_per_request: _builtins.int
     """Most adapters one request may stack."""
+    max_cache_interval: _builtins.int
+    """Largest GenerateRequest.cache_interval accepted; 0: this model does not offer feature
+    caching.
+    """
     @_builtins.property
     def supported_samplers(self) -> _containers.RepeatedScalarFieldContainer[Global___Sampler.ValueType]:
         """Samplers this model accepts."""
@@ -748,10 +767,11 @@ class ModelInfo(_message.Message):
         tasks: _abc.Iterable[Global___Task.ValueType] | None = ...,
         loras: _abc.Iterable[Global___LoraInfo] | None = ...,
         max_loras_per_request: _builtins.int = ...,
+        max_cache_interval: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_guidance_scale", b"default_guidance_scale", "default_height_px", b"default_height_px", "default_sampler", b"default_sampler", "default_steps", b"default_steps", "default_width_px", b"default_width_px", "family", b"family", "guidance_embedded", b"guidance_embedded", "is_default", b"is_default", "karras_samplers", b"karras_samplers", "loras", b"loras", "max_batch_size", b"max_batch_size", "max_images_per_request", b"max_images_per_request", "max_loras_per_request", b"max_loras_per_request", "max_size_px", b"max_size_px", "max_steps", b"max_steps", "min_size_px", b"min_size_px", "name", b"name", "presets", b"presets", "supported_samplers", b"supported_samplers", "tasks", b"tasks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_guidance_scale", b"default_guidance_scale", "default_height_px", b"default_height_px", "default_sampler", b"default_sampler", "default_steps", b"default_steps", "default_width_px", b"default_width_px", "family", b"family", "guidance_embedded", b"guidance_embedded", "is_default", b"is_default", "karras_samplers", b"karras_samplers", "loras", b"loras", "max_batch_size", b"max_batch_size", "max_cache_interval", b"max_cache_interval", "max_images_per_request", b"max_images_per_request", "max_loras_per_request", b"max_loras_per_request", "max_size_px", b"max_size_px", "max_steps", b"max_steps", "min_size_px", b"min_size_px", "name", b"name", "presets", b"presets", "supported_samplers", b"supported_samplers", "tasks", b"tasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -797,19 +817,25 @@ class PresetSteps(_message.Message):
 
     PRESET_FIELD_NUMBER: _builtins.int
     STEPS_FIELD_NUMBER: _builtins.int
+    CACHE_INTERVAL_FIELD_NUMBER: _builtins.int
     preset: Global___Preset.ValueType
     """The preset."""
     steps: _builtins.int
     """Denoising steps it selects."""
+    cache_interval: _builtins.int
+    """Feature-caching interval it selects when GenerateRequest.cache_interval is unset; 0:
+    none.
+    """
     def __init__(
         self,
         *,
         preset: Global___Preset.ValueType = ...,
         steps: _builtins.int = ...,
+        cache_interval: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["preset", b"preset", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_interval", b"cache_interval", "preset", b"preset", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -93,6 +93,12 @@ class ModelAdapter(ABC, Generic[WorkT]):
         request's own update is reported with :class:`RequestStepFailures` after the others
         have been advanced."""
 
+    def row_costs(self, reqs: list[RequestState[WorkT]]) -> list[float]:
+        """Each request's share of its next batched forward's work, in full rows (called
+        before :meth:`denoise_step`): how a forward's time is split among them. A row that
+        runs a cheaper path (feature caching) counts for less than one."""
+        return [float(r.params.rows) for r in reqs]
+
     @abstractmethod
     def decode(self, reqs: list[RequestState[WorkT]]) -> list[list[RGBArray]]:
         """Decode finished requests' latents into RGB uint8 images (one list per request).

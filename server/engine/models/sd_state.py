@@ -44,6 +44,9 @@ class ImageState:
     noise: torch.Tensor | None = None
     # Inpainting with a 9-channel UNet: the masked image's latents, an input of every row.
     masked_latents: torch.Tensor | None = None
+    # Feature caching: the deep feature of the image's rows (uncond and cond with CFG) at its
+    # last refresh step, reused until the next one (see feature_cache.py).
+    deep: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,11 @@ class Row:
     extras: RowExtras
     # The row's LoRA adapters, (name, scale) in the request's order.
     loras: tuple[tuple[str, float], ...] = ()
+    # Feature caching: the deep feature this row reuses (1 x C x h x w), or None to compute
+    # it; ``caching`` marks rows of requests that cache (only then does a forward take the
+    # cached path, so requests without caching run the plain forward when alone).
+    reuse: torch.Tensor | None = None
+    caching: bool = False
 
 
 @dataclass

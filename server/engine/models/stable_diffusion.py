@@ -33,6 +33,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from ..batch_invariance import make_rowwise_linears
+from ..feature_cache import cached_forward, feature_cache_support
 from ..lora import LoraAdapter, LoraContext, LoraLoadError, LoraStack, read_lora, wrap_targets
 from ..samplers import (
     GENERAL_SAMPLERS,
@@ -56,6 +57,11 @@ logger = logging.getLogger(__name__)
 # Optional per-model settings file a model directory may carry (keys of ModelInfo plus
 # "latent_rgb_factors"); command-line overrides win over it.
 SETTINGS_FILE = "stepserve.json"
+
+# Feature caching: the largest interval a model offers unless its settings say otherwise,
+# and the most any may (DeepCache's quality falls off well before).
+DEFAULT_MAX_CACHE_INTERVAL = 10
+MAX_CACHE_INTERVAL = 50
 
 
 def _latents(im: ImageState) -> torch.Tensor:
@@ -181,6 +187,7 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
             Preset.HIGH: min(max_steps, default_steps * 2),
         }
         presets.update({Preset(k): int(v) for k, v in settings.get("presets", {}).items()})
+        max_cache_interval, preset_cache_intervals = self._feature_cache_settings(name, settings)
         self.info = ModelInfo(
             name=name,
             family=self.family,
@@ -204,11 +211,15 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
             strength_sets_schedule=(
                 int(base_config.get("original_inference_steps", 50)) if own_sampler is Sampler.LCM else None
             ),
+            max_cache_interval=max_cache_interval,
+            preset_cache_intervals=preset_cache_intervals,
         )
         if self.info.default_sampler not in samplers:
             raise ValueError(
                 f"model {name}: default sampler {self.info.default_sampler.value} is not one of its own"
             )
+        # Feature caching: per latent size, a cached row's share of a full row's work.
+        self._shallow_share: dict[tuple[int, int], float] = {}
         self._embed_cache: OrderedDict[tuple[str, LoraStack], Conditioning] = OrderedDict()
         # LoRA adapters: all registered ones on the host, the recently used on the device.
         self.loras: dict[str, LoraAdapter] = {}
@@ -224,6 +235,26 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
                 self.register_lora(lora_name, Path(lora_path))
             except LoraLoadError as e:
                 raise ModelLoadError(f"model {name}: its own LoRA {lora_name!r}: {e}") from e
+
+    def _feature_cache_settings(self, name: str, settings: dict[str, Any]) -> tuple[int, dict[Preset, int]]:
+        """(max_cache_interval, interval per preset) from the model's settings: by default
+        up to DEFAULT_MAX_CACHE_INTERVAL where the UNet supports it, no preset caching."""
+        why_not = feature_cache_support(self.unet)
+        limit = int(settings.get("max_cache_interval", 0 if why_not else DEFAULT_MAX_CACHE_INTERVAL))
+        if limit > 1 and why_not:
+            raise ModelLoadError(f"model {name}: max_cache_interval {limit}: no feature caching, {why_not}")
+        if not 0 <= limit <= MAX_CACHE_INTERVAL:
+            raise ModelLoadError(
+                f"model {name}: max_cache_interval {limit} is outside 0..{MAX_CACHE_INTERVAL}"
+            )
+        intervals = {Preset(k): int(v) for k, v in settings.get("cache_intervals", {}).items()}
+        for preset, n in intervals.items():
+            if n > 1 and n > limit:
+                raise ModelLoadError(
+                    f"model {name}: cache_intervals.{preset.value} {n} is more than its "
+                    f"max_cache_interval {limit}"
+                )
+        return (limit if limit > 1 else 0), {p: n for p, n in intervals.items() if n > 1}
 
     # -- prompts ------------------------------------------------------------------------
     def count_prompt_tokens(self, text: str) -> int:
@@ -478,22 +509,44 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
             t_all = torch.stack([r.t.to(torch.float32) for r in rows])
             extras = {k: torch.cat([r.extras[k] for r in rows]) for k in rows[0].extras}
             timestep_cond = extras.pop("timestep_cond", None)
-            with self._lora_plans(("unet",), stacks):
-                out = self.unet(
+            context = torch.cat([r.context for r in rows])
+            deep: list[torch.Tensor | None] = []
+            if any(r.caching for r in rows):
+                size = (reqs[0].params.height, reqs[0].params.width)
+                # Rows that reuse their request's deep feature skip the UNet's middle.
+                cached = cached_forward(
+                    self.unet,
                     x,
                     t_all,
-                    encoder_hidden_states=torch.cat([r.context for r in rows]),
+                    context,
+                    reuse=[r.reuse for r in rows],
                     timestep_cond=timestep_cond,
                     added_cond_kwargs=extras or None,
-                    return_dict=False,
-                )[0]
+                    plan_for=lambda idx: self._lora_plans(("unet",), [stacks[i] for i in idx]),
+                    pad_single=self.batch_invariant,
+                    count_flops=size not in self._shallow_share,
+                )
+                out, deep = cached.sample, cached.deep
+                if cached.flops is not None:
+                    shallow, middle = cached.flops
+                    self._shallow_share[size] = shallow / (shallow + middle)
+            else:
+                with self._lora_plans(("unet",), stacks):
+                    out = self.unet(
+                        x,
+                        t_all,
+                        encoder_hidden_states=context,
+                        timestep_cond=timestep_cond,
+                        added_cond_kwargs=extras or None,
+                        return_dict=False,
+                    )[0]
             # 3. Each request's own update: guidance, sampler step, preview estimate.
             i = 0
             for req, rr in inputs:
                 n = len(rr)
                 try:
                     self.faults.before_request_update(req)
-                    self._update(req, x[i : i + n, : self.latent_channels], out[i : i + n])
+                    self._update(req, x[i : i + n, : self.latent_channels], out[i : i + n], deep[i : i + n])
                 except Exception as e:
                     failures[req.request_id] = e
                 i += n
@@ -506,6 +559,7 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
         """The request's rows of the batched forward: per image, (uncond, cond) with CFG; an
         inpainting UNet's rows carry the mask and the masked image's latents too."""
         w = _work(req)
+        caching = req.params.cache_interval > 1
         rows: list[Row] = []
         for im in w.images:
             t = w.timestep(im, req.steps_done)
@@ -514,16 +568,52 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
                 assert w.mask is not None and im.masked_latents is not None
                 x_in = torch.cat([x_in, w.mask, im.masked_latents], dim=1)
             stack = req.params.loras
+            reuse = None if self._refreshes(req, im) else im.deep
             if w.negative is not None:
-                rows.append(Row(x_in, t, w.negative.embeds, w.negative_extras, stack))
-            rows.append(Row(x_in, t, w.positive.embeds, w.extras, stack))
+                r_neg = None if reuse is None else reuse[:1]
+                rows.append(Row(x_in, t, w.negative.embeds, w.negative_extras, stack, r_neg, caching))
+                reuse = None if reuse is None else reuse[1:]
+            rows.append(Row(x_in, t, w.positive.embeds, w.extras, stack, reuse, caching))
         return rows
 
-    def _update(self, req: RequestState[RequestWork], x: torch.Tensor, out: torch.Tensor) -> None:
+    def _refreshes(self, req: RequestState[RequestWork], im: ImageState) -> bool:
+        """Whether the request's next step computes its deep features (every step without
+        feature caching; every cache_interval-th, counted from its first, with it)."""
+        n = req.params.cache_interval
+        return n <= 1 or im.deep is None or req.steps_done % n == 0
+
+    def row_costs(self, reqs: list[RequestState[RequestWork]]) -> list[float]:
+        costs = []
+        for req in reqs:
+            w = req.work
+            rows = float(req.params.rows)
+            if w is not None and w.images and not self._refreshes(req, w.images[0]):
+                rows *= self._cached_row_share(req.params.height, req.params.width)
+            costs.append(rows)
+        return costs
+
+    def _cached_row_share(self, height: int, width: int) -> float:
+        """A row that reuses its deep feature, as a share of a full row's work at this image
+        size (FLOPs, counted in the first cached forward of the size: every caching request's
+        first step computes its features, so the share is known before any row reuses)."""
+        return self._shallow_share.get((height, width), 1.0)
+
+    def _update(
+        self,
+        req: RequestState[RequestWork],
+        x: torch.Tensor,
+        out: torch.Tensor,
+        deep: list[torch.Tensor | None],
+    ) -> None:
         """Apply guidance and advance each of the request's images one sampler step, given its
-        rows of the forward's input (latent channels) and output. An exception here fails
+        rows of the forward's input (latent channels) and output, and of the deep features
+        the forward computed (feature caching; empty without it). An exception here fails
         this request only."""
         w = _work(req)
+        if req.params.cache_interval > 1 and deep and deep[0] is not None:
+            per_image = len(deep) // len(w.images)
+            for k, im in enumerate(w.images):
+                im.deep = torch.cat(deep[k * per_image : (k + 1) * per_image])  # type: ignore[arg-type]
         want_preview = req.preview_due()
         last = req.steps_done == req.total_steps - 1
         new_latents = []
