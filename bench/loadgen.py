@@ -128,6 +128,8 @@ class Calls:
 
     priority: str = "interactive"
     deadlines: dict[int, float] | None = None
+    # A quality preset ("draft"...): it picks the steps (and the model's feature caching).
+    preset: str = ""
 
     def deadline(self, steps: int) -> float | None:
         return None if self.deadlines is None else self.deadlines[steps]
@@ -161,7 +163,8 @@ async def one(
     deadline = calls.deadline(steps)
     req = build_request(
         PROMPTS[i % len(PROMPTS)],
-        steps=steps,
+        steps=0 if calls.preset else steps,
+        preset=calls.preset or 0,
         seed=i,
         sampler=sampler,
         preview_every=1 if preview else 0,
@@ -311,13 +314,14 @@ def main() -> None:
         help="comma-separated adapter names: each request draws one of them or none (seeded)",
     )
     ap.add_argument("--priority", choices=("interactive", "batch"), default="interactive")
+    ap.add_argument("--preset", choices=("draft", "standard", "high"), help="ask for a preset, not steps")
     ap.add_argument(
         "--deadlines",
         type=lambda t: {int(k): float(v) for k, v in (p.split(":") for p in t.split(","))},
         help="STEPS:SECONDS,...: each request's gRPC deadline by its steps",
     )
     args = ap.parse_args()
-    calls = Calls(args.priority, args.deadlines)
+    calls = Calls(args.priority, args.deadlines, args.preset or "")
     loras = LoraDraw(args.loras, args.seed) if args.loras else None
     edit = EditInputs.draw(*(args.image_size or default_size(args.target))) if args.edit else None
     if args.streams:

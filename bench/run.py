@@ -29,6 +29,11 @@ Workloads, from real gRPC clients in a separate process (bench/loadgen.py):
               request one of the 8 adapters or none (equally likely, seeded): images/s of the
               mixed server without adapters, of the mixed server with them, of the separate
               server with them, and the batch sizes each reached
+  draft       two more step-level servers, the draft preset without and with feature
+              caching (every 3 steps): closed-loop PRESET_DRAFT streams (lora_streams of
+              them, sat_s each, twice each alternately), images/s and latency, beside the
+              quality cost measured in process afterwards (pixel change of the same
+              requests' images; the judge's scores on the embedded model)
   slo         four more stepserve servers: --batching request, step with --scheduling fifo,
               step with --scheduling slo, and another slo one with --interactive-slo-s for
               the flood (a class objective would apply to the mix's requests too). The mix
@@ -44,7 +49,8 @@ Workloads, from real gRPC clients in a separate process (bench/loadgen.py):
               preview, batch throughput
 
     python bench/run.py [--profile full|quick|brief|smoke] [--out bench/results]
-                        [--model PATH --device cuda] [--run-ahead auto|on|off] [--only lora|slo]
+                        [--model PATH --device cuda] [--run-ahead auto|on|off]
+                        [--only lora|slo|draft]
 
 On a GPU: build a full-size SD 1.5 architecture at random weights with bench/random_sd.py and
 pass it with --model. The brief profile took about 10 minutes on this 2-core CPU before the edit
@@ -108,6 +114,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "pipeline_runs": 2,
         "lora_streams": 4,
         "lora_s": 2,
+        "draft_prompts": 4,
         "slo_loads": [1.0],
         "slo_ks": [2],
     },
@@ -407,6 +414,8 @@ def run(profile: str, out_dir: Path, setup: Setup, only: str | None = None) -> d
         return {"profile": profile, "only": "lora", "lora": lora_workload(p, setup, logs)}
     if only == "slo":
         return {"profile": profile, "only": "slo", "slo": slo_workload(p, setup, logs)}
+    if only == "draft":
+        return {"profile": profile, "only": "draft", "draft": draft_workload(p, setup, logs)}
     results: dict[str, Any] = {"profile": profile, "modes": {m: {} for m in MODES}}
     servers: dict[str, Server] = {}
     try:
@@ -435,6 +444,7 @@ def run(profile: str, out_dir: Path, setup: Setup, only: str | None = None) -> d
         for srv in servers.values():
             srv.stop()
     results["lora"] = lora_workload(p, setup, logs, results["modes"]["step"]["saturation"])
+    results["draft"] = draft_workload(p, setup, logs)
     reached = sorted(
         {max(1, round(v["mean_batch"] or 1)) for v in results["modes"]["step"]["saturation"].values()}
     )
@@ -510,6 +520,55 @@ def lora_workload(
     same = (step_saturation or {}).get(str(n))
     if same is not None:
         out["step_server_saturation_images_per_s"] = same["images_per_s"]
+    return out
+
+
+# The draft workload: the interval the draft preset turns on in its cached run.
+DRAFT_CACHE_INTERVAL = 3
+
+
+def draft_workload(p: dict[str, Any], setup: Setup, logs: Path) -> dict[str, Any]:
+    """The draft workload (see the module's docstring): PRESET_DRAFT requests in closed loops
+    against two step-level servers, the draft preset without feature caching and with it
+    (--model-option NAME.cache_intervals.draft=DRAFT_CACHE_INTERVAL), measured alternately
+    (twice each); then, in this process once they are gone, the quality cost: the same
+    requests' images with and without caching (pixel change; the judge's scores for the
+    embedded model)."""
+    import feature_cache  # bench/, beside this file
+
+    t0 = time.monotonic()
+    n, d = p["lora_streams"], p.get("draft_s", p["sat_s"])
+    name = "bench" if setup.model is not None else "tiny-shapes"
+    option = f"{name}.cache_intervals.draft={DRAFT_CACHE_INTERVAL}"
+    out: dict[str, Any] = {"streams": n, "seconds": d, "cache_interval": DRAFT_CACHE_INTERVAL}
+    servers: dict[str, Server] = {}
+    try:
+        servers["without_caching"] = Server("step", logs / "draft-plain.log", setup, wait=False)
+        servers["with_caching"] = Server(
+            "step", logs / "draft-cached.log", setup, extra=["--model-option", option], wait=False
+        )
+        for srv in servers.values():
+            srv.wait_ready()
+        print(f"== draft: {n} streams, PRESET_DRAFT, feature caching off / every {DRAFT_CACHE_INTERVAL}")
+        runs: dict[str, list[dict[str, Any]]] = {k: [] for k in servers}
+        for _ in range(2):  # alternately: this machine's speed drifts over minutes
+            for key, srv in servers.items():
+                args = ["--streams", str(n), "--duration", str(d), "--preset", "draft"]
+                runs[key].append(summarize(loadgen(srv.target, args), closed_loop=(n, 0.25 * d, d)))
+        for key, rs in runs.items():
+            out[key] = {
+                "images_per_s": statistics.median(x["images_per_s"] for x in rs),
+                "latency_p50_s": statistics.median(x["latency_p50_s"] for x in rs),
+                "runs": rs,
+            }
+            print(f"  {key}: {_s(out[key]['images_per_s'])} img/s", flush=True)
+    finally:
+        for srv in servers.values():
+            srv.stop()
+    out["quality"] = feature_cache.draft_quality(
+        setup.model_path(), setup.device, DRAFT_CACHE_INTERVAL, p.get("draft_prompts", 48)
+    )
+    out["wall_s"] = round(time.monotonic() - t0, 1)
     return out
 
 
@@ -886,6 +945,12 @@ def ratios(r: dict[str, Any]) -> dict[str, Any]:
         slo_out, slo_targets = slo_ratios(r["slo"])
         out.update(slo_out)
         targets.update(slo_targets)
+    if "draft" in r:
+        dr = r["draft"]
+        out["draft_cached_vs_plain"] = _ratio(
+            dr["with_caching"]["images_per_s"], dr["without_caching"]["images_per_s"]
+        )
+        out["draft_cached_mean_pixel_diff"] = dr["quality"]["mean_pixel_diff"]
     out["targets_met"] = targets
     return out
 
@@ -1027,7 +1092,7 @@ def main() -> int:
     ap.add_argument(
         "--run-ahead", choices=("auto", "on", "off"), default="auto", help="stepserve's --run-ahead"
     )
-    ap.add_argument("--only", choices=("lora", "slo"), help="run only this workload (no chart)")
+    ap.add_argument("--only", choices=("lora", "slo", "draft"), help="run only this workload (no chart)")
     args = ap.parse_args()
     if args.chart:
         chart(json.loads(args.chart.read_text()), args.chart.with_suffix(".png"))

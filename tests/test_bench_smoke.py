@@ -76,6 +76,17 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert run["errors"] == 0 and run["ok"] > 0, (name, run.get("error_messages"))
         assert run["images_per_s"] > 0 and run["mean_batch"] >= 1
     assert lora["no_adapters"]["without_adapter"] == lora["no_adapters"]["ok"]
+    # The draft workload: PRESET_DRAFT closed loops without and with feature caching, every
+    # request served at the preset's steps, and the quality cost beside the figures.
+    draft = r["draft"]
+    for name in ("without_caching", "with_caching"):
+        for run in draft[name]["runs"]:
+            assert run["errors"] == 0 and run["ok"] > 0, (name, run.get("error_messages"))
+    assert draft["quality"]["steps"] == 8 and draft["quality"]["prompts"] == 4
+    assert draft["quality"]["judge_with_caching"]["shape"] >= 0  # the embedded model: judged
+    assert ratios["draft_cached_vs_plain"] == (
+        draft["with_caching"]["images_per_s"] / draft["without_caching"]["images_per_s"]
+    )
     # Seed 0's first draws: an adapter, none, then adapters (one of 8 or none, equally likely).
     assert lora["mixed"]["without_adapter"] < lora["mixed"]["ok"]
     assert lora["separate"]["without_adapter"] < lora["separate"]["ok"]
