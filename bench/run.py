@@ -30,7 +30,7 @@ Workloads, from real gRPC clients in a separate process (bench/loadgen.py):
               mixed server without adapters, of the mixed server with them, of the separate
               server with them, and the batch sizes each reached
   draft       two more step-level servers, the draft preset without and with feature
-              caching (every 3 steps): closed-loop PRESET_DRAFT streams (lora_streams of
+              caching (every 2 steps): closed-loop PRESET_DRAFT streams (lora_streams of
               them, sat_s each, twice each alternately), images/s and latency, beside the
               quality cost measured in process afterwards (pixel change of the same
               requests' images; the judge's scores on the embedded model)
@@ -524,7 +524,7 @@ def lora_workload(
 
 
 # The draft workload: the interval the draft preset turns on in its cached run.
-DRAFT_CACHE_INTERVAL = 3
+DRAFT_CACHE_INTERVAL = 2
 
 
 def draft_workload(p: dict[str, Any], setup: Setup, logs: Path) -> dict[str, Any]:
