@@ -267,6 +267,7 @@ class StepServer:
                 {n: m.info.max_batch_size for n, m in self.models.items()},
                 cuda,
                 lambda: {n: m.lora_residency() for n, m in self.models.items()},
+                lambda: {n: m.feature_cache_rows() for n, m in self.models.items()},
             )
         )
         loop = asyncio.get_running_loop()

@@ -20,6 +20,8 @@ from stepserve.server.engine.types import ResultEvent, Sampler
 from stepserve.v1 import image_generation_pb2 as pb
 
 from .engine_helpers import Harness, params
+from .metrics_helpers import Samples, scrape
+from .server_process import free_port
 from .server_thread import ServerThread
 
 
@@ -184,6 +186,7 @@ def test_cache_interval_over_the_api_presets_and_bad_values(tiny_sd_dir) -> None
     srv = ServerThread.tiny(
         tiny_sd_dir,
         model_options=["tiny.max_cache_interval=4", "tiny.cache_intervals.draft=3", "tiny.presets.draft=6"],
+        metrics_port=free_port(),
     )
     try:
         with ImageClient(srv.target) as c:
@@ -201,6 +204,11 @@ def test_cache_interval_over_the_api_presets_and_bad_values(tiny_sd_dir) -> None
             off = c.generate("a red circle", preset="draft", cache_interval=0, **common).images[0].data
             plain = c.generate("a red circle", steps=6, **common).images[0].data
         assert draft == explicit and off == plain and draft != plain
+        # Two cached requests of 6 steps at interval 3, one image, CFG: each computed on steps
+        # 1 and 4 and reused on the other four, two rows a step (the warm-up caches nothing).
+        metrics = Samples(scrape(srv.server.metrics_port))
+        assert metrics.get("stepserve_feature_cache_rows_total", model="tiny", path="computed") == 2 * 2 * 2
+        assert metrics.get("stepserve_feature_cache_rows_total", model="tiny", path="reused") == 2 * 4 * 2
     finally:
         srv.stop()
 

@@ -262,11 +262,13 @@ class EngineCollector(Collector):
         max_batch_sizes: dict[str, int],
         cuda_devices: Sequence[str] = (),
         lora_residency: Callable[[], dict[str, tuple[int, int, int]]] | None = None,
+        feature_cache_rows: Callable[[], dict[str, tuple[int, int]]] | None = None,
     ) -> None:
         self._engine = engine
         self._max_batch = max_batch_sizes
         self._cuda = list(cuda_devices)
         self._loras = lora_residency
+        self._feature_rows = feature_cache_rows
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # unchecked collector: names are fixed but values come at scrape time
@@ -319,6 +321,18 @@ class EngineCollector(Collector):
             yield registered
             yield resident
             yield loads
+        if self._feature_rows is not None:
+            rows = CounterMetricFamily(
+                "stepserve_feature_cache_rows",
+                "Denoiser rows of forwards with feature caching (cache_interval), by path: 'computed' "
+                "ran the whole UNet (refreshing, or a request without caching), 'reused' the shallow "
+                "path on its request's cached deep features.",
+                labels=["model", "path"],
+            )
+            for model, (computed, reused) in self._feature_rows().items():
+                rows.add_metric([model, "computed"], computed)
+                rows.add_metric([model, "reused"], reused)
+            yield rows
         busy, idle = engine.accelerator_seconds() if engine is not None else (0.0, 0.0)
         yield CounterMetricFamily(
             "stepserve_accelerator_busy_seconds",

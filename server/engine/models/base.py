@@ -128,6 +128,12 @@ class ModelAdapter(ABC, Generic[WorkT]):
         read by the metrics collector from another thread (counts only)."""
         return (0, 0, 0)
 
+    def feature_cache_rows(self) -> tuple[int, int]:
+        """(rows that computed the UNet's deep features, rows that reused cached ones) in
+        forwards with feature caching so far; read by the metrics collector from another
+        thread (counts only)."""
+        return (0, 0)
+
     def release(self, req: RequestState[WorkT]) -> None:
         """Free the request's tensors."""
         req.work = None

@@ -218,8 +218,10 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
             raise ValueError(
                 f"model {name}: default sampler {self.info.default_sampler.value} is not one of its own"
             )
-        # Feature caching: per latent size, a cached row's share of a full row's work.
+        # Feature caching: per latent size, a cached row's share of a full row's work; rows
+        # of cached forwards that computed / reused deep features (metrics).
         self._shallow_share: dict[tuple[int, int], float] = {}
+        self._feature_rows = [0, 0]
         self._embed_cache: OrderedDict[tuple[str, LoraStack], Conditioning] = OrderedDict()
         # LoRA adapters: all registered ones on the host, the recently used on the device.
         self.loras: dict[str, LoraAdapter] = {}
@@ -527,6 +529,9 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
                     count_flops=size not in self._shallow_share,
                 )
                 out, deep = cached.sample, cached.deep
+                reused = sum(r.reuse is not None for r in rows)
+                self._feature_rows[0] += len(rows) - reused
+                self._feature_rows[1] += reused
                 if cached.flops is not None:
                     shallow, middle = cached.flops
                     self._shallow_share[size] = shallow / (shallow + middle)
@@ -591,6 +596,9 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
                 rows *= self._cached_row_share(req.params.height, req.params.width)
             costs.append(rows)
         return costs
+
+    def feature_cache_rows(self) -> tuple[int, int]:
+        return self._feature_rows[0], self._feature_rows[1]
 
     def _cached_row_share(self, height: int, width: int) -> float:
         """A row that reuses its deep feature, as a share of a full row's work at this image
