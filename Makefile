@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo serve test test-fast lint format proto proto-check deploy-check deploy-rules bench bench-quick train-tiny train-tiny-loras clean
+.PHONY: setup demo serve test test-fast lint format proto proto-check clients client-deps deploy-check deploy-rules bench bench-quick train-tiny train-tiny-loras clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,21 +27,21 @@ demo: setup
 serve: setup
 	$(BIN)/stepserve serve
 
-test: setup proto-check lint
+test: setup proto-check lint client-deps
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -x -q
 
 lint: setup
-	$(BIN)/ruff check server client tests models deploy bench
-	$(BIN)/ruff format --check server client tests models deploy bench
+	$(BIN)/ruff check server client clients tests models deploy bench
+	$(BIN)/ruff format --check server client clients tests models deploy bench
 	$(BIN)/buf lint
 	$(BIN)/mypy server client
 
 format: setup
-	$(BIN)/ruff check --fix server client tests models deploy bench
-	$(BIN)/ruff format server client tests models deploy bench
+	$(BIN)/ruff check --fix server client clients tests models deploy bench
+	$(BIN)/ruff format server client clients tests models deploy bench
 
 # Stubs are generated into gen/ and committed; proto-check fails if they are stale.
 proto: setup
@@ -58,6 +58,28 @@ proto-check: setup
 	for f in /tmp/stepserve-proto-check/stepserve/v1/*; do \
 	  diff -q "$$f" "gen/stepserve/v1/$$(basename $$f)" || { echo "stale stubs: run make proto"; exit 1; }; \
 	done
+
+# The TypeScript client's packages (clients/typescript/package-lock.json), when npm is here;
+# without it tests/test_clients.py says it skips them.
+TS_STAMP := clients/typescript/node_modules/.package-lock.json
+client-deps:
+	@if command -v npm >/dev/null; then \
+	  [ "$(TS_STAMP)" -nt clients/typescript/package-lock.json ] || (cd clients/typescript && npm ci --no-audit --no-fund); \
+	else echo "npm not found: the TypeScript client's tests will be skipped"; fi
+
+# TypeScript and Go clients from the same proto (buf.gen.yaml, local plugins): protoc-gen-es
+# from clients/typescript (npm ci there first), protoc-gen-go and protoc-gen-go-grpc from
+# Debian's packages; the google.rpc error details and gRPC health types for TypeScript come
+# from the descriptors of the Python packages stepserve installs (clients/deps_image.py).
+# CLIENTS_OUT writes under another directory (tests/test_clients.py checks for drift).
+CLIENTS_OUT ?= .
+clients: setup client-deps
+	rm -rf $(CLIENTS_OUT)/clients/typescript/src/gen $(CLIENTS_OUT)/clients/go/src/stepserve/gen
+	$(BIN)/buf generate -o $(CLIENTS_OUT)
+	$(BIN)/python clients/deps_image.py $(CLIENTS_OUT)/clients-deps.binpb
+	$(BIN)/buf generate $(CLIENTS_OUT)/clients-deps.binpb --template clients/buf.gen.deps.yaml \
+	  --exclude-path google/protobuf -o $(CLIENTS_OUT)
+	rm $(CLIENTS_OUT)/clients-deps.binpb
 
 # Render every kustomization, validate it against the Kubernetes schemas offline, lint the
 # Dockerfile, and check ports, probes, drain and autoscaling agree with the server (also run
