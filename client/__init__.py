@@ -7,7 +7,9 @@
 """
 
 from .client import (
+    CACHE_KEY_HEADER,
     DEFAULT_SERVICE_CONFIG,
+    LORA_HEADER,
     AsyncImageClient,
     GeneratedImage,
     GenerationResult,
@@ -16,12 +18,15 @@ from .client import (
     TlsOptions,
     Usage,
     build_request,
+    routing_metadata,
     task_names,
 )
 from .errors import FieldViolation, StepserveError
 
 __all__ = [
+    "CACHE_KEY_HEADER",
     "DEFAULT_SERVICE_CONFIG",
+    "LORA_HEADER",
     "AsyncImageClient",
     "FieldViolation",
     "GeneratedImage",
@@ -32,5 +37,6 @@ __all__ = [
     "TlsOptions",
     "Usage",
     "build_request",
+    "routing_metadata",
     "task_names",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -273,6 +274,33 @@ def _channel_args(
 # Sent with a stream sent again (below), so the server's metrics count it as a retry.
 PREVIOUS_ATTEMPTS_KEY = "stepserve-previous-attempts"
 
+# Routing hints for a proxy in front of several replicas (deploy/envoy/): requests with the
+# same key go to the same replica, where the adapters are loaded and the results cached. The
+# server never reads them (it computes its own cache key and checks the adapters itself).
+CACHE_KEY_HEADER = "x-stepserve-cache-key"
+LORA_HEADER = "x-stepserve-lora"
+# Fields that change neither the pixels nor the bytes of a generation.
+_NOT_PIXELS = ("request_id", "priority", "preview_every_n_steps", "preview_max_size_px")
+
+
+def routing_metadata(request: pb.GenerateRequest) -> list[tuple[str, str]]:
+    """The routing hints of ``request``: ``x-stepserve-cache-key``, for a seeded request (an
+    unseeded one is never the same generation twice), the SHA-256 (first 32 hex digits) of
+    its deterministic wire encoding without the fields that do not change pixels (the
+    TypeScript and Go clients compute the same); ``x-stepserve-lora``, the adapters' names,
+    sorted, comma-separated."""
+    out = []
+    if request.HasField("seed"):
+        key = pb.GenerateRequest()
+        key.CopyFrom(request)
+        for name in _NOT_PIXELS:
+            key.ClearField(name)
+        digest = hashlib.sha256(key.SerializeToString(deterministic=True)).hexdigest()[:32]
+        out.append((CACHE_KEY_HEADER, digest))
+    if request.loras:
+        out.append((LORA_HEADER, ",".join(sorted({lora.name for lora in request.loras}))))
+    return out
+
 
 class _Attempts:
     """The attempts of one Generate stream. gRPC's own retries (the service config) end at
@@ -352,7 +380,7 @@ class ImageClient:
         Closing the iterator early cancels the generation. A stream its replica ended
         UNAVAILABLE before starting the work (only Queued events: it was shutting down) is
         sent again once, to the channel's next replica (see :class:`_Attempts`)."""
-        attempts = _Attempts(timeout_s or self.timeout_s, self.metadata)
+        attempts = _Attempts(timeout_s or self.timeout_s, self.metadata + routing_metadata(request))
         while True:
             call = self.stub.Generate(request, timeout=attempts.timeout_s(), metadata=attempts.metadata())
             try:
@@ -426,7 +454,7 @@ class AsyncImageClient:
         self, request: pb.GenerateRequest, *, timeout_s: float | None = None
     ) -> AsyncIterator[pb.GenerateResponse]:
         """As :meth:`ImageClient.stream`."""
-        attempts = _Attempts(timeout_s or self.timeout_s, self.metadata)
+        attempts = _Attempts(timeout_s or self.timeout_s, self.metadata + routing_metadata(request))
         while True:
             call = self.stub.Generate(request, timeout=attempts.timeout_s(), metadata=attempts.metadata())
             try:

@@ -10,12 +10,14 @@ them (.ci/run) and fails instead of skipping."""
 from __future__ import annotations
 
 import filecmp
+import json
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from stepserve.client import build_request, routing_metadata
 from stepserve.server.config import ServerConfig
 
 from .server_process import free_port
@@ -46,6 +48,25 @@ def _go() -> str:
     return go
 
 
+# The routing hints of one request, as the Python client computes them: the TypeScript and Go
+# tests build the same request and must compute the same (a proxy hashes on them).
+ROUTING_HINTS = json.dumps(
+    dict(
+        routing_metadata(
+            build_request(
+                "a red circle",
+                seed=1,
+                steps=4,
+                guidance_scale=7.5,
+                request_id="r1",
+                preview_every=2,
+                loras=["b", ("a", 0.5)],
+            )
+        )
+    )
+)
+
+
 @pytest.fixture(scope="module")
 def live_server():
     """A server on the embedded model with a metrics port: (target, metrics URL)."""
@@ -64,7 +85,12 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> None:
 def test_typescript_client_against_a_live_server(live_server) -> None:
     _node_modules()
     target, metrics = live_server
-    _run(["npm", "test"], TS, {"STEPSERVE_TARGET": target, "STEPSERVE_METRICS_URL": metrics})
+    env = {
+        "STEPSERVE_TARGET": target,
+        "STEPSERVE_METRICS_URL": metrics,
+        "STEPSERVE_ROUTING_HINTS": ROUTING_HINTS,
+    }
+    _run(["npm", "test"], TS, env)
 
 
 def test_go_client_against_a_live_server(live_server) -> None:
@@ -75,6 +101,7 @@ def test_go_client_against_a_live_server(live_server) -> None:
         "GOPATH": GOPATH,
         "STEPSERVE_TARGET": target,
         "STEPSERVE_METRICS_URL": metrics,
+        "STEPSERVE_ROUTING_HINTS": ROUTING_HINTS,
     }
     _run([go, "vet", "stepserve/..."], ROOT, env)
     _run([go, "test", "-count=1", "stepserve/client"], ROOT, env)
@@ -95,3 +122,20 @@ def test_generated_clients_match_the_proto(tmp_path: Path) -> None:
         assert not mismatch and not errors, (
             f"stale generated code in {sub}: {mismatch + errors}: run make clients"
         )
+
+
+def test_python_routing_hints_key_on_what_changes_pixels() -> None:
+    def key(**kw: object) -> str | None:
+        return dict(routing_metadata(build_request("a red circle", **kw))).get("x-stepserve-cache-key")
+
+    base = key(seed=1, steps=4)
+    assert base is not None and len(base) == 32
+    # Not pixels: the request id, priority, previews.
+    same = key(seed=1, steps=4, request_id="x", priority="batch", preview_every=2, preview_max_size=64)
+    assert same == base
+    # Pixels or bytes: seed, steps, output format; no seed, no key (a random seed each time).
+    others = [key(seed=2, steps=4), key(seed=1, steps=5), key(seed=1, steps=4, output_format="webp")]
+    assert len({base, *others}) == 4
+    assert key(steps=4) is None
+    hints = dict(routing_metadata(build_request("x", loras=["b", "a:0.5", "b:2"])))
+    assert hints == {"x-stepserve-lora": "a,b"}

@@ -10,7 +10,9 @@
  * ```
  */
 
-import { create, type MessageInitShape } from "@bufbuild/protobuf";
+import { createHash } from "node:crypto";
+
+import { clone, create, toBinary, type MessageInitShape } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient, type Client, type Interceptor } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 
@@ -19,6 +21,8 @@ import { Health, HealthCheckResponse_ServingStatus } from "./gen/grpc_health/v1/
 import {
   GenerateRequestSchema,
   ImageGenerationService,
+  Priority,
+  type GenerateRequest,
   type GenerateResponse,
   type ModelInfo,
   type Result,
@@ -81,6 +85,33 @@ export function grpcCodeName(code: Code): string {
   return Code[code].replace(/([a-z])([A-Z])/g, "$1_$2").toUpperCase();
 }
 
+/** Routing hints for a proxy in front of several replicas (deploy/envoy/). */
+export const CACHE_KEY_HEADER = "x-stepserve-cache-key";
+export const LORA_HEADER = "x-stepserve-lora";
+
+/**
+ * The routing hints of a request, as the Python client computes them: for a seeded request,
+ * the SHA-256 (first 32 hex digits) of its wire encoding without the fields that change no
+ * pixels (request id, priority, previews); the adapters' names, sorted, comma-separated. The
+ * server never reads them.
+ */
+export function routingHeaders(request: GenerateRequest): Record<string, string> {
+  const out: Record<string, string> = {};
+  if (request.seed !== undefined) {
+    const key = clone(GenerateRequestSchema, request);
+    key.requestId = "";
+    key.priority = Priority.UNSPECIFIED;
+    key.previewEveryNSteps = 0;
+    key.previewMaxSizePx = 0;
+    const digest = createHash("sha256").update(toBinary(GenerateRequestSchema, key)).digest("hex");
+    out[CACHE_KEY_HEADER] = digest.slice(0, 32);
+  }
+  if (request.loras.length > 0) {
+    out[LORA_HEADER] = [...new Set(request.loras.map((l) => l.name))].sort().join(",");
+  }
+  return out;
+}
+
 /** The request fields of a Generate call (protobuf-es init shape: plain object literals). */
 export type GenerateInit = MessageInitShape<typeof GenerateRequestSchema>;
 
@@ -126,7 +157,8 @@ export class StepserveClient {
    */
   async *generate(request: GenerateInit, options: CallOptions = {}): AsyncGenerator<GenerateResponse> {
     try {
-      yield* this.stub.generate(create(GenerateRequestSchema, request), this.call(options));
+      const message = create(GenerateRequestSchema, request);
+      yield* this.stub.generate(message, { ...this.call(options), headers: routingHeaders(message) });
     } catch (e) {
       throw asStepserveError(e);
     }

@@ -11,7 +11,9 @@ import { join } from "node:path";
 import { test } from "node:test";
 import { promisify } from "node:util";
 
-import { Code, StepserveClient, StepserveError } from "../src/index.js";
+import { create } from "@bufbuild/protobuf";
+
+import { Code, GenerateRequestSchema, routingHeaders, StepserveClient, StepserveError } from "../src/index.js";
 
 const target = process.env.STEPSERVE_TARGET;
 const metricsUrl = process.env.STEPSERVE_METRICS_URL;
@@ -92,4 +94,21 @@ test("the example program writes its images and previews", async () => {
   const files = readdirSync(out).sort();
   assert.ok(files.includes("image-0.png") && files.includes("image-1.png"), files.join(","));
   assert.ok(files.some((f) => f.startsWith("preview-")), files.join(","));
+});
+
+test("routing hints are the Python client's", () => {
+  // tests/test_clients.py computes the same request's hints with the Python client.
+  const expected = JSON.parse(process.env.STEPSERVE_ROUTING_HINTS ?? "null");
+  assert.ok(expected, "set STEPSERVE_ROUTING_HINTS");
+  const req = create(GenerateRequestSchema, {
+    prompt: "a red circle",
+    seed: 1n,
+    steps: 4,
+    guidanceScale: 7.5,
+    requestId: "r1",
+    previewEveryNSteps: 2,
+    loras: [{ name: "b" }, { name: "a", scale: 0.5 }],
+  });
+  assert.deepEqual(routingHeaders(req), expected);
+  assert.deepEqual(routingHeaders(create(GenerateRequestSchema, { prompt: "x" })), {});
 });

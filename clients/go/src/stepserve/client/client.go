@@ -14,12 +14,15 @@ package client
 
 import (
 	"context"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
 	"os"
+	"sort"
 	"strings"
 	"time"
 
@@ -30,6 +33,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	pb "stepserve/gen/stepserve/v1"
 )
@@ -173,8 +177,46 @@ func (s *Stream) Recv() (*pb.GenerateResponse, error) {
 	return ev, AsError(err)
 }
 
-// Generate starts a generation; cancel ctx to cancel it.
+// Routing hints for a proxy in front of several replicas (deploy/envoy/).
+const (
+	CacheKeyHeader = "x-stepserve-cache-key"
+	LoraHeader     = "x-stepserve-lora"
+)
+
+// RoutingMetadata is the routing hints of req, as the Python client computes them: for a
+// seeded request, the SHA-256 (first 32 hex digits) of its deterministic wire encoding without
+// the fields that change no pixels (request id, priority, previews); the adapters' names,
+// sorted, comma-separated. The server never reads them.
+func RoutingMetadata(req *pb.GenerateRequest) map[string]string {
+	out := map[string]string{}
+	if req.Seed != nil {
+		key := proto.Clone(req).(*pb.GenerateRequest)
+		key.RequestId, key.Priority, key.PreviewEveryNSteps, key.PreviewMaxSizePx = "", pb.Priority_PRIORITY_UNSPECIFIED, 0, 0
+		if wire, err := (proto.MarshalOptions{Deterministic: true}).Marshal(key); err == nil {
+			sum := sha256.Sum256(wire)
+			out[CacheKeyHeader] = hex.EncodeToString(sum[:])[:32]
+		}
+	}
+	if len(req.GetLoras()) > 0 {
+		seen := map[string]bool{}
+		var names []string
+		for _, l := range req.GetLoras() {
+			if !seen[l.GetName()] {
+				seen[l.GetName()] = true
+				names = append(names, l.GetName())
+			}
+		}
+		sort.Strings(names)
+		out[LoraHeader] = strings.Join(names, ",")
+	}
+	return out
+}
+
+// Generate starts a generation, with its routing hints; cancel ctx to cancel it.
 func (c *Client) Generate(ctx context.Context, req *pb.GenerateRequest) (*Stream, error) {
+	for k, v := range RoutingMetadata(req) {
+		ctx = metadata.AppendToOutgoingContext(ctx, k, v)
+	}
 	s, err := c.Stub.Generate(ctx, req)
 	if err != nil {
 		return nil, AsError(err)

@@ -7,6 +7,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"io"
 	"net/http"
@@ -189,5 +190,24 @@ func TestExampleProgramWritesImagesAndPreviews(t *testing.T) {
 		if _, err := os.Stat(filepath.Join(out, name)); err != nil {
 			t.Error(err)
 		}
+	}
+}
+
+func TestRoutingHintsAreThePythonClients(t *testing.T) {
+	// tests/test_clients.py computes the same request's hints with the Python client.
+	var want map[string]string
+	if err := json.Unmarshal([]byte(os.Getenv("STEPSERVE_ROUTING_HINTS")), &want); err != nil {
+		t.Fatalf("STEPSERVE_ROUTING_HINTS: %v", err)
+	}
+	seed, guidance := uint64(1), float32(7.5)
+	req := &pb.GenerateRequest{
+		Prompt: "a red circle", Seed: &seed, Steps: 4, GuidanceScale: &guidance, RequestId: "r1",
+		PreviewEveryNSteps: 2, Loras: []*pb.LoraWeight{{Name: "b"}, {Name: "a", Scale: 0.5}},
+	}
+	if got := RoutingMetadata(req); !reflect.DeepEqual(got, want) {
+		t.Fatalf("got %v, want %v", got, want)
+	}
+	if got := RoutingMetadata(&pb.GenerateRequest{Prompt: "x"}); len(got) != 0 {
+		t.Fatalf("unseeded, no adapters: %v", got)
 	}
 }
