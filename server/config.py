@@ -11,6 +11,7 @@ from typing import Any
 
 from .engine.engine import EngineConfig
 from .engine.models.registry import DEFAULT_MODEL_NAME
+from .engine.types import QUANTIZATIONS
 
 # The engine's own defaults are the flags' defaults (defined once, in EngineConfig).
 _ENGINE = EngineConfig()
@@ -28,6 +29,7 @@ MODEL_OPTION_KEYS = {
     "max_images_per_request",
     "preview_decoder",
     "max_cache_interval",
+    "quantization",
 }
 PRESET_KEYS = {"presets.draft", "presets.standard", "presets.high"}
 # The feature-caching interval each preset selects (stepserve.json: "cache_intervals").
@@ -238,6 +240,9 @@ class ServerConfig:
             if key not in MODEL_OPTION_KEYS | PRESET_KEYS | CACHE_INTERVAL_KEYS:
                 raise ConfigError(f"--model-option {opt!r}: unknown key {key!r}")
             settings = out.setdefault(name, {})
+            if key == "quantization" and raw not in QUANTIZATIONS:
+                choices = ", ".join(QUANTIZATIONS)
+                raise ConfigError(f"--model-option {opt!r}: unknown quantization {raw!r} (one of {choices})")
             if key in PRESET_KEYS | CACHE_INTERVAL_KEYS:
                 group, preset = key.split(".", 1)
                 try:

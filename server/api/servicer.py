@@ -93,6 +93,7 @@ def model_info_proto(info: ModelInfo, is_default: bool) -> pb.ModelInfo:
         loras=[pb.LoraInfo(name=x.name, rank=x.rank, components=list(x.components)) for x in info.loras],
         max_loras_per_request=info.max_loras_per_request,
         max_cache_interval=info.max_cache_interval,
+        quantization=info.quantization,
     )
 
 

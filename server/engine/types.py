@@ -154,6 +154,11 @@ class GenerationParams:
         return [(self.seed + i) % (1 << 64) for i in range(self.num_images)]
 
 
+# Weight quantizations a model may be served with (engine/quantization.py), and aliases.
+QUANTIZATIONS = ("none", "int8", "int8wo", "int8dq", "fp8wo", "fp8dq")
+QUANTIZATION_ALIASES = {"int8": "int8wo"}
+
+
 @dataclass(frozen=True)
 class LoraInfo:
     """A registered LoRA adapter as ListModels describes it."""
@@ -202,6 +207,9 @@ class ModelInfo:
     # each preset selects when the request sets none.
     max_cache_interval: int = 0
     preset_cache_intervals: dict[Preset, int] = field(default_factory=dict)
+    # Weight quantization of its UNet ("none", "int8wo", "int8dq", "fp8wo", "fp8dq"): it
+    # changes the pixels, so it is part of what makes two generations the same.
+    quantization: str = "none"
 
     def schedule(self, steps: int, strength: float, task: Task) -> tuple[int, int]:
         """(first_step, steps run) for a request: the one rule, as diffusers' pipelines apply

@@ -685,6 +685,7 @@ class ModelInfo(_message.Message):
     LORAS_FIELD_NUMBER: _builtins.int
     MAX_LORAS_PER_REQUEST_FIELD_NUMBER: _builtins.int
     MAX_CACHE_INTERVAL_FIELD_NUMBER: _builtins.int
+    QUANTIZATION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Registry name, as used in GenerateRequest.model."""
     family: _builtins.str
@@ -720,6 +721,12 @@ class ModelInfo(_message.Message):
     max_cache_interval: _builtins.int
     """Largest GenerateRequest.cache_interval accepted; 0: this model does not offer feature
     caching.
+    """
+    quantization: _builtins.str
+    """Weight quantization of the model's UNet (--model-option NAME.quantization): "none",
+    "int8wo" (int8 weights), "int8dq" (int8 weights and activations), "fp8wo" or "fp8dq".
+    Quantized models give slightly different images than their float weights (README,
+    Quantization); still the same alone or batched.
     """
     @_builtins.property
     def supported_samplers(self) -> _containers.RepeatedScalarFieldContainer[Global___Sampler.ValueType]:
@@ -768,10 +775,11 @@ class ModelInfo(_message.Message):
         loras: _abc.Iterable[Global___LoraInfo] | None = ...,
         max_loras_per_request: _builtins.int = ...,
         max_cache_interval: _builtins.int = ...,
+        quantization: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_guidance_scale", b"default_guidance_scale", "default_height_px", b"default_height_px", "default_sampler", b"default_sampler", "default_steps", b"default_steps", "default_width_px", b"default_width_px", "family", b"family", "guidance_embedded", b"guidance_embedded", "is_default", b"is_default", "karras_samplers", b"karras_samplers", "loras", b"loras", "max_batch_size", b"max_batch_size", "max_cache_interval", b"max_cache_interval", "max_images_per_request", b"max_images_per_request", "max_loras_per_request", b"max_loras_per_request", "max_size_px", b"max_size_px", "max_steps", b"max_steps", "min_size_px", b"min_size_px", "name", b"name", "presets", b"presets", "supported_samplers", b"supported_samplers", "tasks", b"tasks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_guidance_scale", b"default_guidance_scale", "default_height_px", b"default_height_px", "default_sampler", b"default_sampler", "default_steps", b"default_steps", "default_width_px", b"default_width_px", "family", b"family", "guidance_embedded", b"guidance_embedded", "is_default", b"is_default", "karras_samplers", b"karras_samplers", "loras", b"loras", "max_batch_size", b"max_batch_size", "max_cache_interval", b"max_cache_interval", "max_images_per_request", b"max_images_per_request", "max_loras_per_request", b"max_loras_per_request", "max_size_px", b"max_size_px", "max_steps", b"max_steps", "min_size_px", b"min_size_px", "name", b"name", "presets", b"presets", "quantization", b"quantization", "supported_samplers", b"supported_samplers", "tasks", b"tasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

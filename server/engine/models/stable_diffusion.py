@@ -35,6 +35,7 @@ from PIL import Image
 from ..batch_invariance import make_rowwise_linears
 from ..feature_cache import cached_forward, feature_cache_support
 from ..lora import LoraAdapter, LoraContext, LoraLoadError, LoraStack, read_lora, wrap_targets
+from ..quantization import QuantizationError, canonical, quantize_unet
 from ..samplers import (
     GENERAL_SAMPLERS,
     KARRAS_SAMPLERS,
@@ -175,6 +176,8 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
             # So are the LoRA adapters it ships ({"name": "relative path"}), registered at load.
             settings["loras"] = {n: str(self.path / p) for n, p in settings.get("loras", {}).items()}
         settings.update(overrides or {})
+        # Before any LoRA adapter wraps a layer (they add float terms to the quantized base).
+        self.quantization = self._quantize(name, str(settings.get("quantization", "none")))
         native = int(self.unet.config.sample_size) * self.vae_scale_factor
         default_sampler = settings.get("default_sampler")
         own_sampler = sampler_for_class_name(type(self.pipe.scheduler).__name__)
@@ -213,6 +216,7 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
             ),
             max_cache_interval=max_cache_interval,
             preset_cache_intervals=preset_cache_intervals,
+            quantization=self.quantization,
         )
         if self.info.default_sampler not in samplers:
             raise ValueError(
@@ -237,6 +241,17 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
                 self.register_lora(lora_name, Path(lora_path))
             except LoraLoadError as e:
                 raise ModelLoadError(f"model {name}: its own LoRA {lora_name!r}: {e}") from e
+
+    def _quantize(self, name: str, mode: str) -> str:
+        """Quantize the UNet as the model's ``quantization`` setting says; its canonical name."""
+        try:
+            mode = canonical(mode)
+            if mode != "none":
+                n = quantize_unet(self.unet, mode, self.device)
+                logger.info("model %s: %d UNet linear layers quantized (%s)", name, n, mode)
+        except QuantizationError as e:
+            raise ModelLoadError(f"model {name}: quantization: {e}") from e
+        return mode
 
     def _feature_cache_settings(self, name: str, settings: dict[str, Any]) -> tuple[int, dict[Preset, int]]:
         """(max_cache_interval, interval per preset) from the model's settings: by default
