@@ -199,6 +199,10 @@ class Server:
                 setup.device,
                 "--run-ahead",
                 setup.run_ahead,
+                # Off unless a workload's extra flags turn it on (the cache workload): the
+                # others measure the engine, and their repeated seeds would hit.
+                "--result-cache-bytes",
+                "0",
             ]
             if setup.model is not None:
                 cmd += ["--model", f"bench={setup.model}"]

@@ -1,0 +1,477 @@
+"""The exact result cache: final encoded images by a key over everything that changes them.
+
+A generation is a deterministic function of the model (its files, the dtype and device it runs
+in, the library versions), every request field that changes pixels or bytes, the adapters and
+the image inputs. :func:`result_key` hashes a canonical, versioned encoding of exactly those;
+identical requests with a seed are then served the stored ``Result`` (the very bytes a fresh
+generation returns) without reaching the engine.
+
+The cache lives at the API edge because its entries are encoded images: the engine never
+knows. Tiers, looked up in order, each optional: process memory (an LRU bounded in bytes),
+a directory (one file per key, written atomically, survives restarts) and Redis (shared by
+replicas). A hit in a lower tier fills the ones above it. An entry is the serialized
+``Result`` framed with a checksum: a corrupt or partial entry in any tier is never served, it
+is counted, dropped and rewritten by the next generation. A store that fails (disk full, Redis
+gone) is logged, counted and skipped; a request never fails because its cache did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..engine.types import GenerationParams, ImageFormat
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+logger = logging.getLogger(__name__)
+
+# Bumped whenever the key's encoding or an entry's meaning changes: old entries then miss.
+KEY_VERSION = 1
+
+# GenerationParams fields that change pixels or bytes: every one is in the key.
+KEY_FIELDS = frozenset(
+    {
+        "model",
+        "prompt",
+        "negative_prompt",
+        "width",
+        "height",
+        "steps",
+        "guidance_scale",
+        "seed",
+        "sampler",
+        "cfg",
+        "num_images",
+        "output_format",
+        "output_quality",  # only for lossy formats: PNG ignores it (see result_key)
+        "karras",
+        "init_image",  # as the sha256 of the encoded bytes received (see InputDigests)
+        "mask",  # likewise
+        "strength",
+        "first_step",
+        "preserve_unmasked",
+        "mask_feather",
+        "loras",  # names and scales, plus each adapter file's digest (ModelFingerprint.loras)
+        # MERGE (issue 20 parts 2 and 3): GenerateRequest.cache_interval (feature caching)
+        # changes pixels; when GenerationParams grows its field, add it here and to
+        # result_key's "params" below.
+    }
+)
+# GenerationParams fields deliberately left out: they change when or how a request runs, or
+# what it streams, never its final images.
+EXCLUDED_FIELDS = frozenset(
+    {
+        "request_id",
+        "priority",
+        "deadline",
+        "preview_every",  # previews are not cached; see Flight for what a follower gets
+        "preview_max_size",
+        "internal",  # warm-up requests never pass through the API
+        "encoded_input_bytes",  # the inputs' digests stand for them
+    }
+)
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """What, besides a request's fields, decides one model's pixels on this server.
+
+    ``files``: sha256 over the model directory's files (weights, configs, tokenizer: all of
+    them, as relative path, size and content). ``runtime``: dtype, device type and the
+    versions of stepserve, torch and diffusers (kernels differ across them, so a replica on
+    another build must not serve this one's images). ``loras``: each registered adapter's file
+    digest by name. ``options``: serving options that change pixels (none yet).
+    """
+
+    files: str
+    runtime: str
+    loras: Mapping[str, str]
+    # MERGE (issue 20 part 2): per-model quantization (--model-option NAME.quantization=...)
+    # changes pixels; app.model_fingerprint puts it here.
+    options: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class InputDigests:
+    """sha256 of a request's image inputs as received (empty: none)."""
+
+    init_image: str = ""
+    mask_image: str = ""
+
+    @classmethod
+    def of(cls, init_image: bytes, mask_image: bytes) -> InputDigests:
+        """Digests of encoded image inputs (hashing megabytes: run it off the event loop)."""
+
+        def digest(data: bytes) -> str:
+            return hashlib.sha256(data).hexdigest() if data else ""
+
+        return cls(digest(init_image), digest(mask_image))
+
+
+def result_key(params: GenerationParams, model: ModelFingerprint, inputs: InputDigests) -> str:
+    """The cache key of a generation: sha256 of a canonical JSON encoding (sorted keys, no
+    whitespace, floats by their shortest round-trip repr) of ``KEY_FIELDS``."""
+    lossy = params.output_format is not ImageFormat.PNG
+    doc: dict[str, Any] = {
+        "v": KEY_VERSION,
+        "model": {
+            "name": params.model,
+            "files": model.files,
+            "runtime": model.runtime,
+            "options": dict(model.options),
+        },
+        "params": {
+            "prompt": params.prompt,
+            "negative_prompt": params.negative_prompt,
+            "width": params.width,
+            "height": params.height,
+            "steps": params.steps,
+            "guidance_scale": params.guidance_scale,
+            "seed": params.seed,
+            "sampler": params.sampler.value,
+            "cfg": params.cfg,
+            "num_images": params.num_images,
+            "output_format": params.output_format.value,
+            "output_quality": params.output_quality if lossy else None,
+            "karras": params.karras,
+            "init_image": inputs.init_image,
+            "mask": inputs.mask_image,
+            "strength": params.strength,
+            "first_step": params.first_step,
+            "preserve_unmasked": params.preserve_unmasked,
+            "mask_feather": params.mask_feather,
+            "loras": [[name, scale, model.loras.get(name, "")] for name, scale in params.loras],
+        },
+    }
+    encoded = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(encoded.encode()).hexdigest()
+
+
+def key_fields_cover_params() -> set[str]:
+    """GenerationParams fields in neither KEY_FIELDS nor EXCLUDED_FIELDS (should be none)."""
+    return {f.name for f in fields(GenerationParams)} - KEY_FIELDS - EXCLUDED_FIELDS
+
+
+# -- entries ------------------------------------------------------------------------------
+# An entry on disk or in Redis: magic, sha256 of the payload, payload (a serialized Result).
+_MAGIC = b"stepserve-result-v1\n"
+_DIGEST = 32
+
+
+def frame(payload: bytes) -> bytes:
+    """``payload`` framed for a store: magic, its sha256, itself."""
+    return _MAGIC + hashlib.sha256(payload).digest() + payload
+
+
+def unframe(blob: bytes) -> bytes | None:
+    """The payload of a framed entry, or None when it is not a whole, intact one."""
+    head = len(_MAGIC) + _DIGEST
+    if len(blob) < head or not blob.startswith(_MAGIC):
+        return None
+    payload = blob[head:]
+    if hashlib.sha256(payload).digest() != blob[len(_MAGIC) : head]:
+        return None
+    return payload
+
+
+class CacheMetrics(Protocol):
+    """What the cache reports (observability/metrics.py implements it)."""
+
+    def cache_error(self, store: str, kind: str) -> None: ...
+    def cache_evicted(self, store: str, n: int) -> None: ...
+    def cache_bytes(self, store: str, n: int) -> None: ...
+
+
+class StoreError(Exception):
+    """A store failed (its cause chained); the caller logs and counts it, then carries on."""
+
+
+class Store(Protocol):
+    """One tier. ``get`` returns a framed entry or None; both raise StoreError on failure."""
+
+    name: str
+
+    async def get(self, key: str) -> bytes | None: ...
+    async def put(self, key: str, blob: bytes) -> None: ...
+    async def delete(self, key: str) -> None: ...
+
+
+class MemoryStore:
+    """An LRU of entries bounded by their total bytes (payloads; keys and dict overhead are
+    small beside images). An entry larger than the whole bound is not kept."""
+
+    name = "memory"
+
+    def __init__(self, max_bytes: int, metrics: CacheMetrics) -> None:
+        self.max_bytes = max_bytes
+        self.metrics = metrics
+        self._entries: OrderedDict[str, bytes] = OrderedDict()
+        self.bytes = 0
+
+    async def get(self, key: str) -> bytes | None:
+        blob = self._entries.get(key)
+        if blob is not None:
+            self._entries.move_to_end(key)
+        return blob
+
+    async def put(self, key: str, blob: bytes) -> None:
+        if len(blob) > self.max_bytes:
+            return
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.bytes -= len(old)
+        self._entries[key] = blob
+        self.bytes += len(blob)
+        evicted = 0
+        while self.bytes > self.max_bytes:
+            _, dropped = self._entries.popitem(last=False)
+            self.bytes -= len(dropped)
+            evicted += 1
+        if evicted:
+            self.metrics.cache_evicted(self.name, evicted)
+        self.metrics.cache_bytes(self.name, self.bytes)
+
+    async def delete(self, key: str) -> None:
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.bytes -= len(old)
+            self.metrics.cache_bytes(self.name, self.bytes)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class DiskStore:
+    """One file per key under ``root/<first 2 hex>/<key>``, written to a temporary file in the
+    same directory and renamed over the old one (atomic on POSIX: a reader sees the old entry
+    or the new, never half of one; a crash leaves at most a stray ``.tmp`` file). File work runs
+    in a thread. Not bounded in size (see README "Result cache")."""
+
+    name = "disk"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / key
+
+    async def get(self, key: str) -> bytes | None:
+        try:
+            return await asyncio.to_thread(self._read, self.path(key))
+        except OSError as e:
+            raise StoreError(f"reading {self.path(key)}: {e}") from e
+
+    @staticmethod
+    def _read(path: Path) -> bytes | None:
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+    async def put(self, key: str, blob: bytes) -> None:
+        try:
+            await asyncio.to_thread(self._write, self.path(key), blob)
+        except OSError as e:
+            raise StoreError(f"writing {self.path(key)}: {e}") from e
+
+    @staticmethod
+    def _write(path: Path, blob: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(blob)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    async def delete(self, key: str) -> None:
+        try:
+            await asyncio.to_thread(self.path(key).unlink, True)
+        except OSError as e:
+            raise StoreError(f"removing {self.path(key)}: {e}") from e
+
+
+class RedisStore:
+    """Entries in Redis under ``stepserve:result:<key>`` with a TTL, through redis-py's asyncio
+    client with short timeouts: a Redis that is slow or gone costs a request at most about
+    ``timeout_s`` once, then is skipped for ``retry_after_s`` (so an outage does not add a
+    timeout to every request)."""
+
+    name = "redis"
+    PREFIX = "stepserve:result:"
+
+    def __init__(self, url: str, ttl_s: int, timeout_s: float = 0.5, retry_after_s: float = 2.0) -> None:
+        from redis.asyncio import Redis
+
+        self.url = url
+        self.ttl_s = ttl_s
+        self.retry_after_s = retry_after_s
+        self.client: Redis = Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False
+        )
+        self._down_until = 0.0
+
+    def available(self) -> bool:
+        """False while skipped after a failure."""
+        return time.monotonic() >= self._down_until
+
+    async def _call(self, what: str, op: Callable[[], Any]) -> Any:
+        from redis.exceptions import RedisError
+
+        try:
+            return await op()
+        except (RedisError, OSError) as e:
+            self._down_until = time.monotonic() + self.retry_after_s
+            raise StoreError(f"redis {what}: {type(e).__name__}: {e}") from e
+
+    async def get(self, key: str) -> bytes | None:
+        value = await self._call("GET", lambda: self.client.get(self.PREFIX + key))
+        return None if value is None else bytes(value)
+
+    async def put(self, key: str, blob: bytes) -> None:
+        await self._call("SET", lambda: self.client.set(self.PREFIX + key, blob, ex=self.ttl_s or None))
+
+    async def delete(self, key: str) -> None:
+        await self._call("DEL", lambda: self.client.delete(self.PREFIX + key))
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A cache hit: the stored Result's bytes and the tier that had them."""
+
+    payload: bytes
+    store: str
+
+
+class ResultCache:
+    """The tiers in lookup order (memory, disk, Redis), with the rules shared by all of them:
+    entries are checked before they are served, failures are logged (at most once per
+    ``log_every_s`` per store) and counted, never raised."""
+
+    def __init__(
+        self,
+        stores: list[Store],
+        metrics: CacheMetrics,
+        fingerprints: Mapping[str, ModelFingerprint],
+        log_every_s: float = 30.0,
+    ) -> None:
+        self.stores = stores
+        self.metrics = metrics
+        self.fingerprints = dict(fingerprints)
+        self.log_every_s = log_every_s
+        self._logged: dict[str, float] = {}
+
+    def key(self, params: GenerationParams, inputs: InputDigests) -> str:
+        return result_key(params, self.fingerprints[params.model], inputs)
+
+    async def get(self, key: str) -> Hit | None:
+        """The entry from the first tier that has an intact one; the tiers above it are filled."""
+        for i, store in enumerate(self.stores):
+            if isinstance(store, RedisStore) and not store.available():
+                continue
+            try:
+                blob = await store.get(key)
+            except StoreError as e:
+                self._failed(store.name, e)
+                continue
+            if blob is None:
+                continue
+            payload = unframe(blob)
+            if payload is None:
+                self._corrupt(store, key, len(blob))
+                with contextlib.suppress(StoreError):
+                    await store.delete(key)
+                continue
+            for upper in self.stores[:i]:
+                await self._put(upper, key, blob)
+            return Hit(payload, store.name)
+        return None
+
+    async def put(self, key: str, payload: bytes) -> None:
+        """Store ``payload`` in every tier (the lower ones concurrently)."""
+        blob = frame(payload)
+        await asyncio.gather(*(self._put(store, key, blob) for store in self.stores))
+
+    async def _put(self, store: Store, key: str, blob: bytes) -> None:
+        if isinstance(store, RedisStore) and not store.available():
+            return
+        try:
+            await store.put(key, blob)
+        except StoreError as e:
+            self._failed(store.name, e)
+
+    def _corrupt(self, store: Store, key: str, size: int) -> None:
+        self.metrics.cache_error(store.name, "corrupt")
+        logger.warning(
+            "result cache: %s entry %s is corrupt or partial (%d bytes); ignored, to be rewritten",
+            store.name,
+            key,
+            size,
+        )
+
+    def _failed(self, store: str, error: StoreError) -> None:
+        self.metrics.cache_error(store, "unavailable")
+        now = time.monotonic()
+        if now - self._logged.get(store, -self.log_every_s) >= self.log_every_s:
+            self._logged[store] = now
+            logger.warning(
+                "result cache: %s failed (%s); generating without it (logged at most every %.0fs)",
+                store,
+                error,
+                self.log_every_s,
+            )
+
+    async def close(self) -> None:
+        for store in self.stores:
+            if isinstance(store, RedisStore):
+                with contextlib.suppress(Exception):
+                    await store.close()
+
+
+def build_stores(
+    memory_bytes: int, directory: str, redis_url: str, redis_ttl_s: int, metrics: CacheMetrics
+) -> list[Store]:
+    """The configured tiers, in lookup order."""
+    stores: list[Store] = []
+    if memory_bytes > 0:
+        stores.append(MemoryStore(memory_bytes, metrics))
+    if directory:
+        stores.append(DiskStore(Path(directory)))
+    if redis_url:
+        stores.append(RedisStore(redis_url, redis_ttl_s))
+    return stores
+
+
+__all__ = [
+    "EXCLUDED_FIELDS",
+    "KEY_FIELDS",
+    "Hit",
+    "InputDigests",
+    "ModelFingerprint",
+    "ResultCache",
+    "Store",
+    "StoreError",
+    "build_stores",
+    "frame",
+    "result_key",
+    "unframe",
+]
