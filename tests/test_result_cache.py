@@ -30,6 +30,9 @@ from stepserve.v1 import image_generation_pb2_grpc as pb_grpc
 from .server_thread import ServerThread
 
 PROMPT = "a small red circle on the left"
+# Steps of the requests that overlap in flight: at the cached server's 0.1 s per step, room
+# for the others to join on a busy machine.
+STEPS = 12
 FP = ModelFingerprint(files="f" * 64, runtime="float32|cpu", loras={"a": "1" * 64, "b": "2" * 64}, options={})
 
 
@@ -236,6 +239,8 @@ def cached(tiny_sd_dir: Path, tmp_path_factory: pytest.TempPathFactory):
             result_cache=True,
             max_batch_size=8,
             result_cache_dir=str(tmp_path_factory.mktemp("result-cache")),
+            # A leader's short deadline runs (and then passes) instead of being refused.
+            reject_unmeetable_deadlines=False,
         )
     finally:
         mp.undo()
@@ -280,13 +285,13 @@ def test_a_request_without_a_seed_never_hits_but_its_seed_does(
 
 
 def _stream(stub: pb_grpc.ImageGenerationServiceStub, rid: str, seed: int, **kw: object):
-    return stub.Generate(build_request(PROMPT, steps=8, seed=seed, request_id=rid, **kw), timeout=120)
+    return stub.Generate(build_request(PROMPT, steps=STEPS, seed=seed, request_id=rid, **kw), timeout=120)
 
 
 def test_identical_requests_in_flight_run_one_generation_and_all_get_it(
     cached: ServerThread, fresh: ServerThread
 ) -> None:
-    want = _result(fresh.target, seed=21, steps=8).images[0].data
+    want = _result(fresh.target, seed=21, steps=STEPS).images[0].data
     admitted = _admitted(cached)
     coalesced = _sample(cached, "stepserve_result_cache_coalesced_total")
     with grpc.insecure_channel(cached.target) as ch:
@@ -319,7 +324,7 @@ def test_identical_requests_in_flight_run_one_generation_and_all_get_it(
     # Each follower streams its own progress, with the generation's previews at its own cadence.
     for name in ("follower-0", "follower-1", "follower-2"):
         progress = [e.progress for e in results[name] if e.WhichOneof("event") == "progress"]
-        assert progress[-1].step == 8 and [p.step for p in progress] == sorted(p.step for p in progress)
+        assert progress[-1].step == STEPS and [p.step for p in progress] == sorted(p.step for p in progress)
         previews = [p.step for p in progress if p.HasField("preview")]
         assert previews and all(step % 2 == 0 for step in previews), (name, previews)
     leader_previews = [
@@ -327,11 +332,11 @@ def test_identical_requests_in_flight_run_one_generation_and_all_get_it(
         for e in results["leader"]
         if e.HasField("progress") and e.progress.HasField("preview")
     ]
-    assert leader_previews == list(range(1, 9))
+    assert leader_previews == list(range(1, STEPS + 1))
 
 
 def test_a_cancelled_leader_does_not_cancel_the_others(cached: ServerThread, fresh: ServerThread) -> None:
-    want = _result(fresh.target, seed=31, steps=8).images[0].data
+    want = _result(fresh.target, seed=31, steps=STEPS).images[0].data
     admitted = _admitted(cached)
     with grpc.insecure_channel(cached.target) as ch:
         stub = pb_grpc.ImageGenerationServiceStub(ch)
@@ -367,7 +372,7 @@ def test_the_last_call_leaving_cancels_the_generation(cached: ServerThread) -> N
     wait_until_idle(engine)
     assert cached.server.servicer.flights.open_count() == 0
     # Nothing was stored: the next identical request generates.
-    assert not _result(cached.target, seed=41, steps=8).usage.cached
+    assert not _result(cached.target, seed=41, steps=STEPS).usage.cached
 
 
 def test_the_disk_tier_survives_a_restart_and_a_corrupt_entry_is_rewritten(
@@ -398,3 +403,23 @@ def test_the_disk_tier_survives_a_restart_and_a_corrupt_entry_is_rewritten(
         assert _result(second.target, seed=51).usage.cached
     finally:
         second.stop()
+
+
+def test_a_follower_outlives_its_leaders_deadline(cached: ServerThread, fresh: ServerThread) -> None:
+    """The flight's engine request has the leader's deadline; a follower with a later one is
+    not cut short by it: it carries on in a generation of its own."""
+    want = _result(fresh.target, seed=61, steps=STEPS).images[0].data
+    admitted = _admitted(cached)
+    with grpc.insecure_channel(cached.target) as ch:
+        stub = pb_grpc.ImageGenerationServiceStub(ch)
+        leader = stub.Generate(build_request(PROMPT, steps=STEPS, seed=61, request_id="short"), timeout=0.5)
+        next(leader)
+        follower = _stream(stub, "long", 61)
+        assert next(follower).WhichOneof("event") in ("queued", "progress")
+        with pytest.raises(grpc.RpcError) as err:
+            list(leader)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        events = list(follower)
+    result = events[-1].result
+    assert result.images[0].data == want and result.usage.accelerator_seconds > 0
+    assert _admitted(cached) == admitted + 2  # the leader's generation, then the follower's own

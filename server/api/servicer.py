@@ -141,7 +141,11 @@ class _EngineFailure(Exception):
 
 
 class _Rejoin(Exception):
-    """The flight a call followed ended at its leader's deadline, before the call's own."""
+    """The flight a call followed ended for its leader's deadline (passed, or refused as
+    unmeetable), not the call's own."""
+
+
+_DEADLINES = (FinishReason.DEADLINE, FinishReason.UNMEETABLE_DEADLINE)
 
 
 class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: ignore[misc]
@@ -500,11 +504,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
                 yield pb.GenerateResponse(request_id=rid, result=result)
                 return
             elif isinstance(item, FailedEvent):
-                if (
-                    item.reason is FinishReason.DEADLINE
-                    and not sub.leader
-                    and not self._past(params.deadline)
-                ):
+                if item.reason in _DEADLINES and not sub.leader and not self._past(params.deadline):
                     raise _Rejoin()
                 call.end(OUTCOME_OF_REASON[item.reason])
                 raise _EngineFailure(item)
