@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -50,7 +49,6 @@ class Subscriber:
     params: GenerationParams
     leader: bool
     queue: asyncio.Queue[FlightItem] = field(default_factory=asyncio.Queue)
-    joined_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass(frozen=True)
@@ -209,7 +207,8 @@ class Flights:
     def open_count(self) -> int:
         return len(self._open)
 
-    async def wait_idle(self) -> None:
-        """Until every flight task has finished (shutdown)."""
+    async def wait_idle(self, timeout_s: float = 5.0) -> None:
+        """Until every flight task has finished (shutdown: the engine has ended every request,
+        so each has its terminal event), at most ``timeout_s``."""
         if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await asyncio.wait(set(self._tasks), timeout=timeout_s)
