@@ -423,3 +423,22 @@ def test_a_follower_outlives_its_leaders_deadline(cached: ServerThread, fresh: S
     result = events[-1].result
     assert result.images[0].data == want and result.usage.accelerator_seconds > 0
     assert _admitted(cached) == admitted + 2  # the leader's generation, then the follower's own
+
+
+def test_a_call_whose_previews_the_flight_lacks_runs_its_own(cached: ServerThread) -> None:
+    """Joining must give a call what it asked for: a flight without previews does not carry a
+    call that wants them; that call generates, with its previews. (A flight with previews
+    every step carries calls that want every other one: the coalescing test above.)"""
+    admitted = _admitted(cached)
+    with grpc.insecure_channel(cached.target) as ch:
+        stub = pb_grpc.ImageGenerationServiceStub(ch)
+        plain = _stream(stub, "no-previews", 71)
+        next(plain)
+        wants = _stream(stub, "wants-previews", 71, preview_every=3)
+        events = list(wants)
+        list(plain)
+    result = events[-1].result
+    assert not result.usage.coalesced and not result.usage.cached
+    previews = [e.progress.step for e in events if e.HasField("progress") and e.progress.HasField("preview")]
+    assert previews == list(range(3, STEPS + 1, 3))
+    assert _admitted(cached) == admitted + 2
