@@ -25,8 +25,9 @@ from stepserve import __version__
 from stepserve.v1 import image_generation_pb2 as pb
 
 from .api.auth import BearerTokenAuth, load_tokens
+from .api.cache_key import ModelFingerprint
 from .api.registration import add_to_server
-from .api.result_cache import ModelFingerprint, ResultCache, build_stores
+from .api.result_cache import ResultCache, build_stores
 from .api.servicer import ImageGenerationServicer
 from .api.validation import Limits
 from .config import ConfigError, ServerConfig

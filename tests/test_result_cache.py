@@ -11,17 +11,14 @@ import grpc
 import pytest
 
 from stepserve.client import ImageClient, build_request
-from stepserve.server.api.result_cache import (
+from stepserve.server.api.cache_key import (
     EXCLUDED_FIELDS,
     KEY_FIELDS,
-    DiskStore,
     InputDigests,
-    MemoryStore,
     ModelFingerprint,
-    frame,
     result_key,
-    unframe,
 )
+from stepserve.server.api.result_cache import DiskStore, MemoryStore, frame, unframe
 from stepserve.server.config import ConfigError, ServerConfig
 from stepserve.server.engine.types import GenerationParams, ImageFormat, Priority, Sampler
 from stepserve.v1 import image_generation_pb2 as pb

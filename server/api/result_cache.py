@@ -1,10 +1,6 @@
-"""The exact result cache: final encoded images by a key over everything that changes them.
-
-A generation is a deterministic function of the model (its files, the dtype and device it runs
-in, the library versions), every request field that changes pixels or bytes, the adapters and
-the image inputs. :func:`result_key` hashes a canonical, versioned encoding of exactly those;
-identical requests with a seed are then served the stored ``Result`` (the very bytes a fresh
-generation returns) without reaching the engine.
+"""The exact result cache: final encoded images by a key over everything that changes them
+(cache_key.py); identical requests with a seed are served the stored ``Result`` (the very
+bytes a fresh generation returns) without reaching the engine.
 
 The cache lives at the API edge because its entries are encoded images: the engine never
 knows. Tiers, looked up in order, each optional: process memory (an LRU bounded in bytes),
@@ -20,150 +16,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..engine.types import GenerationParams, ImageFormat
+from ..engine.types import GenerationParams
+from .cache_key import InputDigests, ModelFingerprint, result_key
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
 
 logger = logging.getLogger(__name__)
-
-# Bumped whenever the key's encoding or an entry's meaning changes: old entries then miss.
-KEY_VERSION = 1
-
-# GenerationParams fields that change pixels or bytes: every one is in the key.
-KEY_FIELDS = frozenset(
-    {
-        "model",
-        "prompt",
-        "negative_prompt",
-        "width",
-        "height",
-        "steps",
-        "guidance_scale",
-        "seed",
-        "sampler",
-        "cfg",
-        "num_images",
-        "output_format",
-        "output_quality",  # only for lossy formats: PNG ignores it (see result_key)
-        "karras",
-        "init_image",  # as the sha256 of the encoded bytes received (see InputDigests)
-        "mask",  # likewise
-        "strength",
-        "first_step",
-        "preserve_unmasked",
-        "mask_feather",
-        "loras",  # names and scales, plus each adapter file's digest (ModelFingerprint.loras)
-        # MERGE (issue 20 parts 2 and 3): GenerateRequest.cache_interval (feature caching)
-        # changes pixels; when GenerationParams grows its field, add it here and to
-        # result_key's "params" below.
-    }
-)
-# GenerationParams fields deliberately left out: they change when or how a request runs, or
-# what it streams, never its final images.
-EXCLUDED_FIELDS = frozenset(
-    {
-        "request_id",
-        "priority",
-        "deadline",
-        "preview_every",  # previews are not cached; see Flight for what a follower gets
-        "preview_max_size",
-        "internal",  # warm-up requests never pass through the API
-        "encoded_input_bytes",  # the inputs' digests stand for them
-    }
-)
-
-
-@dataclass(frozen=True)
-class ModelFingerprint:
-    """What, besides a request's fields, decides one model's pixels on this server.
-
-    ``files``: sha256 over the model directory's files (weights, configs, tokenizer: all of
-    them, as relative path, size and content). ``runtime``: dtype, device type and the
-    versions of stepserve, torch and diffusers (kernels differ across them, so a replica on
-    another build must not serve this one's images). ``loras``: each registered adapter's file
-    digest by name. ``options``: serving options that change pixels (none yet).
-    """
-
-    files: str
-    runtime: str
-    loras: Mapping[str, str]
-    # MERGE (issue 20 part 2): per-model quantization (--model-option NAME.quantization=...)
-    # changes pixels; app.model_fingerprint puts it here.
-    options: Mapping[str, str]
-
-
-@dataclass(frozen=True)
-class InputDigests:
-    """sha256 of a request's image inputs as received (empty: none)."""
-
-    init_image: str = ""
-    mask_image: str = ""
-
-    @classmethod
-    def of(cls, init_image: bytes, mask_image: bytes) -> InputDigests:
-        """Digests of encoded image inputs (hashing megabytes: run it off the event loop)."""
-
-        def digest(data: bytes) -> str:
-            return hashlib.sha256(data).hexdigest() if data else ""
-
-        return cls(digest(init_image), digest(mask_image))
-
-
-def result_key(params: GenerationParams, model: ModelFingerprint, inputs: InputDigests) -> str:
-    """The cache key of a generation: sha256 of a canonical JSON encoding (sorted keys, no
-    whitespace, floats by their shortest round-trip repr) of ``KEY_FIELDS``."""
-    lossy = params.output_format is not ImageFormat.PNG
-    doc: dict[str, Any] = {
-        "v": KEY_VERSION,
-        "model": {
-            "name": params.model,
-            "files": model.files,
-            "runtime": model.runtime,
-            "options": dict(model.options),
-        },
-        "params": {
-            "prompt": params.prompt,
-            "negative_prompt": params.negative_prompt,
-            "width": params.width,
-            "height": params.height,
-            "steps": params.steps,
-            "guidance_scale": params.guidance_scale,
-            "seed": params.seed,
-            "sampler": params.sampler.value,
-            "cfg": params.cfg,
-            "num_images": params.num_images,
-            "output_format": params.output_format.value,
-            "output_quality": params.output_quality if lossy else None,
-            "karras": params.karras,
-            "init_image": inputs.init_image,
-            "mask": inputs.mask_image,
-            "strength": params.strength,
-            "first_step": params.first_step,
-            "preserve_unmasked": params.preserve_unmasked,
-            "mask_feather": params.mask_feather,
-            "loras": [[name, scale, model.loras.get(name, "")] for name, scale in params.loras],
-        },
-    }
-    encoded = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(encoded.encode()).hexdigest()
-
-
-def key_fields_cover_params() -> set[str]:
-    """GenerationParams fields in neither KEY_FIELDS nor EXCLUDED_FIELDS (should be none)."""
-    return {f.name for f in fields(GenerationParams)} - KEY_FIELDS - EXCLUDED_FIELDS
-
 
 # -- entries ------------------------------------------------------------------------------
 # An entry on disk or in Redis: magic, sha256 of the payload, payload (a serialized Result).
@@ -461,17 +330,4 @@ def build_stores(
     return stores
 
 
-__all__ = [
-    "EXCLUDED_FIELDS",
-    "KEY_FIELDS",
-    "Hit",
-    "InputDigests",
-    "ModelFingerprint",
-    "ResultCache",
-    "Store",
-    "StoreError",
-    "build_stores",
-    "frame",
-    "result_key",
-    "unframe",
-]
+__all__ = ["Hit", "ResultCache", "Store", "StoreError", "build_stores", "frame", "unframe"]

@@ -39,10 +39,11 @@ from ..engine.types import (
 from ..logging_setup import request_id_var
 from ..observability.metrics import OUTCOME_OF_REASON, UNKNOWN_MODEL, Metrics, Outcome
 from . import image_inputs, imaging
+from .cache_key import InputDigests
 from .errors import ApiError, resource_exhausted, unavailable
 from .flights import Flight, FlightBroken, FlightDone, Flights, Subscriber
 from .registration import MalformedRequest
-from .result_cache import Hit, InputDigests, ResultCache
+from .result_cache import Hit, ResultCache
 from .validation import (
     FORMAT_TO_PROTO,
     PRESET_TO_PROTO,
