@@ -11,10 +11,8 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -39,11 +37,12 @@ from ..engine.types import (
 from ..logging_setup import request_id_var
 from ..observability.metrics import OUTCOME_OF_REASON, UNKNOWN_MODEL, Metrics, Outcome
 from . import image_inputs, imaging
-from .cache_key import InputDigests
+from .cached_generate import CachedGenerate
+from .calls import Call, EngineFailure, StageError, abort, guard
 from .errors import ApiError, resource_exhausted, unavailable
-from .flights import Flight, FlightBroken, FlightDone, Flights, Subscriber
+from .flights import Flights
 from .registration import MalformedRequest
-from .result_cache import Hit, ResultCache
+from .result_cache import ResultCache
 from .validation import (
     FORMAT_TO_PROTO,
     PRESET_TO_PROTO,
@@ -95,23 +94,6 @@ def model_info_proto(info: ModelInfo, is_default: bool) -> pb.ModelInfo:
     )
 
 
-@dataclass
-class _Call:
-    """How an accepted Generate call is going: when it was accepted, and when and how it
-    ended (the engine's terminal event, the API's own failure, or the caller leaving)."""
-
-    accepted_at: float
-    ended_at: float | None = None
-    outcome: Outcome | None = None
-
-    def end(self, outcome: Outcome) -> None:
-        """The call ended with ``outcome``; the first ending's time is kept (a result whose
-        encoding then fails ends at the result, as an error)."""
-        if self.ended_at is None:
-            self.ended_at = time.monotonic()
-        self.outcome = outcome
-
-
 # Set by the client library when it sends a stream again that a replica ended UNAVAILABLE
 # before starting it (gRPC's own retries set grpc-previous-rpc-attempts).
 PREVIOUS_ATTEMPTS_KEY = "stepserve-previous-attempts"
@@ -125,31 +107,7 @@ def is_retry(metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
     return False
 
 
-class _StageError(Exception):
-    """A step of the API's own work for a request (``stage``) failed; the cause is chained."""
-
-    def __init__(self, stage: str) -> None:
-        super().__init__(stage)
-        self.stage = stage
-
-
-class _EngineFailure(Exception):
-    """The engine ended the request without a result."""
-
-    def __init__(self, event: FailedEvent) -> None:
-        super().__init__(event.message)
-        self.event = event
-
-
-class _Rejoin(Exception):
-    """The flight a call followed ended for its leader's deadline (passed, or refused as
-    unmeetable), not the call's own."""
-
-
-_DEADLINES = (FinishReason.DEADLINE, FinishReason.UNMEETABLE_DEADLINE)
-
-
-class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: ignore[misc]
+class ImageGenerationServicer(CachedGenerate, pb_grpc.ImageGenerationServiceServicer):  # type: ignore[misc]
     """Generate and ListModels over one :class:`Engine`."""
 
     def __init__(
@@ -183,9 +141,9 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
         if isinstance(request, MalformedRequest):
-            await _abort(context, request.to_error())
+            await abort(context, request.to_error())
         if not self._infos:
-            await _abort(context, unavailable("the server is loading its models", 1.0))
+            await abort(context, unavailable("the server is loading its models", 1.0))
         names = sorted(self._infos, key=lambda n: (n != self.default_model, n))
         return pb.ListModelsResponse(
             models=[model_info_proto(self._infos[n], n == self.default_model) for n in names]
@@ -209,11 +167,11 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
             }.get(e.code, Outcome.INVALID)
             logger.info("request refused from %s: %s: %s", context.peer(), e.code.name, e.message)
             self.metrics.count_refused(label, refused, retry)
-            await _abort(context, e)
+            await abort(context, e)
             return
         except Exception as e:  # the guard (see _guard), before the request has an id
             self.metrics.count_refused(label, Outcome.ERROR, retry)
-            await _guard(context, "", _StageError("validating the request"), e)
+            await guard(context, "", StageError("validating the request"), e)
             return
         rid = params.request_id
         request_id_var.set(rid)
@@ -239,19 +197,19 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
         if not await self._submit(params, sink, context, retry, trace_context):
             return
         self._log_accepted(params, context, retry)
-        call = _Call(accepted_at=time.monotonic())
+        call = Call(accepted_at=time.monotonic())
         try:
             async with contextlib.aclosing(self._stream(params, events, call)) as stream:
                 async for response in stream:
                     yield response
-        except _EngineFailure as failure:
+        except EngineFailure as failure:
             await self._abort_failed(context, rid, failure.event)
         except grpc.aio.AbortError:
             raise
         except Exception as e:  # the guard: nothing unexpected leaves as UNKNOWN
             call.end(Outcome.ERROR)
             engine.cancel(rid, RequestStatus.FINISHED_ERROR)  # the engine drops it at its next step
-            await _guard(context, rid, e if isinstance(e, _StageError) else _StageError("streaming"), e)
+            await guard(context, rid, e if isinstance(e, StageError) else StageError("streaming"), e)
         finally:
             if call.outcome is None:
                 # The caller went away (cancelled, deadline) or the stream broke: stop the work.
@@ -282,19 +240,19 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
         except QueueFullError as e:
             logger.warning("request %s rejected: %s", rid, e)
             self.metrics.count_refused(params.model, Outcome.REJECTED, retry)
-            await _abort(
+            await abort(
                 context, resource_exhausted(str(e), e.retry_after_s, time_left_s=context.time_remaining())
             )
             return False
         except EngineStoppedError as e:
             logger.info("request %s refused: %s", rid, e)
             self.metrics.count_refused(params.model, Outcome.UNAVAILABLE, retry)
-            await _abort(context, unavailable(str(e), retry_after_s=1.0))
+            await abort(context, unavailable(str(e), retry_after_s=1.0))
             return False
         except RequestInFlightError as e:
             logger.info("request %s refused: %s", rid, e)
             self.metrics.count_refused(params.model, Outcome.INVALID, retry)
-            await _abort(context, ApiError(grpc.StatusCode.ALREADY_EXISTS, str(e)))
+            await abort(context, ApiError(grpc.StatusCode.ALREADY_EXISTS, str(e)))
             return False
         return True
 
@@ -318,216 +276,6 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
             params.num_images,
         )
 
-    # -- the result cache and coalescing (docs/architecture.md "Result cache") ------------
-    async def _generate_cached(
-        self,
-        params: GenerationParams,
-        request: pb.GenerateRequest,
-        context: grpc.aio.ServicerContext,
-        retry: bool,
-        trace_context: Any,
-    ) -> AsyncGenerator[pb.GenerateResponse, None]:
-        """Generate with the cache on: a request with a seed is answered from the cache, or
-        joins an identical generation in flight, or starts one others may join; a request
-        without one always starts its own (its result is stored under the seed it got)."""
-        assert self.cache is not None and self.engine is not None
-        rid = params.request_id
-        call = _Call(accepted_at=time.monotonic())
-        key = await self._cache_key(params, request)
-        seeded = request.HasField("seed")
-        if key is not None and seeded:
-            hit = await self.cache.get(key)
-            response = self._hit_response(params, hit, call) if hit is not None else None
-            if hit is not None and response is not None:
-                self.metrics.cache_lookup(params.model, "hit", hit.store)
-                self._log_accepted(params, context, retry, f" (a result cache hit, {hit.store})")
-                call.end(Outcome.OK)
-                elapsed = time.monotonic() - call.accepted_at
-                self.metrics.count_finished(params.model, Outcome.OK, elapsed, retry)
-                yield response
-                return
-        boarded = await self._board(params, key, seeded, context, retry, trace_context, first=True)
-        if boarded is None:
-            return  # refused, and counted
-        flight, sub = boarded
-        status = RequestStatus.FINISHED_CANCELLED
-        try:
-            while True:
-                try:
-                    async with contextlib.aclosing(self._follow(params, sub, call)) as stream:
-                        async for response in stream:
-                            yield response
-                    break
-                except _Rejoin:
-                    # The flight's deadline (its leader's) passed before this call's own:
-                    # carry on in a generation of its own (or another in flight).
-                    logger.info("request %s: its flight's deadline passed; generating again", rid)
-                    self.flights.leave(flight, sub, status)
-                    boarded = await self._board(params, key, seeded, context, retry, trace_context)
-                    if boarded is None:
-                        call.end(Outcome.REJECTED)
-                        return
-                    flight, sub = boarded
-        except _EngineFailure as failure:
-            await self._abort_failed(context, rid, failure.event)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as e:  # the guard: nothing unexpected leaves as UNKNOWN
-            call.end(Outcome.ERROR)
-            status = RequestStatus.FINISHED_ERROR
-            await _guard(context, rid, e if isinstance(e, _StageError) else _StageError("streaming"), e)
-        finally:
-            if call.outcome is None:
-                left = context.time_remaining()
-                expired = left is not None and left <= 0
-                call.end(Outcome.DEADLINE if expired else Outcome.CANCELLED)
-                if expired:
-                    status = RequestStatus.FINISHED_DEADLINE
-            # The generation stops only when its last call has left.
-            self.flights.leave(flight, sub, status)
-            assert call.outcome is not None and call.ended_at is not None
-            self.metrics.count_finished(params.model, call.outcome, call.ended_at - call.accepted_at, retry)
-
-    async def _board(
-        self,
-        params: GenerationParams,
-        key: str | None,
-        seeded: bool,
-        context: grpc.aio.ServicerContext,
-        retry: bool,
-        trace_context: Any,
-        first: bool = False,
-    ) -> tuple[Flight, Subscriber] | None:
-        """Join the identical generation in flight that covers the call, or start one (others
-        may join it when the call has a seed); None when the engine refused it (the call is
-        then ended and counted). ``first``: the call's first boarding (counted as a lookup)."""
-        if key is not None and seeded:
-            flight = self.flights.find(key, params)
-            if flight is not None:
-                sub = flight.join(params)
-                if first:
-                    self.metrics.cache_lookup(params.model, "coalesced")
-                    self._log_accepted(
-                        params, context, retry, f" (coalesced with request {flight.params.request_id})"
-                    )
-                return flight, sub
-            if first:
-                self.metrics.cache_lookup(params.model, "miss")
-        # Another attempt of a call runs under an id of its own (the engine's ids are unique).
-        lead = params if first else replace(params, request_id=f"{params.request_id}+{uuid.uuid4().hex[:8]}")
-        flight, sub = self.flights.start(key, lead, joinable=seeded)
-        loop = asyncio.get_running_loop()
-        events = flight.events
-
-        def sink(event: EngineEvent) -> None:  # called on the engine thread
-            loop.call_soon_threadsafe(events.put_nowait, event)
-
-        accepted = False
-        try:
-            accepted = await self._submit(lead, sink, context, retry, trace_context)
-        finally:
-            if not accepted:  # refused (the refusal ends the call by raising): nobody may join
-                self.flights.abandon(flight)
-        if not accepted:
-            return None
-        self.flights.run(flight)
-        if first:
-            self._log_accepted(params, context, retry)
-        return flight, sub
-
-    async def _cache_key(self, params: GenerationParams, request: pb.GenerateRequest) -> str | None:
-        """The request's cache key (image inputs hashed in the worker pool), or None when it
-        cannot be made: then the request is served without the cache, never refused."""
-        assert self.cache is not None
-        try:
-            inputs = InputDigests()
-            if request.init_image:
-                inputs = await asyncio.get_running_loop().run_in_executor(
-                    self.pool, InputDigests.of, request.init_image, request.mask_image
-                )
-            return self.cache.key(params, inputs)
-        except Exception:
-            logger.exception(
-                "request %s: no result cache key; generating without the cache", params.request_id
-            )
-            return None
-
-    def _hit_response(self, params: GenerationParams, hit: Hit, call: _Call) -> pb.GenerateResponse | None:
-        """The response for a cache hit: the stored Result, marked cached and charged nothing;
-        None when the entry does not parse (counted like a corrupt one)."""
-        result = pb.Result()
-        try:
-            result.ParseFromString(hit.payload)
-        except Exception:
-            assert self.cache is not None
-            self.cache.metrics.cache_error(hit.store, "corrupt")
-            return None
-        result.usage.CopyFrom(
-            pb.Usage(cached=True, total_ms=int((time.monotonic() - call.accepted_at) * 1000))
-        )
-        return pb.GenerateResponse(request_id=params.request_id, result=result)
-
-    async def _follow(
-        self, params: GenerationParams, sub: Subscriber, call: _Call
-    ) -> AsyncGenerator[pb.GenerateResponse, None]:
-        """``_stream`` for a call following a flight: its own responses for the flight's
-        events (previews at its own cadence), and the flight's Result with its own usage."""
-        rid = params.request_id
-        every = params.preview_every
-        while True:
-            item = await sub.queue.get()
-            if isinstance(item, QueuedEvent):
-                yield pb.GenerateResponse(
-                    request_id=rid,
-                    queued=pb.Queued(
-                        position=item.position, estimated_wait_ms=int(item.estimated_wait_s * 1000)
-                    ),
-                )
-            elif isinstance(item, ProgressEvent):
-                if item.preview is not None and not (every and item.step % every == 0):
-                    item = replace(item, preview=None)
-                try:
-                    response = await self._progress(params, item)
-                except Exception as e:
-                    raise _StageError(f"encoding the progress of step {item.step}") from e
-                yield response
-            elif isinstance(item, FlightDone):
-                call.end(Outcome.OK)
-                result = pb.Result()
-                result.CopyFrom(item.result)
-                usage = result.usage
-                usage.total_ms = int((time.monotonic() - call.accepted_at) * 1000)
-                usage.coalesced = not sub.leader
-                if item.payer is not sub:
-                    usage.accelerator_seconds = 0.0
-                    usage.cost_usd = 0.0
-                    usage.image_encode_seconds = 0.0
-                yield pb.GenerateResponse(request_id=rid, result=result)
-                return
-            elif isinstance(item, FailedEvent):
-                if item.reason in _DEADLINES and not sub.leader and not self._past(params.deadline):
-                    raise _Rejoin()
-                call.end(OUTCOME_OF_REASON[item.reason])
-                raise _EngineFailure(item)
-            elif isinstance(item, FlightBroken):
-                raise _StageError(item.stage) from item.error
-
-    def _past(self, deadline: float | None) -> bool:
-        """Whether ``deadline`` (engine clock) has passed."""
-        assert self.engine is not None
-        return deadline is not None and self.engine.clock() >= deadline
-
-    async def _encode_result(self, params: GenerationParams, event: ResultEvent) -> pb.Result:
-        return (await self._result(params, event)).result
-
-    async def _store_result(self, key: str, payload: bytes) -> None:
-        if self.cache is not None:
-            await self.cache.put(key, payload)
-
-    def _cancel(self, request_id: str, status: RequestStatus) -> None:
-        if self.engine is not None:
-            self.engine.cancel(request_id, status)
-
     async def _decode_inputs(self, params: GenerationParams, request: pb.GenerateRequest) -> GenerationParams:
         """``params`` with the request's image inputs decoded, in the worker pool (it takes
         milliseconds; the event loop serves other calls meanwhile). Refused first, before
@@ -542,10 +290,10 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
         )
 
     async def _stream(
-        self, params: GenerationParams, events: asyncio.Queue[EngineEvent], call: _Call
+        self, params: GenerationParams, events: asyncio.Queue[EngineEvent], call: Call
     ) -> AsyncGenerator[pb.GenerateResponse, None]:
-        """The responses for the engine's events up to the result; raises _EngineFailure
-        when the engine ends the request without one, and _StageError naming the step of
+        """The responses for the engine's events up to the result; raises EngineFailure
+        when the engine ends the request without one, and StageError naming the step of
         the API's own work that failed. Ends ``call`` when the engine's terminal event
         arrives."""
         rid = params.request_id
@@ -562,19 +310,19 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
                 try:
                     response = await self._progress(params, event)
                 except Exception as e:
-                    raise _StageError(f"encoding the progress of step {event.step}") from e
+                    raise StageError(f"encoding the progress of step {event.step}") from e
                 yield response
             elif isinstance(event, ResultEvent):
                 call.end(Outcome.OK)
                 try:
                     response = await self._result(params, event)
                 except Exception as e:
-                    raise _StageError("encoding the result images") from e
+                    raise StageError("encoding the result images") from e
                 yield response
                 return
             elif isinstance(event, FailedEvent):
                 call.end(OUTCOME_OF_REASON[event.reason])
-                raise _EngineFailure(event)
+                raise EngineFailure(event)
 
     async def _abort_failed(self, context: grpc.aio.ServicerContext, rid: str, event: FailedEvent) -> None:
         """End the call with the status for an engine failure."""
@@ -582,7 +330,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
             error = resource_exhausted(
                 f"request {rid}: {event.message}", event.retry_after_s or 1.0, subject="deadline"
             )
-            await _abort(context, error)
+            await abort(context, error)
         else:
             await context.abort(FAILURE_CODES[event.reason], f"request {rid}: {event.message}")
 
@@ -674,24 +422,3 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
             model=params.model,
         )
         return pb.GenerateResponse(request_id=params.request_id, result=result)
-
-
-async def _guard(context: grpc.aio.ServicerContext, rid: str, stage: _StageError, error: Exception) -> None:
-    """The guard at the gRPC edge: an exception the servicer did not expect ends the call
-    with INTERNAL naming what failed (never gRPC's bare UNKNOWN), logged with the request id."""
-    cause = error.__cause__ if isinstance(error, _StageError) and error.__cause__ is not None else error
-    who = f"request {rid}" if rid else "a request"
-    logger.error("%s: %s failed", who, stage.stage, exc_info=cause, extra={"request_id": rid} if rid else {})
-    await context.abort(
-        grpc.StatusCode.INTERNAL, f"{who}: {stage.stage} failed: {type(cause).__name__}: {cause}"
-    )
-
-
-async def _abort(context: grpc.aio.ServicerContext, error: ApiError) -> None:
-    """End the call with ``error`` and its ``google.rpc`` details.
-
-    Same as ``abort_with_status``, but through ``abort`` so that the OpenTelemetry interceptor's
-    context wrapper records the status code on the server span.
-    """
-    status = error.to_status()
-    await context.abort(status.code, status.details, status.trailing_metadata)
