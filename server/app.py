@@ -131,6 +131,7 @@ async def build_result_cache(
     stores = build_stores(
         config.result_cache_bytes,
         config.result_cache_dir,
+        config.result_cache_dir_bytes,
         config.result_cache_redis,
         config.result_cache_ttl_s,
         metrics,

@@ -220,8 +220,13 @@ class ServerConfig:
     )
     result_cache_dir: str = _opt(
         "",
-        "result cache: also keep entries in this directory, one file per key (survives restarts; "
-        "not size-bounded); empty: none",
+        "result cache: also keep entries in this directory, one file per key (survives restarts); "
+        "empty: none",
+    )
+    result_cache_dir_bytes: int = _opt(
+        4 << 30,
+        "result cache: most bytes of entries kept in --result-cache-dir; beyond it the least "
+        "recently used go (0 = no bound)",
     )
     result_cache_redis: str = _opt(
         "",
@@ -386,6 +391,10 @@ class ServerConfig:
             or not Path(self.result_cache_dir).exists()
             or Path(self.result_cache_dir).is_dir(),
             f"--result-cache-dir {self.result_cache_dir}: exists and is not a directory",
+        )
+        need(
+            self.result_cache_dir_bytes >= 0,
+            f"--result-cache-dir-bytes {self.result_cache_dir_bytes}: must be >= 0 (0 = no bound)",
         )
         need(self.result_cache_ttl_s >= 0, f"--result-cache-ttl-s {self.result_cache_ttl_s}: must be >= 0")
         if self.result_cache_redis:

@@ -183,6 +183,29 @@ def test_a_partial_or_corrupt_entry_never_unframes(tmp_path: Path) -> None:
     asyncio.run(run())
 
 
+def test_the_disk_store_drops_its_least_recently_used_entries_beyond_its_bound(tmp_path: Path) -> None:
+    import asyncio
+    import os
+
+    counts = _Counts()
+    store = DiskStore(tmp_path, max_bytes=1000, metrics=counts)
+
+    async def run() -> None:
+        for i, key in enumerate(("aa01", "bb02", "cc03")):
+            await store.put(key, bytes(400))
+            os.utime(store.path(key), (1000 + i, 1000 + i))  # written in this order
+        # 1200 > 1000 at the third write: the oldest went (down to at most 900 bytes).
+        assert await store.get("aa01") is None
+        assert await store.get("bb02") is not None  # a hit: now the most recently used
+        await store.put("dd04", bytes(400))  # 1200 again: cc03 is now the oldest
+        assert await store.get("cc03") is None
+        assert await store.get("bb02") is not None and await store.get("dd04") is not None
+
+    asyncio.run(run())
+    assert counts.evicted == 2
+    assert sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()) == 800
+
+
 def test_bad_cache_settings_are_startup_errors_naming_the_flag(tmp_path: Path) -> None:
     a_file = tmp_path / "file"
     a_file.write_text("")
@@ -192,6 +215,7 @@ def test_bad_cache_settings_are_startup_errors_naming_the_flag(tmp_path: Path) -
         ({"result_cache_dir": str(a_file)}, "--result-cache-dir"),
         ({"result_cache_bytes": -1}, "--result-cache-bytes"),
         ({"result_cache_ttl_s": -1}, "--result-cache-ttl-s"),
+        ({"result_cache_dir_bytes": -1}, "--result-cache-dir-bytes"),
     ):
         with pytest.raises(ConfigError, match=flag):
             ServerConfig(**kw).validate()  # type: ignore[arg-type]

@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -127,12 +128,23 @@ class DiskStore:
     """One file per key under ``root/<first 2 hex>/<key>``, written to a temporary file in the
     same directory and renamed over the old one (atomic on POSIX: a reader sees the old entry
     or the new, never half of one; a crash leaves at most a stray ``.tmp`` file). File work runs
-    in a thread. Not bounded in size (see README "Result cache")."""
+    in a thread.
+
+    Bounded by ``max_bytes`` (0: unbounded): a hit touches its file's mtime, and when the
+    entries outgrow the bound the least recently used files go until they fill 90% of it (one
+    directory scan per pruning, not per write). The total is counted from a scan at the first
+    write, so entries left by an earlier run count too."""
 
     name = "disk"
+    # Pruning stops below this share of the bound, so a full cache does not scan on every write.
+    PRUNE_TO = 0.9
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, max_bytes: int = 0, metrics: CacheMetrics | None = None) -> None:
         self.root = root
+        self.max_bytes = max_bytes
+        self.metrics = metrics
+        self._lock = threading.Lock()
+        self._bytes: int | None = None  # unknown until the first write scans
 
     def path(self, key: str) -> Path:
         return self.root / key[:2] / key
@@ -146,9 +158,12 @@ class DiskStore:
     @staticmethod
     def _read(path: Path) -> bytes | None:
         try:
-            return path.read_bytes()
+            blob = path.read_bytes()
         except FileNotFoundError:
             return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # recently used: the last to be pruned
+        return blob
 
     async def put(self, key: str, blob: bytes) -> None:
         try:
@@ -156,9 +171,12 @@ class DiskStore:
         except OSError as e:
             raise StoreError(f"writing {self.path(key)}: {e}") from e
 
-    @staticmethod
-    def _write(path: Path, blob: bytes) -> None:
+    def _write(self, path: Path, blob: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            old = path.stat().st_size
+        except FileNotFoundError:
+            old = 0
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -168,6 +186,41 @@ class DiskStore:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+        if self.max_bytes:
+            with self._lock:
+                if self._bytes is None:
+                    self._bytes = sum(size for _, size, _ in self._entries())
+                else:
+                    self._bytes += len(blob) - old
+                if self._bytes > self.max_bytes:
+                    self._prune()
+
+    def _entries(self) -> list[tuple[float, int, Path]]:
+        """(mtime, size, path) of every entry file."""
+        out = []
+        for p in self.root.glob("??/*"):
+            if p.suffix == ".tmp":
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                st = p.stat()
+                out.append((st.st_mtime, st.st_size, p))
+        return out
+
+    def _prune(self) -> None:
+        """Drop least recently used entries until they fill PRUNE_TO of the bound (lock held)."""
+        entries = sorted(self._entries(), key=lambda e: e[0])
+        total = sum(size for _, size, _ in entries)
+        dropped = 0
+        for _, size, p in entries:
+            if total <= self.PRUNE_TO * self.max_bytes:
+                break
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                total -= size
+                dropped += 1
+        self._bytes = total
+        if dropped and self.metrics is not None:
+            self.metrics.cache_evicted(self.name, dropped)
 
     async def delete(self, key: str) -> None:
         try:
@@ -317,14 +370,19 @@ class ResultCache:
 
 
 def build_stores(
-    memory_bytes: int, directory: str, redis_url: str, redis_ttl_s: int, metrics: CacheMetrics
+    memory_bytes: int,
+    directory: str,
+    directory_bytes: int,
+    redis_url: str,
+    redis_ttl_s: int,
+    metrics: CacheMetrics,
 ) -> list[Store]:
     """The configured tiers, in lookup order."""
     stores: list[Store] = []
     if memory_bytes > 0:
         stores.append(MemoryStore(memory_bytes, metrics))
     if directory:
-        stores.append(DiskStore(Path(directory)))
+        stores.append(DiskStore(Path(directory), directory_bytes, metrics))
     if redis_url:
         stores.append(RedisStore(redis_url, redis_ttl_s))
     return stores

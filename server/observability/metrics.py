@@ -197,7 +197,8 @@ class Metrics:
         )
         self.cache_evictions = counter(
             "stepserve_result_cache_evictions",
-            "Entries the memory store dropped to stay within --result-cache-bytes.",
+            "Entries a result cache store dropped to stay within its bound (memory: "
+            "--result-cache-bytes, disk: --result-cache-dir-bytes), least recently used first.",
             ("store",),
         )
         self.cache_bytes_held = Gauge(
@@ -255,8 +256,9 @@ class Metrics:
         for store in stores:
             for kind in ("unavailable", "corrupt"):
                 self.cache_errors.labels(store, kind)
-            if store == "memory":
+            if store in ("memory", "disk"):
                 self.cache_evictions.labels(store)
+            if store == "memory":
                 self.cache_bytes_held.labels(store).set(0)
 
     def init_model(self, model: str) -> None:
