@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from stepserve.client import ImageClient
+from stepserve.server.api.result_cache import unframe
 from stepserve.v1 import image_generation_pb2 as pb
 
 from .server_process import free_port
@@ -68,6 +69,15 @@ def _result(target: str, seed: int) -> pb.Result:
     return events[-1].result
 
 
+def _key_of(redis_server: RedisServer, exclude: frozenset[str] = frozenset()) -> str:
+    """The one cache key in Redis (besides ``exclude``)."""
+    keys = {
+        k.decode().removeprefix("stepserve:result:") for k in redis_server.client.keys("stepserve:result:*")
+    }
+    (key,) = keys - exclude
+    return key
+
+
 def _errors(srv: ServerThread) -> float:
     value = srv.server.metrics.registry.get_sample_value(
         "stepserve_result_cache_errors_total", {"store": "redis", "kind": "unavailable"}
@@ -84,7 +94,7 @@ def test_replicas_share_entries_through_redis_and_survive_it_going_away(
     try:
         made = _result(a.target, seed=5)
         assert not made.usage.cached
-        assert len(redis_server.client.keys("stepserve:result:*")) == 1
+        (shared_key,) = {_key_of(redis_server)}
         # The other replica never saw it: its memory misses, Redis has it.
         shared = _result(b.target, seed=5)
         assert shared.usage.cached and shared.images[0].data == made.images[0].data
@@ -100,6 +110,20 @@ def test_replicas_share_entries_through_redis_and_survive_it_going_away(
             )
             == 1
         )
+
+        # A corrupt entry in Redis (a torn write, another writer) is never served: counted,
+        # regenerated, and rewritten whole.
+        made = _result(a.target, seed=9)
+        key = f"stepserve:result:{_key_of(redis_server, exclude=frozenset({shared_key}))}"
+        good = redis_server.client.get(key)
+        redis_server.client.set(key, good[: len(good) // 2])
+        again = _result(b.target, seed=9)
+        assert not again.usage.cached and again.images[0].data == made.images[0].data
+        corrupt = b.server.metrics.registry.get_sample_value(
+            "stepserve_result_cache_errors_total", {"store": "redis", "kind": "corrupt"}
+        )
+        assert corrupt == 1
+        assert unframe(redis_server.client.get(key)) is not None
 
         redis_server.stop()
         for seed in (6, 7, 8):  # new generations: a lookup and a store each, Redis gone
