@@ -20,6 +20,12 @@ come out at the size text-to-image requests do.
 request a gRPC deadline by its steps (the SLO workloads: objectives as deadlines), recorded as
 ``deadline_s``.
 
+``--zipf K:S`` (either shape) repeats requests as users of one prompt box do: request ``i``
+draws item ``j`` of K with probability proportional to 1 / (j + 1)^S (seeded with ``--seed``
+and ``i``) and asks for prompt ``j`` mod 5 with seed ``j``, so the same item is the same
+generation; its record holds the item, whether the server answered from its result cache
+(``cached``) or shared a generation in flight (``coalesced``), and the image's sha256.
+
 ``--loras A,B,...`` (either shape) attaches LoRA adapters: request ``i`` draws one of the named
 adapters or none, all equally likely (8 names: 1 in 9 without), at scale 1.0, from a RNG seeded
 with ``--seed`` and ``i`` (so the draw is the request's own, whatever order the calls go in).
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import io
 import json
 import random
@@ -147,6 +154,24 @@ class LoraDraw:
         return choices[random.Random(f"lora-{self.seed}-{i}").randrange(len(choices))]
 
 
+@dataclass(frozen=True)
+class ZipfDraw:
+    """--zipf: which of ``items`` repeated generations request ``i`` asks for."""
+
+    items: int
+    s: float
+    seed: int
+
+    def of(self, i: int) -> int:
+        weights = [1.0 / (j + 1) ** self.s for j in range(self.items)]
+        return random.Random(f"zipf-{self.seed}-{i}").choices(range(self.items), weights)[0]
+
+
+def _zipf(text: str) -> tuple[int, float]:
+    k, _, s = text.partition(":")
+    return int(k), float(s or 1.0)
+
+
 async def one(
     stub: pb_grpc.ImageGenerationServiceStub,
     i: int,
@@ -158,14 +183,16 @@ async def one(
     edit: EditInputs | None = None,
     loras: LoraDraw | None = None,
     calls: Calls = Calls(),
+    zipf: ZipfDraw | None = None,
 ) -> dict[str, Any]:
     lora = loras.of(i) if loras is not None else None
     deadline = calls.deadline(steps)
+    item = zipf.of(i) if zipf is not None else i
     req = build_request(
-        PROMPTS[i % len(PROMPTS)],
+        PROMPTS[item % len(PROMPTS)],
         steps=0 if calls.preset else steps,
         preset=calls.preset or 0,
-        seed=i,
+        seed=item,
         sampler=sampler,
         preview_every=1 if preview else 0,
         loras=[(lora, 1.0)] if lora else (),
@@ -183,6 +210,8 @@ async def one(
         "deadline_s": deadline,
         "start": time.perf_counter() - t0,
     }
+    if zipf is not None:
+        rec["item"] = item
     try:
         async for ev in stub.Generate(req, timeout=deadline or 900):
             now = time.perf_counter() - t0
@@ -198,6 +227,10 @@ async def one(
                 rec["mean_batch"] = ev.result.usage.mean_batch_size
                 rec["steps_run"] = ev.result.usage.steps  # int(steps * strength) for edits
                 rec["image_encode_s"] = ev.result.usage.image_encode_seconds
+                if zipf is not None:
+                    rec["cached"] = ev.result.usage.cached
+                    rec["coalesced"] = ev.result.usage.coalesced
+                    rec["sha256"] = hashlib.sha256(ev.result.images[0].data).hexdigest()
                 rec["ok"] = True
     except grpc.aio.AioRpcError as e:
         rec["error"] = e.code().name
@@ -217,9 +250,11 @@ async def closed_loop(
     edit_seed: int = 0,
     loras: LoraDraw | None = None,
     calls: Calls = Calls(),
+    zipf: ZipfDraw | None = None,
 ) -> list[dict[str, Any]]:
     """``mix_seed`` set: each request's steps and sampler are drawn from the mix (seeded);
-    ``edit`` set: its task too; ``loras`` set: its adapter (see the module's docstring)."""
+    ``edit`` set: its task too; ``loras`` set: its adapter; ``zipf`` set: its prompt and seed
+    (see the module's docstring)."""
     records: list[dict[str, Any]] = []
     rng = random.Random(mix_seed)
     kinds = random.Random(f"edit-{edit_seed}")
@@ -236,7 +271,7 @@ async def closed_loop(
                     s, sampler = rng.choice(MIX_STEPS), rng.choice(MIX_SAMPLERS)
                 kind = kinds.choice(EDIT_KINDS) if edit is not None else "text"
                 records.append(
-                    await one(stub, next(counter), s, sampler, preview, t0, kind, edit, loras, calls)
+                    await one(stub, next(counter), s, sampler, preview, t0, kind, edit, loras, calls, zipf)
                 )
                 if time.perf_counter() - t0 >= duration:
                     break
@@ -255,6 +290,7 @@ async def open_loop(
     edit: EditInputs | None = None,
     loras: LoraDraw | None = None,
     calls: Calls = Calls(),
+    zipf: ZipfDraw | None = None,
 ) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     kinds = random.Random(f"edit-{seed}")  # its own: the same arrivals with and without --edit
@@ -273,7 +309,9 @@ async def open_loop(
             s = steps or rng.choice(MIX_STEPS)
             sampler = rng.choice(MIX_SAMPLERS)
             kind = kinds.choice(EDIT_KINDS) if edit is not None else "text"
-            tasks.append(asyncio.create_task(one(stub, i, s, sampler, preview, t0, kind, edit, loras, calls)))
+            tasks.append(
+                asyncio.create_task(one(stub, i, s, sampler, preview, t0, kind, edit, loras, calls, zipf))
+            )
             i += 1
         return list(await asyncio.gather(*tasks))
 
@@ -313,6 +351,9 @@ def main() -> None:
         default=(),
         help="comma-separated adapter names: each request draws one of them or none (seeded)",
     )
+    ap.add_argument(
+        "--zipf", type=_zipf, help="K:S: repeat K generations, item j drawn with weight 1/(j+1)^S (seeded)"
+    )
     ap.add_argument("--priority", choices=("interactive", "batch"), default="interactive")
     ap.add_argument("--preset", choices=("draft", "standard", "high"), help="ask for a preset, not steps")
     ap.add_argument(
@@ -323,6 +364,7 @@ def main() -> None:
     args = ap.parse_args()
     calls = Calls(args.priority, args.deadlines, args.preset or "")
     loras = LoraDraw(args.loras, args.seed) if args.loras else None
+    zipf = ZipfDraw(*args.zipf, args.seed) if args.zipf else None
     edit = EditInputs.draw(*(args.image_size or default_size(args.target))) if args.edit else None
     if args.streams:
         records = asyncio.run(
@@ -337,12 +379,22 @@ def main() -> None:
                 args.seed,
                 loras,
                 calls,
+                zipf,
             )
         )
     else:
         records = asyncio.run(
             open_loop(
-                args.target, args.rate, args.duration, args.seed, args.preview, args.steps, edit, loras, calls
+                args.target,
+                args.rate,
+                args.duration,
+                args.seed,
+                args.preview,
+                args.steps,
+                edit,
+                loras,
+                calls,
+                zipf,
             )
         )
     json.dump(records, sys.stdout)

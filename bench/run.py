@@ -48,9 +48,17 @@ Workloads, from real gRPC clients in a separate process (bench/loadgen.py):
               with --interactive-slo-s 2 x their lone latency: interactive latency and time to first
               preview, batch throughput
 
+  cache       repeated prompts, as users of one prompt box send them: two more stepserve servers,
+              the result cache off (--result-cache-bytes 0) and on (256 MiB in memory); the
+              same closed loop against each (cache_streams streams, cache_s seconds, 20 steps),
+              each request one of CACHE_ITEMS (prompt, seed) generations drawn Zipf-like
+              (weight 1/(j+1)^CACHE_ZIPF_S, seeded): effective images/s (requests answered per
+              second, by Little's law) of each, the hit and coalesced shares, and the quality
+              cost: the share of generations whose bytes are identical with the cache on and off
+
     python bench/run.py [--profile full|quick|brief|smoke] [--out bench/results]
                         [--model PATH --device cuda] [--run-ahead auto|on|off]
-                        [--only lora|slo|draft]
+                        [--only lora|slo|draft|cache]
 
 On a GPU: build a full-size SD 1.5 architecture at random weights with bench/random_sd.py and
 pass it with --model. The brief profile took about 10 minutes on this 2-core CPU before the edit
@@ -115,6 +123,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "lora_streams": 4,
         "lora_s": 2,
         "draft_prompts": 4,
+        "cache_streams": 4,
+        "cache_s": 3,
+        "cache_rounds": 1,
         "slo_loads": [1.0],
         "slo_ks": [2],
     },
@@ -126,6 +137,9 @@ EDIT_KINDS = ("text", "img2img", "inpaint")
 LORA_COUNT = 8
 LORA_MODES = ("mixed", "separate")
 LORA_RUNS = (("no_adapters", "mixed", False), ("mixed", "mixed", True), ("separate", "separate", True))
+# The cache workload: distinct generations repeated, and the Zipf exponent of their draw.
+CACHE_ITEMS = 64
+CACHE_ZIPF_S = 1.1
 
 
 @dataclass(frozen=True)
@@ -206,6 +220,10 @@ class Server:
                 setup.device,
                 "--run-ahead",
                 setup.run_ahead,
+                # Off unless a workload's extra flags turn it on (the cache workload): the
+                # others measure the engine, and their repeated seeds would hit.
+                "--result-cache-bytes",
+                "0",
             ]
             if setup.model is not None:
                 cmd += ["--model", f"bench={setup.model}"]
@@ -416,6 +434,8 @@ def run(profile: str, out_dir: Path, setup: Setup, only: str | None = None) -> d
         return {"profile": profile, "only": "slo", "slo": slo_workload(p, setup, logs)}
     if only == "draft":
         return {"profile": profile, "only": "draft", "draft": draft_workload(p, setup, logs)}
+    if only == "cache":
+        return {"profile": profile, "only": "cache", "cache": cache_workload(p, setup, logs)}
     results: dict[str, Any] = {"profile": profile, "modes": {m: {} for m in MODES}}
     servers: dict[str, Server] = {}
     try:
@@ -445,6 +465,7 @@ def run(profile: str, out_dir: Path, setup: Setup, only: str | None = None) -> d
             srv.stop()
     results["lora"] = lora_workload(p, setup, logs, results["modes"]["step"]["saturation"])
     results["draft"] = draft_workload(p, setup, logs)
+    results["cache"] = cache_workload(p, setup, logs)
     reached = sorted(
         {max(1, round(v["mean_batch"] or 1)) for v in results["modes"]["step"]["saturation"].values()}
     )
@@ -570,6 +591,90 @@ def draft_workload(p: dict[str, Any], setup: Setup, logs: Path) -> dict[str, Any
     )
     out["wall_s"] = round(time.monotonic() - t0, 1)
     return out
+
+
+def cache_workload(p: dict[str, Any], setup: Setup, logs: Path) -> dict[str, Any]:
+    """The cache workload (see the module's docstring): the same seeded closed loop against a
+    server without the result cache and one with it (started side by side, measured one after
+    the other, each from an empty cache)."""
+    t0 = time.monotonic()
+    n, d = p.get("cache_streams", 8), p.get("cache_s", p["sat_s"])
+    rounds = p.get("cache_rounds", 2)
+    out: dict[str, Any] = {
+        "streams": n,
+        "seconds": d,
+        "rounds": f"{rounds} alternating windows of {d / rounds:g} s per server, draw seeded by round",
+        "steps": 20,
+        "draw": f"each request one of {CACHE_ITEMS} (prompt, seed) generations, item j with weight "
+        f"1/(j+1)^{CACHE_ZIPF_S} (seeded per request)",
+        "servers": "two stepserve servers: --result-cache-bytes 0 (off) and 268435456 (on, memory only)",
+    }
+    flags = {"off": ["--result-cache-bytes", "0"], "on": ["--result-cache-bytes", str(256 << 20)]}
+    servers: dict[str, Server] = {}
+    records: dict[str, list[dict[str, Any]]] = {}
+    try:
+        for name, extra in flags.items():
+            servers[name] = Server("step", logs / f"cache-{name}.log", setup, extra=extra, wait=False)
+        for srv in servers.values():
+            srv.wait_ready()
+        print(f"== cache: {n} streams, {CACHE_ITEMS} repeated generations", flush=True)
+        # Alternating windows (off, on, off, on, ...; each round's draw seeded anew): this
+        # machine is shared and its speed drifts, so each figure's windows sit beside the other's.
+        window = d / rounds
+        for rnd in range(rounds):
+            for name, srv in servers.items():
+                args = ["--streams", str(n), "--duration", str(window), "--steps", "20"]
+                args += ["--zipf", f"{CACHE_ITEMS}:{CACHE_ZIPF_S}", "--seed", str(rnd)]
+                records.setdefault(name, []).extend(loadgen(srv.target, args))
+        for name, recs in records.items():
+            res = out[name] = summarize(recs, closed_loop=(n, 0.25 * window, window))
+            ok = [r for r in recs if r.get("ok")]
+            res["distinct_items"] = len({r["item"] for r in ok})
+            res["hit_rate"] = sum(1 for r in ok if r.get("cached")) / len(ok) if ok else None
+            res["coalesced_rate"] = sum(1 for r in ok if r.get("coalesced")) / len(ok) if ok else None
+            res["generations"] = sum(1 for r in ok if not r.get("cached") and not r.get("coalesced"))
+            print(
+                f"  {name}: {_s(res['images_per_s'])} img/s, hits {_s(res['hit_rate'])}, "
+                f"coalesced {_s(res['coalesced_rate'])}, p50 {_s(res['latency_p50_s'])} s",
+                flush=True,
+            )
+    finally:
+        for srv in servers.values():
+            srv.stop()
+    # The quality cost: every item served by both servers, its bytes compared (and within a run,
+    # every answer for one item must be the same bytes).
+    digests = {
+        name: {(r["item"], r["sha256"]) for r in recs if r.get("ok")} for name, recs in records.items()
+    }
+    by_item = {name: dict(pairs) for name, pairs in digests.items()}
+    both = set(by_item["off"]) & set(by_item["on"])
+    out["quality"] = {
+        "items_compared": len(both),
+        "bytes_identical_share": sum(1 for j in both if by_item["off"][j] == by_item["on"][j]) / len(both)
+        if both
+        else None,
+        "one_answer_per_item": all(len(pairs) == len(by_item[name]) for name, pairs in digests.items()),
+    }
+    out["wall_s"] = round(time.monotonic() - t0, 1)
+    return out
+
+
+def cache_ratios(cache: dict[str, Any]) -> tuple[dict[str, Any], dict[str, bool]]:
+    """The cache workload's figures beside their quality cost (issue 20: an exact cache costs
+    no quality: bytes identical)."""
+    out = {
+        "cache_effective_images_per_s_on_vs_off": _ratio(
+            cache["on"]["images_per_s"], cache["off"]["images_per_s"]
+        ),
+        "cache_hit_rate": cache["on"]["hit_rate"],
+        "cache_coalesced_rate": cache["on"]["coalesced_rate"],
+        "cache_bytes_identical_share": cache["quality"]["bytes_identical_share"],
+    }
+    targets = {
+        "cache bytes identical to fresh generations": cache["quality"]["bytes_identical_share"] == 1.0
+        and cache["quality"]["one_answer_per_item"],
+    }
+    return out, targets
 
 
 SLO_POLICIES = ("request", "fifo", "slo")
@@ -941,6 +1046,10 @@ def ratios(r: dict[str, Any]) -> dict[str, Any]:
         lora_out, lora_targets = lora_ratios(r["lora"])
         out.update(lora_out)
         targets.update(lora_targets)
+    if "cache" in r:
+        cache_out, cache_targets = cache_ratios(r["cache"])
+        out.update(cache_out)
+        targets.update(cache_targets)
     if "slo" in r:
         slo_out, slo_targets = slo_ratios(r["slo"])
         out.update(slo_out)
@@ -1092,7 +1201,9 @@ def main() -> int:
     ap.add_argument(
         "--run-ahead", choices=("auto", "on", "off"), default="auto", help="stepserve's --run-ahead"
     )
-    ap.add_argument("--only", choices=("lora", "slo", "draft"), help="run only this workload (no chart)")
+    ap.add_argument(
+        "--only", choices=("lora", "slo", "draft", "cache"), help="run only this workload (no chart)"
+    )
     args = ap.parse_args()
     if args.chart:
         chart(json.loads(args.chart.read_text()), args.chart.with_suffix(".png"))

@@ -163,6 +163,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         f"request {result.request_id}: {u.steps} steps, queued {u.queue_ms} ms, total {u.total_ms} ms, "
         f"{u.accelerator_seconds:.3f} accelerator-s (mean batch {u.mean_batch_size:.1f}{encode}), "
         f"${u.cost_usd:.6f}"
+        + (" (from the result cache)" if u.cached else "")
+        + (" (shared an identical generation in flight)" if u.coalesced else "")
     )
     if previews is not None:
         print(f"previews in {previews}/")

@@ -125,6 +125,10 @@ class Usage:
     # Accelerator time spent encoding the init image (and masked image) into latents;
     # included in accelerator_seconds; 0 for text-to-image.
     image_encode_seconds: float = 0.0
+    # Served from the server's result cache: nothing ran, nothing is charged.
+    cached: bool = False
+    # Joined an identical request's generation already in flight.
+    coalesced: bool = False
 
 
 @dataclass(frozen=True)
@@ -151,6 +155,8 @@ class GenerationResult:
                 u.mean_batch_size,
                 u.cost_usd,
                 u.image_encode_seconds,
+                u.cached,
+                u.coalesced,
             ),
         )
 

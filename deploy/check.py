@@ -48,7 +48,12 @@ RENDERS: dict[str, tuple[str, list[str]]] = {
     "overlays/gpu": ("overlays/gpu", []),
     "base+hpa+models-init": ("base", ["components/hpa", "components/models-init"]),
     "base+models-node-cache": ("base", ["components/models-node-cache"]),
+    # As an overlay lists it: the shared result cache's Redis, in the overlay's namespace.
+    "overlays/cpu+result-cache-redis": ("overlays/cpu", ["components/result-cache-redis"]),
 }
+# The result cache's Redis (components/result-cache-redis): its objects are checked by
+# check_result_cache, not as stepserve's.
+RESULT_CACHE = "stepserve-result-cache"
 # Custom resources: no upstream schema to validate against; checked by this script instead.
 CUSTOM_KINDS = {
     ("keda.sh/v1alpha1", "ScaledObject"),
@@ -73,12 +78,15 @@ def render(base: str, components: list[str]) -> list[dict[str, Any]]:
             [kubectl, "kustomize", str(K8S / base)], capture_output=True, text=True, check=False
         )
     else:
+        # Components layered on an overlay land in its namespace, as when the overlay lists them.
+        namespace = yaml.safe_load((K8S / base / "kustomization.yaml").read_text()).get("namespace")
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "kustomization.yaml").write_text(
                 yaml.safe_dump(
                     {
                         "apiVersion": "kustomize.config.k8s.io/v1beta1",
                         "kind": "Kustomization",
+                        **({"namespace": namespace} if namespace else {}),
                         "resources": [os.path.relpath(K8S / base, tmp)],  # kustomize wants relative paths
                         "components": [os.path.relpath(K8S / c, tmp) for c in components],
                     }
@@ -223,7 +231,7 @@ def check_docs(docs: list[dict[str, Any]]) -> list[str]:
             f"model path {spec_path} is on no mounted volume",
         )
 
-    for svc in (d for d in docs if d["kind"] == "Service"):
+    for svc in (d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] != RESULT_CACHE):
         name = svc["metadata"]["name"]
         need(_selects(svc["spec"].get("selector", {}), labels), f"Service {name} selects no stepserve pod")
         for p in svc["spec"]["ports"]:
@@ -236,7 +244,7 @@ def check_docs(docs: list[dict[str, Any]]) -> list[str]:
         "a headless Service is needed for client-side load balancing",
     )
     for kind in ("PodDisruptionBudget", "NetworkPolicy"):
-        obj = _one(docs, kind)
+        obj = _one(docs, kind, "stepserve")
         sel = (
             (obj or {})
             .get("spec", {})
@@ -246,7 +254,7 @@ def check_docs(docs: list[dict[str, Any]]) -> list[str]:
             obj is not None and _selects(sel.get("matchLabels", {}), labels),
             f"{kind} does not select the pods",
         )
-    netpol = _one(docs, "NetworkPolicy")
+    netpol = _one(docs, "NetworkPolicy", "stepserve")
     if netpol is not None:
         opened = {p["port"] for rule in netpol["spec"].get("ingress", []) for p in rule.get("ports", [])}
         need(
@@ -286,7 +294,74 @@ def check_docs(docs: list[dict[str, Any]]) -> list[str]:
             need(ports.get(ep["port"]) == cfg.metrics_port, f"PodMonitor scrapes port {ep['port']!r}")
     for pr in (d for d in docs if d["kind"] == "PrometheusRule"):
         need(pr["spec"] == prometheus_rule()["spec"], "PrometheusRule is stale: run make deploy-rules")
-    return problems + check_production(docs, dep, cfg)
+    return problems + check_result_cache(docs, labels, cfg) + check_production(docs, dep, cfg)
+
+
+def check_result_cache(docs: list[dict[str, Any]], labels: dict[str, str], cfg: Any) -> list[str]:
+    """With a result cache Redis in the manifests: STEPSERVE_RESULT_CACHE_REDIS names its
+    Service and port, the Service selects its pods, and its NetworkPolicy lets the stepserve
+    pods (and only them) in on that port; and a URL never points at a Redis not deployed here."""
+    from urllib.parse import urlsplit
+
+    problems: list[str] = []
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            problems.append(msg)
+
+    dep = _one(docs, "Deployment", RESULT_CACHE)
+    if dep is None:
+        host = urlsplit(cfg.result_cache_redis).hostname or ""
+        need(
+            not host.startswith(RESULT_CACHE),
+            f"STEPSERVE_RESULT_CACHE_REDIS points at {host}, which is not deployed",
+        )
+        return problems
+    url = urlsplit(cfg.result_cache_redis)
+    need(
+        (url.hostname or "").split(".")[0] == RESULT_CACHE,
+        f"STEPSERVE_RESULT_CACHE_REDIS {cfg.result_cache_redis!r} does not name the {RESULT_CACHE} Service",
+    )
+    pod_labels = dep["spec"]["template"]["metadata"].get("labels", {})
+    container_ports = {
+        p["name"]: p["containerPort"]
+        for c in dep["spec"]["template"]["spec"]["containers"]
+        for p in c["ports"]
+    }
+    svc = _one(docs, "Service", RESULT_CACHE)
+    need(svc is not None, f"no Service {RESULT_CACHE}")
+    if svc is not None:
+        need(
+            _selects(svc["spec"].get("selector", {}), pod_labels),
+            f"Service {RESULT_CACHE} selects no Redis pod",
+        )
+        (port,) = svc["spec"]["ports"]
+        need(port["port"] == (url.port or 6379), f"Service {RESULT_CACHE} port {port['port']} != the URL's")
+        need(port.get("targetPort") in container_ports, f"Service {RESULT_CACHE} targets no container port")
+    netpol = _one(docs, "NetworkPolicy", RESULT_CACHE)
+    need(netpol is not None, f"no NetworkPolicy {RESULT_CACHE}: anything in the cluster could read the cache")
+    if netpol is not None:
+        need(
+            _selects(netpol["spec"]["podSelector"].get("matchLabels", {}), pod_labels),
+            f"NetworkPolicy {RESULT_CACHE} does not select the Redis pods",
+        )
+        rules = netpol["spec"].get("ingress", [])
+        need(
+            bool(rules)
+            and all(
+                _selects(peer.get("podSelector", {}).get("matchLabels", {}), labels)
+                for rule in rules
+                for peer in rule.get("from", [{}])
+            ),
+            f"NetworkPolicy {RESULT_CACHE} must admit the stepserve pods and only them",
+        )
+        opened = {p["port"] for rule in rules for p in rule.get("ports", [])}
+        need(
+            opened <= set(container_ports.values()) | set(container_ports),
+            f"NetworkPolicy {RESULT_CACHE} opens {opened}",
+        )
+        need((url.port or 6379) in opened, f"NetworkPolicy {RESULT_CACHE} does not open the URL's port")
+    return problems
 
 
 def adapter_metrics() -> dict[str, set[str]]:

@@ -25,10 +25,12 @@ from stepserve import __version__
 from stepserve.v1 import image_generation_pb2 as pb
 
 from .api.auth import BearerTokenAuth, load_tokens
+from .api.cache_key import ModelFingerprint
 from .api.registration import add_to_server
+from .api.result_cache import ResultCache, build_stores
 from .api.servicer import ImageGenerationServicer
 from .api.validation import Limits
-from .config import ServerConfig
+from .config import ConfigError, ServerConfig
 from .engine.engine import Engine, EngineConfig
 from .engine.fault_injection import ENV as FAULTS_ENV
 from .engine.fault_injection import Faults
@@ -37,6 +39,7 @@ from .engine.models import DEFAULT_MODEL_NAME, ModelAdapter, default_model_path,
 from .engine.models.registry import ModelLoadError
 from .engine.observer import EngineObserver
 from .engine.types import EngineEvent, FailedEvent, GenerationParams, ResultEvent, Task
+from .model_digest import files_digest
 from .observability.metrics import EngineCollector, Metrics, MetricsObserver
 from .observability.tracing import TRACER_NAME, TracingObserver, build_tracer_provider, tracing_exporter_name
 
@@ -90,6 +93,69 @@ def load_models(config: ServerConfig) -> dict[str, ModelAdapter]:
         except LoraLoadError as e:
             raise ModelLoadError(f"--lora {model}:{name}={path}: {e}") from e
     return models
+
+
+def model_fingerprint(adapter: ModelAdapter) -> ModelFingerprint:
+    """What decides ``adapter``'s pixels besides a request (result_cache.ModelFingerprint).
+    A model without a directory (built in code) gets a digest unique to this process: its
+    entries are never shared with another."""
+    import diffusers
+
+    path = getattr(adapter, "path", None)
+    files = files_digest(Path(path)) if path is not None else f"in-process:{id(adapter)}:{__version__}"
+    runtime = (
+        f"{getattr(adapter, 'dtype', '?')}|{adapter.device.type}|stepserve {__version__}|"
+        f"torch {torch.__version__}|diffusers {diffusers.__version__}"
+    )
+    loras = {name: files_digest(Path(lora.source)) for name, lora in getattr(adapter, "loras", {}).items()}
+    return ModelFingerprint(
+        files=files, runtime=runtime, loras=loras, options={"quantization": adapter.info.quantization}
+    )
+
+
+async def build_result_cache(
+    config: ServerConfig, models: dict[str, ModelAdapter], metrics: Metrics
+) -> ResultCache | None:
+    """The configured result cache (None: off). A directory that cannot be written is a
+    configuration error; a Redis that does not answer yet is only logged (it may come later,
+    and the server works without it)."""
+    if not config.result_cache_on:
+        return None
+    if config.result_cache_dir:
+        root = Path(config.result_cache_dir)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            probe = root / ".stepserve-write-probe"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"--result-cache-dir {root}: cannot write there: {e}") from e
+    stores = build_stores(
+        config.result_cache_bytes,
+        config.result_cache_dir,
+        config.result_cache_dir_bytes,
+        config.result_cache_redis,
+        config.result_cache_ttl_s,
+        metrics,
+    )
+    fingerprints = {}
+    for name, adapter in models.items():
+        fingerprints[name] = await asyncio.to_thread(model_fingerprint, adapter)
+    cache = ResultCache(stores, metrics, fingerprints)
+    metrics.init_cache(list(models), [s.name for s in stores])
+    for store in stores:
+        client = getattr(store, "client", None)
+        if client is not None:
+            try:
+                await client.ping()
+            except Exception as e:
+                logger.warning(
+                    "result cache: Redis at %s does not answer (%s); serving without it until it does",
+                    config.result_cache_redis,
+                    e,
+                )
+    logger.info("result cache on: %s", ", ".join(s.name for s in stores))
+    return cache
 
 
 def default_model_name(config: ServerConfig) -> str:
@@ -232,6 +298,7 @@ class StepServer:
         if faults:
             for adapter in self.models.values():
                 adapter.faults = faults
+        self.servicer.cache = await build_result_cache(self.config, self.models, self.metrics)
         observers: list[EngineObserver] = [
             MetricsObserver(self.metrics, self.config.accelerator_cost_per_hour)
         ]
@@ -387,6 +454,9 @@ class StepServer:
         if self.engine is not None:
             await asyncio.to_thread(self.engine.stop)
         await closing
+        await self.servicer.flights.wait_idle()
+        if self.servicer.cache is not None:
+            await self.servicer.cache.close()
         self.pool.shutdown(wait=False)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()

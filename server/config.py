@@ -45,6 +45,24 @@ def _scalar(raw: str) -> Any:
     return raw
 
 
+def redis_url_problem(url: str) -> str | None:
+    """What is wrong with a Redis URL (None: nothing), as redis-py parses it, without connecting."""
+    from urllib.parse import urlsplit
+
+    scheme = urlsplit(url).scheme
+    if scheme not in ("redis", "rediss", "unix"):
+        return f"scheme {scheme!r} is not redis://, rediss:// or unix://"
+    try:
+        from redis.connection import parse_url
+
+        parse_url(url)  # type: ignore[no-untyped-call]
+    except (ValueError, TypeError) as e:
+        return str(e)
+    if scheme != "unix" and not urlsplit(url).hostname:
+        return "no host"
+    return None
+
+
 class ConfigError(ValueError):
     """A setting is out of range; the message names the setting and its value."""
 
@@ -200,8 +218,37 @@ class ServerConfig:
         "close each client connection after this long (gracefully, in-flight calls get "
         "--drain-timeout-s), so clients re-resolve and rebalance across replicas; 0 = never",
     )
+    result_cache_bytes: int = _opt(
+        256 << 20,
+        "result cache: most bytes of final images kept in memory (LRU); identical requests with a "
+        "seed are answered from it and identical ones in flight run once; 0 = no memory tier "
+        "(the cache and coalescing are on while any tier is)",
+    )
+    result_cache_dir: str = _opt(
+        "",
+        "result cache: also keep entries in this directory, one file per key (survives restarts); "
+        "empty: none",
+    )
+    result_cache_dir_bytes: int = _opt(
+        4 << 30,
+        "result cache: most bytes of entries kept in --result-cache-dir; beyond it the least "
+        "recently used go (0 = no bound)",
+    )
+    result_cache_redis: str = _opt(
+        "",
+        "result cache: also keep entries in Redis at this URL (redis://HOST:PORT/DB, rediss://, "
+        "unix://), shared by replicas; empty: none",
+    )
+    result_cache_ttl_s: int = _opt(
+        7 * 86_400, "result cache: seconds a Redis entry lives after it is written (0 = until evicted)"
+    )
     log_format: str = _opt("text", "log format: text or json")
     log_level: str = _opt("INFO", "log level: DEBUG, INFO, WARNING, ERROR")
+
+    @property
+    def result_cache_on(self) -> bool:
+        """Whether any result cache tier is configured (and so coalescing is on)."""
+        return bool(self.result_cache_bytes or self.result_cache_dir or self.result_cache_redis)
 
     def model_specs(self) -> list[tuple[str, Path]]:
         """``--model`` values as (name, path) pairs."""
@@ -348,6 +395,24 @@ class ServerConfig:
             0 <= self.max_loras_per_request <= 64,
             f"--max-loras-per-request {self.max_loras_per_request}: must be 0..64",
         )
+        need(
+            0 <= self.result_cache_bytes <= 1 << 40,
+            f"--result-cache-bytes {self.result_cache_bytes}: must be 0..{1 << 40} (0 = no memory tier)",
+        )
+        need(
+            not self.result_cache_dir
+            or not Path(self.result_cache_dir).exists()
+            or Path(self.result_cache_dir).is_dir(),
+            f"--result-cache-dir {self.result_cache_dir}: exists and is not a directory",
+        )
+        need(
+            self.result_cache_dir_bytes >= 0,
+            f"--result-cache-dir-bytes {self.result_cache_dir_bytes}: must be >= 0 (0 = no bound)",
+        )
+        need(self.result_cache_ttl_s >= 0, f"--result-cache-ttl-s {self.result_cache_ttl_s}: must be >= 0")
+        if self.result_cache_redis:
+            problem = redis_url_problem(self.result_cache_redis)
+            need(problem is None, f"--result-cache-redis {self.result_cache_redis!r}: {problem}")
         names = [n for n, _ in self.model_specs()]
         need(len(names) == len(set(names)), f"--model names must be unique, got {names}")
         try:

@@ -30,7 +30,8 @@ def client(target: str, *args: str) -> subprocess.CompletedProcess[str]:
 def start_server(
     model_dir: Path, log: Path, *extra: str, metrics_port: int = 0, env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """Serve ``model_dir`` as model ``tiny``; returns once health says SERVING."""
+    """Serve ``model_dir`` as model ``tiny``; returns once health says SERVING. The result
+    cache is off unless ``extra`` turns it on (see ServerThread)."""
     port = free_port()
     with log.open("w") as fh:
         proc = subprocess.Popen(
@@ -45,6 +46,8 @@ def start_server(
                 f"tiny={model_dir}",
                 "--metrics-port",
                 str(metrics_port),
+                "--result-cache-bytes",
+                "0",
                 *extra,
             ],
             stdout=fh,

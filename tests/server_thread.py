@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Coroutine
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,9 +18,20 @@ T = TypeVar("T")
 
 
 class ServerThread:
+    """The result cache is off unless ``result_cache`` is set: a test that sends one request
+    twice (alone and batched, before and after a fault) tests the engine, and a cache hit or a
+    coalesced generation would make it pass without running anything."""
+
     def __init__(
-        self, config: ServerConfig, models: dict[str, ModelAdapter] | None = None, load: bool = True
+        self,
+        config: ServerConfig,
+        models: dict[str, ModelAdapter] | None = None,
+        load: bool = True,
+        result_cache: bool = False,
     ):
+        if not result_cache:
+            assert not (config.result_cache_dir or config.result_cache_redis), "pass result_cache=True"
+            config = replace(config, result_cache_bytes=0)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="test-server-loop")
         self._thread.start()
@@ -29,12 +41,12 @@ class ServerThread:
             self.call(self.server.load())
 
     @classmethod
-    def tiny(cls, model_dir: Path, **settings: Any) -> ServerThread:
+    def tiny(cls, model_dir: Path, result_cache: bool = False, **settings: Any) -> ServerThread:
         """A server on localhost port 0, no metrics port, serving ``model_dir`` as "tiny",
         with ``settings`` (ServerConfig fields) on top."""
         base: dict[str, Any] = {"host": "127.0.0.1", "port": 0, "metrics_port": 0}
         config = ServerConfig(**{**base, "models": [f"tiny={model_dir}"], **settings})
-        return cls(config.validate())
+        return cls(config.validate(), result_cache=result_cache)
 
     async def _make(self, config: ServerConfig, models: dict[str, ModelAdapter] | None) -> StepServer:
         return StepServer(config, models)

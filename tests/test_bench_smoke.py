@@ -106,7 +106,17 @@ def test_bench_smoke(tmp_path: Path) -> None:
         "ttfp after queue <= 2 steps (p50)": (ratios["ttfp_after_queue_steps_p50"] or 99) <= 2,
         "lora_mixed_vs_no_adapters >= 0.85": ratios["lora_mixed_vs_no_adapters"] >= 0.85,
         "lora_mixed_vs_separate >= 2.0": ratios["lora_mixed_vs_separate"] >= 2.0,
+        "cache bytes identical to fresh generations": True,
     }
+    # The cache workload: the same seeded Zipf loop with the result cache off and on; nothing
+    # is cached or coalesced with it off, every item's bytes agree between the two.
+    cache = r["cache"]
+    assert cache["off"]["errors"] == 0 and cache["on"]["errors"] == 0
+    assert cache["off"]["hit_rate"] == 0 and cache["off"]["coalesced_rate"] == 0
+    assert cache["off"]["generations"] == cache["off"]["ok"]
+    assert cache["on"]["generations"] <= cache["on"]["distinct_items"]  # each item generated once
+    assert cache["quality"]["items_compared"] > 0 and cache["quality"]["bytes_identical_share"] == 1.0
+    assert ratios["cache_hit_rate"] == cache["on"]["hit_rate"]
     step_lone = r["modes"]["step"]["lone"]["latency_p50_s"]
     assert ratios["lone_latency_vs_reference"] == step_lone / r["modes"]["reference"]["lone"]["latency_p50_s"]
     assert r["environment"]["command"] == "python bench/run.py --profile smoke"

@@ -172,3 +172,45 @@ def test_deploy_check_catches(gpu_docs, what: str, fn, expect: str) -> None:
     assert check.check_docs(gpu_docs) == []
     problems = mutate(gpu_docs, fn)
     assert any(expect in p for p in problems), (what, problems)
+
+
+@pytest.fixture(scope="module")
+def cache_docs() -> list[dict[str, Any]]:
+    return check.render(*check.RENDERS["overlays/cpu+result-cache-redis"])
+
+
+def _named(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
+
+
+@pytest.mark.parametrize(
+    ("what", "fn", "expect"),
+    [
+        (
+            "a Redis anyone in the cluster can reach",
+            lambda d: _named(d, "NetworkPolicy", check.RESULT_CACHE)["spec"]["ingress"][0]["from"][0].update(
+                podSelector={}
+            ),
+            "only them",
+        ),
+        (
+            "a Redis without its NetworkPolicy",
+            lambda d: d.remove(_named(d, "NetworkPolicy", check.RESULT_CACHE)),
+            "no NetworkPolicy",
+        ),
+        (
+            "a URL naming another host",
+            lambda d: _configmap(d).update(STEPSERVE_RESULT_CACHE_REDIS="redis://redis:6379/0"),
+            "does not name",
+        ),
+        (
+            "a Service on another port",
+            lambda d: _named(d, "Service", check.RESULT_CACHE)["spec"]["ports"][0].update(port=6380),
+            "port 6380",
+        ),
+    ],
+)
+def test_deploy_check_catches_result_cache_mistakes(cache_docs, what: str, fn, expect: str) -> None:
+    assert check.check_docs(cache_docs) == []
+    problems = mutate(cache_docs, fn)
+    assert any(expect in p for p in problems), (what, problems)

@@ -13,8 +13,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from opentelemetry import trace
@@ -38,8 +37,12 @@ from ..engine.types import (
 from ..logging_setup import request_id_var
 from ..observability.metrics import OUTCOME_OF_REASON, UNKNOWN_MODEL, Metrics, Outcome
 from . import image_inputs, imaging
+from .cached_generate import CachedGenerate
+from .calls import Call, EngineFailure, StageError, abort, guard
 from .errors import ApiError, resource_exhausted, unavailable
+from .flights import Flights
 from .registration import MalformedRequest
+from .result_cache import ResultCache
 from .validation import (
     FORMAT_TO_PROTO,
     PRESET_TO_PROTO,
@@ -97,23 +100,6 @@ def model_info_proto(info: ModelInfo, is_default: bool) -> pb.ModelInfo:
     )
 
 
-@dataclass
-class _Call:
-    """How an accepted Generate call is going: when it was accepted, and when and how it
-    ended (the engine's terminal event, the API's own failure, or the caller leaving)."""
-
-    accepted_at: float
-    ended_at: float | None = None
-    outcome: Outcome | None = None
-
-    def end(self, outcome: Outcome) -> None:
-        """The call ended with ``outcome``; the first ending's time is kept (a result whose
-        encoding then fails ends at the result, as an error)."""
-        if self.ended_at is None:
-            self.ended_at = time.monotonic()
-        self.outcome = outcome
-
-
 # Set by the client library when it sends a stream again that a replica ended UNAVAILABLE
 # before starting it (gRPC's own retries set grpc-previous-rpc-attempts).
 PREVIOUS_ATTEMPTS_KEY = "stepserve-previous-attempts"
@@ -127,23 +113,7 @@ def is_retry(metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
     return False
 
 
-class _StageError(Exception):
-    """A step of the API's own work for a request (``stage``) failed; the cause is chained."""
-
-    def __init__(self, stage: str) -> None:
-        super().__init__(stage)
-        self.stage = stage
-
-
-class _EngineFailure(Exception):
-    """The engine ended the request without a result."""
-
-    def __init__(self, event: FailedEvent) -> None:
-        super().__init__(event.message)
-        self.event = event
-
-
-class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: ignore[misc]
+class ImageGenerationServicer(CachedGenerate, pb_grpc.ImageGenerationServiceServicer):  # type: ignore[misc]
     """Generate and ListModels over one :class:`Engine`."""
 
     def __init__(
@@ -163,6 +133,9 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
         self.models: dict[str, ModelAdapter] = {}
         self._infos: dict[str, ModelInfo] = {}
         self.ready = False
+        # The result cache and the flights that coalesce identical requests (both off: None).
+        self.cache: ResultCache | None = None
+        self.flights = Flights(self._encode_result, self._store_result, self._cancel)
 
     def attach(self, engine: Engine, models: dict[str, ModelAdapter]) -> None:
         """Connect the loaded models and their engine (requests are refused until then)."""
@@ -174,9 +147,9 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
         if isinstance(request, MalformedRequest):
-            await _abort(context, request.to_error())
+            await abort(context, request.to_error())
         if not self._infos:
-            await _abort(context, unavailable("the server is loading its models", 1.0))
+            await abort(context, unavailable("the server is loading its models", 1.0))
         names = sorted(self._infos, key=lambda n: (n != self.default_model, n))
         return pb.ListModelsResponse(
             models=[model_info_proto(self._infos[n], n == self.default_model) for n in names]
@@ -200,17 +173,25 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
             }.get(e.code, Outcome.INVALID)
             logger.info("request refused from %s: %s: %s", context.peer(), e.code.name, e.message)
             self.metrics.count_refused(label, refused, retry)
-            await _abort(context, e)
+            await abort(context, e)
             return
         except Exception as e:  # the guard (see _guard), before the request has an id
             self.metrics.count_refused(label, Outcome.ERROR, retry)
-            await _guard(context, "", _StageError("validating the request"), e)
+            await guard(context, "", StageError("validating the request"), e)
             return
         rid = params.request_id
         request_id_var.set(rid)
         span = trace.get_current_span()
         span.set_attribute("stepserve.request_id", rid)
         span_context = span.get_span_context()
+        trace_context = span_context if span_context.is_valid else None
+        if self.cache is not None:
+            async with contextlib.aclosing(
+                self._generate_cached(params, request, context, retry, trace_context)
+            ) as cached:
+                async for response in cached:
+                    yield response
+            return
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[EngineEvent] = asyncio.Queue()
 
@@ -219,52 +200,22 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
 
         engine = self.engine
         assert engine is not None
-        try:
-            engine.submit(params, sink, span_context if span_context.is_valid else None)
-        except QueueFullError as e:
-            logger.warning("request %s rejected: %s", rid, e)
-            self.metrics.count_refused(params.model, Outcome.REJECTED, retry)
-            await _abort(
-                context, resource_exhausted(str(e), e.retry_after_s, time_left_s=context.time_remaining())
-            )
+        if not await self._submit(params, sink, context, retry, trace_context):
             return
-        except EngineStoppedError as e:
-            logger.info("request %s refused: %s", rid, e)
-            self.metrics.count_refused(params.model, Outcome.UNAVAILABLE, retry)
-            await _abort(context, unavailable(str(e), retry_after_s=1.0))
-            return
-        except RequestInFlightError as e:
-            logger.info("request %s refused: %s", rid, e)
-            self.metrics.count_refused(params.model, Outcome.INVALID, retry)
-            await _abort(context, ApiError(grpc.StatusCode.ALREADY_EXISTS, str(e)))
-            return
-        logger.info(
-            "request %s accepted from %s%s: model=%s %s %dx%d steps=%d/%d sampler=%s images=%d",
-            rid,
-            context.peer(),
-            " (a retry)" if retry else "",
-            params.model,
-            params.task.value,
-            params.width,
-            params.height,
-            params.steps_run,
-            params.steps,
-            params.sampler.value,
-            params.num_images,
-        )
-        call = _Call(accepted_at=time.monotonic())
+        self._log_accepted(params, context, retry)
+        call = Call(accepted_at=time.monotonic())
         try:
             async with contextlib.aclosing(self._stream(params, events, call)) as stream:
                 async for response in stream:
                     yield response
-        except _EngineFailure as failure:
+        except EngineFailure as failure:
             await self._abort_failed(context, rid, failure.event)
         except grpc.aio.AbortError:
             raise
         except Exception as e:  # the guard: nothing unexpected leaves as UNKNOWN
             call.end(Outcome.ERROR)
             engine.cancel(rid, RequestStatus.FINISHED_ERROR)  # the engine drops it at its next step
-            await _guard(context, rid, e if isinstance(e, _StageError) else _StageError("streaming"), e)
+            await guard(context, rid, e if isinstance(e, StageError) else StageError("streaming"), e)
         finally:
             if call.outcome is None:
                 # The caller went away (cancelled, deadline) or the stream broke: stop the work.
@@ -276,6 +227,60 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
                 )
             assert call.outcome is not None and call.ended_at is not None
             self.metrics.count_finished(params.model, call.outcome, call.ended_at - call.accepted_at, retry)
+
+    async def _submit(
+        self,
+        params: GenerationParams,
+        sink: Any,
+        context: grpc.aio.ServicerContext,
+        retry: bool,
+        trace_context: Any,
+    ) -> bool:
+        """Hand the request to the engine; False when it refused (the call is then ended with
+        the refusal's status and counted)."""
+        rid = params.request_id
+        engine = self.engine
+        assert engine is not None
+        try:
+            engine.submit(params, sink, trace_context)
+        except QueueFullError as e:
+            logger.warning("request %s rejected: %s", rid, e)
+            self.metrics.count_refused(params.model, Outcome.REJECTED, retry)
+            await abort(
+                context, resource_exhausted(str(e), e.retry_after_s, time_left_s=context.time_remaining())
+            )
+            return False
+        except EngineStoppedError as e:
+            logger.info("request %s refused: %s", rid, e)
+            self.metrics.count_refused(params.model, Outcome.UNAVAILABLE, retry)
+            await abort(context, unavailable(str(e), retry_after_s=1.0))
+            return False
+        except RequestInFlightError as e:
+            logger.info("request %s refused: %s", rid, e)
+            self.metrics.count_refused(params.model, Outcome.INVALID, retry)
+            await abort(context, ApiError(grpc.StatusCode.ALREADY_EXISTS, str(e)))
+            return False
+        return True
+
+    def _log_accepted(
+        self, params: GenerationParams, context: grpc.aio.ServicerContext, retry: bool, how: str = ""
+    ) -> None:
+        rid = params.request_id
+        logger.info(
+            "request %s accepted from %s%s%s: model=%s %s %dx%d steps=%d/%d sampler=%s images=%d",
+            rid,
+            context.peer(),
+            " (a retry)" if retry else "",
+            how,
+            params.model,
+            params.task.value,
+            params.width,
+            params.height,
+            params.steps_run,
+            params.steps,
+            params.sampler.value,
+            params.num_images,
+        )
 
     async def _decode_inputs(self, params: GenerationParams, request: pb.GenerateRequest) -> GenerationParams:
         """``params`` with the request's image inputs decoded, in the worker pool (it takes
@@ -291,10 +296,10 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
         )
 
     async def _stream(
-        self, params: GenerationParams, events: asyncio.Queue[EngineEvent], call: _Call
+        self, params: GenerationParams, events: asyncio.Queue[EngineEvent], call: Call
     ) -> AsyncGenerator[pb.GenerateResponse, None]:
-        """The responses for the engine's events up to the result; raises _EngineFailure
-        when the engine ends the request without one, and _StageError naming the step of
+        """The responses for the engine's events up to the result; raises EngineFailure
+        when the engine ends the request without one, and StageError naming the step of
         the API's own work that failed. Ends ``call`` when the engine's terminal event
         arrives."""
         rid = params.request_id
@@ -311,19 +316,19 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
                 try:
                     response = await self._progress(params, event)
                 except Exception as e:
-                    raise _StageError(f"encoding the progress of step {event.step}") from e
+                    raise StageError(f"encoding the progress of step {event.step}") from e
                 yield response
             elif isinstance(event, ResultEvent):
                 call.end(Outcome.OK)
                 try:
                     response = await self._result(params, event)
                 except Exception as e:
-                    raise _StageError("encoding the result images") from e
+                    raise StageError("encoding the result images") from e
                 yield response
                 return
             elif isinstance(event, FailedEvent):
                 call.end(OUTCOME_OF_REASON[event.reason])
-                raise _EngineFailure(event)
+                raise EngineFailure(event)
 
     async def _abort_failed(self, context: grpc.aio.ServicerContext, rid: str, event: FailedEvent) -> None:
         """End the call with the status for an engine failure."""
@@ -331,7 +336,7 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
             error = resource_exhausted(
                 f"request {rid}: {event.message}", event.retry_after_s or 1.0, subject="deadline"
             )
-            await _abort(context, error)
+            await abort(context, error)
         else:
             await context.abort(FAILURE_CODES[event.reason], f"request {rid}: {event.message}")
 
@@ -423,24 +428,3 @@ class ImageGenerationServicer(pb_grpc.ImageGenerationServiceServicer):  # type: 
             model=params.model,
         )
         return pb.GenerateResponse(request_id=params.request_id, result=result)
-
-
-async def _guard(context: grpc.aio.ServicerContext, rid: str, stage: _StageError, error: Exception) -> None:
-    """The guard at the gRPC edge: an exception the servicer did not expect ends the call
-    with INTERNAL naming what failed (never gRPC's bare UNKNOWN), logged with the request id."""
-    cause = error.__cause__ if isinstance(error, _StageError) and error.__cause__ is not None else error
-    who = f"request {rid}" if rid else "a request"
-    logger.error("%s: %s failed", who, stage.stage, exc_info=cause, extra={"request_id": rid} if rid else {})
-    await context.abort(
-        grpc.StatusCode.INTERNAL, f"{who}: {stage.stage} failed: {type(cause).__name__}: {cause}"
-    )
-
-
-async def _abort(context: grpc.aio.ServicerContext, error: ApiError) -> None:
-    """End the call with ``error`` and its ``google.rpc`` details.
-
-    Same as ``abort_with_status``, but through ``abort`` so that the OpenTelemetry interceptor's
-    context wrapper records the status code on the server span.
-    """
-    status = error.to_status()
-    await context.abort(status.code, status.details, status.trailing_metadata)

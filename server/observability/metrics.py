@@ -172,6 +172,41 @@ class Metrics:
         self.auth_failures = counter(
             "stepserve_auth_failures", "Calls refused by authentication (code: the status sent).", ("code",)
         )
+        # The result cache (server/api/result_cache.py): how each cache-keyed lookup ended, and
+        # what the stores did.
+        self.cache_hits = counter(
+            "stepserve_result_cache_hits",
+            "Generate calls answered from the result cache, by the store that had the entry "
+            "(memory, disk, redis).",
+            ("model", "store"),
+        )
+        self.cache_misses = counter(
+            "stepserve_result_cache_misses",
+            "Generate calls with a seed that found no cache entry and no identical generation in "
+            "flight, so started a generation.",
+        )
+        self.cache_coalesced = counter(
+            "stepserve_result_cache_coalesced",
+            "Generate calls that joined an identical generation already in flight instead of starting one.",
+        )
+        self.cache_errors = counter(
+            "stepserve_result_cache_errors",
+            "Result cache store failures (kind: unavailable, an operation failed; corrupt, an entry "
+            "failed its checksum and was dropped); the request went on without the store.",
+            ("store", "kind"),
+        )
+        self.cache_evictions = counter(
+            "stepserve_result_cache_evictions",
+            "Entries a result cache store dropped to stay within its bound (memory: "
+            "--result-cache-bytes, disk: --result-cache-dir-bytes), least recently used first.",
+            ("store",),
+        )
+        self.cache_bytes_held = Gauge(
+            "stepserve_result_cache_bytes",
+            "Bytes of entries the memory store holds now.",
+            ("store",),
+            registry=r,
+        )
         self.build_info = Gauge(
             "stepserve_build_info", "Always 1; labels name the version.", ("version",), registry=r
         )
@@ -191,6 +226,40 @@ class Metrics:
         self.requests.labels(model, outcome.value).inc()
         if retry:
             self.retries.labels(model, outcome.value).inc()
+
+    # -- the result cache (result_cache.CacheMetrics) ------------------------------------
+    def cache_lookup(self, model: str, result: str, store: str = "") -> None:
+        """A seeded request's lookup ended: ``hit`` (in ``store``), ``coalesced`` or ``miss``."""
+        if result == "hit":
+            self.cache_hits.labels(model, store).inc()
+        elif result == "coalesced":
+            self.cache_coalesced.labels(model).inc()
+        else:
+            self.cache_misses.labels(model).inc()
+
+    def cache_error(self, store: str, kind: str) -> None:
+        self.cache_errors.labels(store, kind).inc()
+
+    def cache_evicted(self, store: str, n: int) -> None:
+        self.cache_evictions.labels(store).inc(n)
+
+    def cache_bytes(self, store: str, n: int) -> None:
+        self.cache_bytes_held.labels(store).set(n)
+
+    def init_cache(self, models: Sequence[str], stores: Sequence[str]) -> None:
+        """Create the cache's label sets at zero (for rates and alerts before traffic)."""
+        for model in models:
+            self.cache_misses.labels(model)
+            self.cache_coalesced.labels(model)
+            for store in stores:
+                self.cache_hits.labels(model, store)
+        for store in stores:
+            for kind in ("unavailable", "corrupt"):
+                self.cache_errors.labels(store, kind)
+            if store in ("memory", "disk"):
+                self.cache_evictions.labels(store)
+            if store == "memory":
+                self.cache_bytes_held.labels(store).set(0)
 
     def init_model(self, model: str) -> None:
         """Create a model's label sets at zero, so rates and alerts see them before traffic."""

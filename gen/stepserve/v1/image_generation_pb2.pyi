@@ -546,6 +546,8 @@ class Usage(_message.Message):
     MEAN_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     COST_USD_FIELD_NUMBER: _builtins.int
     IMAGE_ENCODE_SECONDS_FIELD_NUMBER: _builtins.int
+    CACHED_FIELD_NUMBER: _builtins.int
+    COALESCED_FIELD_NUMBER: _builtins.int
     steps: _builtins.int
     """Denoising steps run per image."""
     queue_ms: _builtins.int
@@ -564,6 +566,19 @@ class Usage(_message.Message):
     """Accelerator time spent encoding the request's init_image (and masked image) into
     latents, in seconds; included in accelerator_seconds; 0 for text-to-image.
     """
+    cached: _builtins.bool
+    """True when the images came from the server's result cache (stepserve serve
+    --result-cache-*): the stored bytes of an earlier generation with the same model, weights
+    and pixel-changing fields, seed included (requests without a seed never hit). Nothing ran,
+    so steps, queue_ms, accelerator_seconds, mean_batch_size, cost_usd and
+    image_encode_seconds are 0.
+    """
+    coalesced: _builtins.bool
+    """True when this call joined an identical request's generation already in flight (same
+    cache key) instead of starting its own: the images are that generation's. The one
+    generation is charged once, to the earliest of its calls still waiting when it finished;
+    on the others accelerator_seconds, cost_usd and image_encode_seconds are 0.
+    """
     def __init__(
         self,
         *,
@@ -574,10 +589,12 @@ class Usage(_message.Message):
         mean_batch_size: _builtins.float = ...,
         cost_usd: _builtins.float = ...,
         image_encode_seconds: _builtins.float = ...,
+        cached: _builtins.bool = ...,
+        coalesced: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accelerator_seconds", b"accelerator_seconds", "cost_usd", b"cost_usd", "image_encode_seconds", b"image_encode_seconds", "mean_batch_size", b"mean_batch_size", "queue_ms", b"queue_ms", "steps", b"steps", "total_ms", b"total_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accelerator_seconds", b"accelerator_seconds", "cached", b"cached", "coalesced", b"coalesced", "cost_usd", b"cost_usd", "image_encode_seconds", b"image_encode_seconds", "mean_batch_size", b"mean_batch_size", "queue_ms", b"queue_ms", "steps", b"steps", "total_ms", b"total_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
