@@ -335,6 +335,7 @@ class StepServer:
                 cuda,
                 lambda: {n: m.lora_residency() for n, m in self.models.items()},
                 lambda: {n: m.feature_cache_rows() for n, m in self.models.items()},
+                self.config.max_loras_resident,
             )
         )
         loop = asyncio.get_running_loop()

@@ -264,6 +264,38 @@ def test_the_api_lists_adapters_and_refuses_unknown_or_out_of_range_ones(
         srv.stop()
 
 
+def test_endpoint_picker_metrics_show_running_and_waiting_adapters(
+    tiny_sd_dir: Path, loras: dict[str, Path]
+) -> None:
+    """stepserve_lora_requests_info carries the Gateway API Inference Extension's adapter
+    labels, and stepserve_utilization the batch's fill, while requests run and wait."""
+    srv = ServerThread.tiny(
+        tiny_sd_dir, loras=[f"x={loras['x']}", f"y={loras['y']}"], max_batch_size=1, metrics_port=free_port()
+    )
+    try:
+        with ImageClient(srv.target) as c:
+            running = c.generate_stream("a red circle", steps=150, seed=1, loras=["x"])
+            assert next(e for e in running if e.WhichOneof("event") == "progress")
+            waiting = c.generate_stream("a blue square", steps=150, seed=2, loras=["y", "x"])
+            assert next(waiting).WhichOneof("event") == "queued"
+            metrics = Samples(scrape(srv.server.metrics_port))
+            info = [s for s in metrics.samples if s.name == "stepserve_lora_requests_info"]
+            assert len(info) == 1 and info[0].value > 0
+            assert info[0].labels == {
+                "model": "tiny",
+                "running_lora_adapters": "x",
+                "waiting_lora_adapters": "y",  # x is also running
+                "max_lora": "64",
+            }
+            assert (
+                metrics.get("stepserve_utilization", model="tiny") == 2.0
+            )  # one running, one waiting, cap 1
+            running.close()
+            waiting.close()
+    finally:
+        srv.stop()
+
+
 def test_adapters_beyond_the_resident_limit_wait_on_the_host(
     tiny_sd_dir: Path, loras: dict[str, Path]
 ) -> None:

@@ -11,6 +11,7 @@ See README "Metrics" for the list and docs/architecture.md for the cost model.
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
@@ -332,12 +333,14 @@ class EngineCollector(Collector):
         cuda_devices: Sequence[str] = (),
         lora_residency: Callable[[], dict[str, tuple[int, int, int]]] | None = None,
         feature_cache_rows: Callable[[], dict[str, tuple[int, int]]] | None = None,
+        max_loras_resident: int = 0,
     ) -> None:
         self._engine = engine
         self._max_batch = max_batch_sizes
         self._cuda = list(cuda_devices)
         self._loras = lora_residency
         self._feature_rows = feature_cache_rows
+        self._max_loras = max_loras_resident
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # unchecked collector: names are fixed but values come at scrape time
@@ -372,6 +375,38 @@ class EngineCollector(Collector):
         yield active
         yield paused
         yield cap
+        # For endpoint pickers (Gateway API Inference Extension): the batch's fill, and the
+        # adapters running and waiting in its model-server protocol's labels.
+        utilization = _per_model(
+            "stepserve_utilization",
+            "Requests waiting and running over the most images one forward holds: 1 = a full batch.",
+        )
+        loras = GaugeMetricFamily(
+            "stepserve_lora_requests_info",
+            "LoRA adapters of the running and the waiting requests (comma-separated names) and the "
+            "most kept loaded (--max-loras-resident); the value is the time of this snapshot (s).",
+            labels=["model", "running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+        )
+        now = time.time()
+        for model in self._max_batch:
+            if load is None:
+                utilization.add_metric([model], 0.0)
+                continue
+            size = max(1, load.capacity[model])
+            utilization.add_metric([model], (load.waiting[model] + load.running[model]) / size)
+            if self._max_loras:
+                loras.add_metric(
+                    [
+                        model,
+                        ",".join(sorted(load.loras_running.get(model, ()))),
+                        ",".join(sorted(load.loras_waiting.get(model, ()))),
+                        str(self._max_loras),
+                    ],
+                    now,
+                )
+        yield utilization
+        if self._max_loras:
+            yield loras
         if self._loras is not None:
             registered = _per_model("stepserve_loras_registered", "LoRA adapters registered (--lora).")
             resident = _per_model(
