@@ -28,10 +28,17 @@ def client(target: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def start_server(
-    model_dir: Path, log: Path, *extra: str, metrics_port: int = 0, env: dict[str, str] | None = None
+    model_dir: Path,
+    log: Path,
+    *extra: str,
+    metrics_port: int = 0,
+    env: dict[str, str] | None = None,
+    host: str = "127.0.0.1",
+    wait: bool = True,
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """Serve ``model_dir`` as model ``tiny``; returns once health says SERVING. The result
-    cache is off unless ``extra`` turns it on (see ServerThread)."""
+    """Serve ``model_dir`` as model ``tiny`` on ``host``; returns once health says SERVING
+    (``wait`` false: at once, then call :func:`wait_ready`). The result cache is off unless
+    ``extra`` turns it on (see ServerThread)."""
     port = free_port()
     with log.open("w") as fh:
         proc = subprocess.Popen(
@@ -39,7 +46,7 @@ def start_server(
                 str(BIN / "stepserve"),
                 "serve",
                 "--host",
-                "127.0.0.1",
+                host,
                 "--port",
                 str(port),
                 "--model",
@@ -54,9 +61,15 @@ def start_server(
             stderr=subprocess.STDOUT,
             env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
         )
-    target = f"127.0.0.1:{port}"
+    target = f"{host}:{port}"
+    if wait:
+        wait_ready(proc, target, log)
+    return proc, target
+
+
+def wait_ready(proc: subprocess.Popen[bytes], target: str, log: Path) -> None:
+    """Return once the server at ``target`` says SERVING (kill it and fail if it never does)."""
     ready = client(target, "health", "--wait", "120")
     if ready.returncode != 0:
         proc.kill()
         raise AssertionError(f"server did not become ready:\n{log.read_text()}")
-    return proc, target
