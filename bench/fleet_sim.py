@@ -13,7 +13,7 @@ request leaves after its steps (the benchmark's mix: 4, 10, 20, 30 or 50) plus a
 Requests arrive Poisson at a share of the fleet's capacity; each is seeded (cacheable) with
 probability ``--seeded``, its prompt drawn Zipf over ``--prompts``, and carries an adapter
 with probability ``--lora-share``, drawn Zipf over ``--adapters``. Routers, as Envoy runs
-them (deploy/envoy/):
+them (deploy/k8s/components/envoy/):
 
 - ``round_robin``: the client library's default today (round_robin over a headless Service);
 - ``least_request``: Envoy's LEAST_REQUEST, power of two choices on active requests;

@@ -280,7 +280,7 @@ def _channel_args(
 # Sent with a stream sent again (below), so the server's metrics count it as a retry.
 PREVIOUS_ATTEMPTS_KEY = "stepserve-previous-attempts"
 
-# Routing hints for a proxy in front of several replicas (deploy/envoy/): requests with the
+# Routing hints for a proxy in front of several replicas (deploy/k8s/components/envoy/): requests with the
 # same key go to the same replica, where the adapters are loaded and the results cached. The
 # server never reads them (it computes its own cache key and checks the adapters itself).
 CACHE_KEY_HEADER = "x-stepserve-cache-key"

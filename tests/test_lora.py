@@ -268,7 +268,8 @@ def test_endpoint_picker_metrics_show_running_and_waiting_adapters(
     tiny_sd_dir: Path, loras: dict[str, Path]
 ) -> None:
     """stepserve_lora_requests_info carries the Gateway API Inference Extension's adapter
-    labels, and stepserve_utilization the batch's fill, while requests run and wait."""
+    labels (running: loaded and ready; waiting: asked for by waiting requests, not loaded),
+    and stepserve_utilization the batch's fill, while requests run and wait."""
     srv = ServerThread.tiny(
         tiny_sd_dir, loras=[f"x={loras['x']}", f"y={loras['y']}"], max_batch_size=1, metrics_port=free_port()
     )
@@ -283,8 +284,8 @@ def test_endpoint_picker_metrics_show_running_and_waiting_adapters(
             assert len(info) == 1 and info[0].value > 0
             assert info[0].labels == {
                 "model": "tiny",
-                "running_lora_adapters": "x",
-                "waiting_lora_adapters": "y",  # x is also running
+                "running_lora_adapters": "x",  # loaded for the running request
+                "waiting_lora_adapters": "y",  # x is loaded already
                 "max_lora": "64",
             }
             assert (

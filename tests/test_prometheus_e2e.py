@@ -109,7 +109,7 @@ def test_prometheus_scrapes_evaluates_rules_and_answers_dashboard_queries(
     cfg = ServerConfig(
         host="127.0.0.1", port=0, metrics_port=free_port(), models=[f"tiny={tiny_sd_dir}"], max_batch_size=2
     ).validate()
-    srv = ServerThread(cfg)
+    srv = ServerThread(cfg, result_cache=True)  # the dashboard's result-cache panels need it
     prom = Prometheus(tmp_path, srv.server.metrics_port)
     try:
         prom.wait_for('up{job="stepserve"}', lambda v: v == 1)

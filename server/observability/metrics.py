@@ -334,6 +334,7 @@ class EngineCollector(Collector):
         lora_residency: Callable[[], dict[str, tuple[int, int, int]]] | None = None,
         feature_cache_rows: Callable[[], dict[str, tuple[int, int]]] | None = None,
         max_loras_resident: int = 0,
+        resident_loras: Callable[[], dict[str, frozenset[str]]] | None = None,
     ) -> None:
         self._engine = engine
         self._max_batch = max_batch_sizes
@@ -341,6 +342,7 @@ class EngineCollector(Collector):
         self._loras = lora_residency
         self._feature_rows = feature_cache_rows
         self._max_loras = max_loras_resident
+        self._resident_loras = resident_loras
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # unchecked collector: names are fixed but values come at scrape time
@@ -383,11 +385,14 @@ class EngineCollector(Collector):
         )
         loras = GaugeMetricFamily(
             "stepserve_lora_requests_info",
-            "LoRA adapters of the running and the waiting requests (comma-separated names) and the "
-            "most kept loaded (--max-loras-resident); the value is the time of this snapshot (s).",
+            "LoRA adapters loaded on the accelerator and ready to serve, those the waiting requests "
+            "ask for that are not, and the most kept loaded (--max-loras-resident), as the Gateway "
+            "API Inference Extension's model-server protocol names them; the value is the time of "
+            "this snapshot (s).",
             labels=["model", "running_lora_adapters", "waiting_lora_adapters", "max_lora"],
         )
         now = time.time()
+        ready_by_model = self._resident_loras() if self._resident_loras is not None else {}
         for model in self._max_batch:
             if load is None:
                 utilization.add_metric([model], 0.0)
@@ -395,13 +400,12 @@ class EngineCollector(Collector):
             size = max(1, load.capacity[model])
             utilization.add_metric([model], (load.waiting[model] + load.running[model]) / size)
             if self._max_loras:
+                ready = ready_by_model.get(model, frozenset())
+                wanted = load.loras_waiting.get(model, frozenset()) | load.loras_running.get(
+                    model, frozenset()
+                )
                 loras.add_metric(
-                    [
-                        model,
-                        ",".join(sorted(load.loras_running.get(model, ()))),
-                        ",".join(sorted(load.loras_waiting.get(model, ()))),
-                        str(self._max_loras),
-                    ],
+                    [model, ",".join(sorted(ready)), ",".join(sorted(wanted - ready)), str(self._max_loras)],
                     now,
                 )
         yield utilization

@@ -85,7 +85,7 @@ export function grpcCodeName(code: Code): string {
   return Code[code].replace(/([a-z])([A-Z])/g, "$1_$2").toUpperCase();
 }
 
-/** Routing hints for a proxy in front of several replicas (deploy/envoy/). */
+/** Routing hints for a proxy in front of several replicas (deploy/k8s/components/envoy/). */
 export const CACHE_KEY_HEADER = "x-stepserve-cache-key";
 export const LORA_HEADER = "x-stepserve-lora";
 

@@ -123,6 +123,10 @@ class ModelAdapter(ABC, Generic[WorkT]):
         """Register the LoRA adapter at ``path`` as ``name`` (see engine/lora.py)."""
         raise NotImplementedError(f"{type(self).__name__} serves no LoRA adapters")
 
+    # Names of the adapters on the accelerator now (a frozenset replaced whole on change, so
+    # the metrics collector may read it from another thread).
+    resident_loras: frozenset[str] = frozenset()
+
     def lora_residency(self) -> tuple[int, int, int]:
         """(registered, resident on the device, device loads so far) of its LoRA adapters;
         read by the metrics collector from another thread (counts only)."""

@@ -230,6 +230,7 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
         # LoRA adapters: all registered ones on the host, the recently used on the device.
         self.loras: dict[str, LoraAdapter] = {}
         self._resident: OrderedDict[str, LoraAdapter] = OrderedDict()
+        self.resident_loras: frozenset[str] = frozenset()
         self.max_loras_resident = max_loras_resident
         self.lora_loads = 0  # adapters copied to the device (resident misses)
         self._lora_context = LoraContext()
@@ -329,6 +330,7 @@ class StableDiffusionAdapter(ModelAdapter[RequestWork]):
             while len(self._resident) > self.max_loras_resident:
                 _, gone = self._resident.popitem(last=False)
                 self._lora_context.forget(gone)
+            self.resident_loras = frozenset(self._resident)  # replaced whole: read by metrics
         self._resident.move_to_end(name)
         return got
 

@@ -177,7 +177,7 @@ func (s *Stream) Recv() (*pb.GenerateResponse, error) {
 	return ev, AsError(err)
 }
 
-// Routing hints for a proxy in front of several replicas (deploy/envoy/).
+// Routing hints for a proxy in front of several replicas (deploy/k8s/components/envoy/).
 const (
 	CacheKeyHeader = "x-stepserve-cache-key"
 	LoraHeader     = "x-stepserve-lora"
