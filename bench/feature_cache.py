@@ -236,11 +236,11 @@ def embedded(repeats: int, rounds: int) -> dict[str, Any]:
     }
 
 
-def _family(adapter: Any, steps: int, n: int, repeats: int, rounds: int) -> dict[str, Any]:
-    """Timings and pixel changes of ``n`` requests of ``steps`` at the model's own size."""
+def tiny_requests(adapter: Any, n: int, steps: int) -> list[GenerationParams]:
+    """``n`` requests of ``steps`` at the model's own size and defaults, four prompts in turn."""
     words = ["a red circle", "a blue square on the left", "a large green triangle", "a yellow circle"]
     info = adapter.info
-    reqs = [
+    return [
         GenerationParams(
             request_id=f"r{i}",
             model=served.MODEL,
@@ -256,10 +256,15 @@ def _family(adapter: Any, steps: int, n: int, repeats: int, rounds: int) -> dict
         )
         for i in range(n)
     ]
+
+
+def _family(adapter: Any, steps: int, n: int, repeats: int, rounds: int) -> dict[str, Any]:
+    """Timings and pixel changes of ``n`` requests of ``steps`` at the model's own size."""
+    reqs = tiny_requests(adapter, n, steps)
     _serve_timed(adapter, reqs[:2])  # warm-up
     return {
         "steps": steps,
-        "size_px": info.default_width,
+        "size_px": adapter.info.default_width,
         "forward": _forward_times(adapter, reqs, repeats),
         "intervals": _sweep(adapter, reqs, None, rounds),
     }
@@ -346,12 +351,18 @@ def main() -> int:
             _family(adapter, adapter.info.default_steps, args.requests, args.repeats, args.rounds)
         )
         print(json.dumps(result["model"], indent=1), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    host = "vm" if args.device == "cpu" else args.device
-    path = args.out / f"{date.today().isoformat()}-{host}-feature-cache.json"
+    write_results(result, args.out, args.device, "feature-cache")
+    return 0
+
+
+def write_results(result: dict[str, Any], out: Path, device: str, name: str) -> Path:
+    """``result`` as bench/results/<date>-<host>-<name>.json (host "vm" on this CPU)."""
+    out.mkdir(parents=True, exist_ok=True)
+    host = "vm" if device == "cpu" else device
+    path = out / f"{date.today().isoformat()}-{host}-{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
-    return 0
+    return path
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from feature_cache import _quality, _serve_timed, _sync  # bench/, beside this file
+from feature_cache import _quality, _serve_timed, _sync, tiny_requests, write_results  # bench/
 
 from models.tiny import data, judge, served
 from stepserve.server.engine.models import default_model_path, load_model
@@ -94,24 +93,7 @@ def _requests(adapter: Any, embedded: bool) -> tuple[list[GenerationParams], lis
             for i, ((p, _), s) in enumerate(zip(prompts, seeds, strict=True))
         ]
         return reqs, [t for _, t in prompts]
-    info = adapter.info
-    words = ["a red circle", "a blue square on the left", "a large green triangle", "a yellow circle"]
-    reqs = [
-        GenerationParams(
-            request_id=f"r{i}",
-            model=served.MODEL,
-            prompt=words[i % len(words)],
-            negative_prompt="",
-            width=info.default_width,
-            height=info.default_height,
-            steps=20,
-            guidance_scale=info.default_guidance_scale,
-            seed=i,
-            sampler=info.default_sampler,
-            cfg=info.runs_cfg(info.default_guidance_scale),
-        )
-        for i in range(16)
-    ]
+    reqs = tiny_requests(adapter, 16, 20)
     return reqs, None
 
 
@@ -172,11 +154,7 @@ def main() -> int:
                     build(Path(tmp) / family), modes, "cpu", args.repeats, False
                 )
     result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    args.out.mkdir(parents=True, exist_ok=True)
-    host = "vm" if args.device == "cpu" else args.device
-    path = args.out / f"{date.today().isoformat()}-{host}-quantization.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_results(result, args.out, args.device, "quantization")
     return 0
 
 

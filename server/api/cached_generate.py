@@ -32,7 +32,7 @@ from ..engine.types import (
 )
 from ..observability.metrics import OUTCOME_OF_REASON, Metrics, Outcome
 from .cache_key import InputDigests
-from .calls import DEADLINES, Call, EngineFailure, Rejoin, StageError, guard
+from .calls import DEADLINES, Call, EngineFailure, Rejoin, StageError, guard, queued_response
 from .flights import Flight, FlightBroken, FlightDone, Flights, Subscriber
 from .result_cache import Hit, ResultCache
 
@@ -234,12 +234,7 @@ class CachedGenerate:
         while True:
             item = await sub.queue.get()
             if isinstance(item, QueuedEvent):
-                yield pb.GenerateResponse(
-                    request_id=rid,
-                    queued=pb.Queued(
-                        position=item.position, estimated_wait_ms=int(item.estimated_wait_s * 1000)
-                    ),
-                )
+                yield queued_response(rid, item)
             elif isinstance(item, ProgressEvent):
                 if item.preview is not None and not (every and item.step % every == 0):
                     item = replace(item, preview=None)

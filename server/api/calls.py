@@ -9,7 +9,9 @@ from dataclasses import dataclass
 
 import grpc
 
-from ..engine.types import FailedEvent, FinishReason
+from stepserve.v1 import image_generation_pb2 as pb
+
+from ..engine.types import FailedEvent, FinishReason, QueuedEvent
 from ..observability.metrics import Outcome
 from .errors import ApiError
 
@@ -78,3 +80,11 @@ async def abort(context: grpc.aio.ServicerContext, error: ApiError) -> None:
     """
     status = error.to_status()
     await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+def queued_response(request_id: str, event: QueuedEvent) -> pb.GenerateResponse:
+    """The stream response for a queue-position event."""
+    return pb.GenerateResponse(
+        request_id=request_id,
+        queued=pb.Queued(position=event.position, estimated_wait_ms=int(event.estimated_wait_s * 1000)),
+    )

@@ -38,7 +38,7 @@ from ..logging_setup import request_id_var
 from ..observability.metrics import OUTCOME_OF_REASON, UNKNOWN_MODEL, Metrics, Outcome
 from . import image_inputs, imaging
 from .cached_generate import CachedGenerate
-from .calls import Call, EngineFailure, StageError, abort, guard
+from .calls import Call, EngineFailure, StageError, abort, guard, queued_response
 from .errors import ApiError, resource_exhausted, unavailable
 from .flights import Flights
 from .registration import MalformedRequest
@@ -306,12 +306,7 @@ class ImageGenerationServicer(CachedGenerate, pb_grpc.ImageGenerationServiceServ
         while True:
             event = await events.get()
             if isinstance(event, QueuedEvent):
-                yield pb.GenerateResponse(
-                    request_id=rid,
-                    queued=pb.Queued(
-                        position=event.position, estimated_wait_ms=int(event.estimated_wait_s * 1000)
-                    ),
-                )
+                yield queued_response(rid, event)
             elif isinstance(event, ProgressEvent):
                 try:
                     response = await self._progress(params, event)
