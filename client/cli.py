@@ -195,6 +195,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             f"tasks: {', '.join(task_names(m))}"
             + (f", loras: {', '.join(f'{x.name} (rank {x.rank})' for x in m.loras)}" if m.loras else "")
             + (f", feature caching up to every {m.max_cache_interval} steps" if m.max_cache_interval else "")
+            + (f", quantization {m.quantization}" if m.quantization not in ("", "none") else "")
         )
     return 0
 

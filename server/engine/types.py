@@ -156,7 +156,7 @@ class GenerationParams:
 
 # Weight quantizations a model may be served with (engine/quantization.py), and aliases.
 QUANTIZATIONS = ("none", "int8", "int8wo", "int8dq", "fp8wo", "fp8dq")
-QUANTIZATION_ALIASES = {"int8": "int8wo"}
+QUANTIZATION_ALIASES = {"int8": "int8dq"}
 
 
 @dataclass(frozen=True)
