@@ -66,19 +66,12 @@ def _ideal_speedup(share: float, n: int) -> float:
 
 def full_size_flops() -> dict[str, Any]:
     """FLOP shares of SD 1.5 and SDXL UNets on the meta device."""
+    import random_sd  # bench/, beside this file
     from diffusers import UNet2DConditionModel
 
     configs: dict[str, tuple[dict[str, Any], int, int, dict[str, Any]]] = {
         "sd15_512px": (
-            dict(
-                sample_size=64,
-                block_out_channels=(320, 640, 1280, 1280),
-                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-                layers_per_block=2,
-                cross_attention_dim=768,
-                attention_head_dim=8,
-            ),
+            dict(random_sd.SD15_UNET),
             64,
             768,
             {},

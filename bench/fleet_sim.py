@@ -206,7 +206,8 @@ def simulate(
     done: list[tuple[Request, float]] = []
     rr = itertools.count()
 
-    def least(choices: int = 2) -> int:
+    def least() -> int:
+        """Envoy's LEAST_REQUEST: the less busy of two replicas drawn at random."""
         a, b = rng.randrange(n), rng.randrange(n)
         return a if replicas[a].active <= replicas[b].active else b
 

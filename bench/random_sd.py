@@ -27,6 +27,18 @@ from models.tiny import data as tiny_data  # noqa: E402
 from models.tiny.tokenizer import build_tokenizer  # noqa: E402
 
 TOKENS = 77
+# SD 1.5's UNet (64x64x4 latents: 512 px images).
+SD15_UNET: dict[str, object] = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    layers_per_block=2,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
 
 
 def build(path: Path, dtype: torch.dtype = torch.float16, seed: int = 0) -> int:
@@ -47,17 +59,7 @@ def build(path: Path, dtype: torch.dtype = torch.float16, seed: int = 0) -> int:
             pad_token_id=tok.pad_token_id,
         )
     )
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        layers_per_block=2,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-    )
+    unet = UNet2DConditionModel(**SD15_UNET)
     vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,

@@ -102,3 +102,22 @@ def params(rid: str, **kw: object) -> GenerationParams:
     if "cfg" not in kw:
         p = replace(p, cfg=runs_cfg(p.guidance_scale, guidance_embedded=False))
     return p
+
+
+def serve_among(adapter: ModelAdapter, target: GenerationParams, others=(), join_after: int = 0) -> Harness:
+    """``target`` served with ``others``: half of them first, ``join_after`` steps, then the
+    target and the rest (so it joins mid-way when join_after > 0), to the end."""
+    h = Harness({"tiny": adapter})
+    for o in others[: len(others) // 2]:
+        h.submit(o)
+    h.step(join_after)
+    h.submit(target)
+    for o in others[len(others) // 2 :]:
+        h.submit(o)
+    h.run_until_idle()
+    return h
+
+
+def images_among(adapter: ModelAdapter, target: GenerationParams, others=(), join_after: int = 0) -> list:
+    """The images of ``target`` served as :func:`serve_among` does."""
+    return serve_among(adapter, target, others, join_after).result(target.request_id).images

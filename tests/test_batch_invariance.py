@@ -14,9 +14,9 @@ import torch
 
 from stepserve.server.engine.batch_invariance import make_rowwise_linears
 from stepserve.server.engine.samplers import GENERAL_SAMPLERS
-from stepserve.server.engine.types import ProgressEvent, ResultEvent, Sampler
+from stepserve.server.engine.types import ProgressEvent, Sampler
 
-from .engine_helpers import Harness, params
+from .engine_helpers import Harness, images_among, params, serve_among
 
 SAMPLERS = list(GENERAL_SAMPLERS)
 
@@ -43,25 +43,6 @@ def _others(n: int) -> list:
             )
         )
     return out
-
-
-def _serve(adapter, target, others, join_after: int = 0) -> Harness:
-    h = Harness({"tiny": adapter})
-    for o in others[: len(others) // 2]:
-        h.submit(o)
-    h.step(join_after)
-    h.submit(target)
-    for o in others[len(others) // 2 :]:
-        h.submit(o)
-    h.run_until_idle()
-    return h
-
-
-def _run(adapter, target, others, join_after: int = 0):
-    h = _serve(adapter, target, others, join_after)
-    res = h.events[target.request_id][-1]
-    assert isinstance(res, ResultEvent)
-    return res.images
 
 
 @pytest.fixture(scope="module")
@@ -96,36 +77,36 @@ def test_previews_are_each_requests_own_alone_or_batched(request, previewer: str
             for (_, x), (_, y) in zip(a, b, strict=True)
         )
 
-    h = _serve(tiny_adapter, target, others, join_after=1)
-    alone = previews(_serve(tiny_adapter, target, []), "target")
+    h = serve_among(tiny_adapter, target, others, join_after=1)
+    alone = previews(serve_among(tiny_adapter, target, []), "target")
     assert [s for s, p in alone if p is not None] == [2, 4]
     assert same(previews(h, "target"), alone)
     for o in others:  # each batchmate got its own previews, at its own steps
         mine = previews(h, o.request_id)
         due = [s for s in range(1, o.steps + 1) if o.preview_every and s % o.preview_every == 0]
         assert [s for s, p in mine if p is not None] == due
-        assert same(mine, previews(_serve(tiny_adapter, o, []), o.request_id))
+        assert same(mine, previews(serve_among(tiny_adapter, o, []), o.request_id))
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS, ids=[s.value for s in SAMPLERS])
 def test_same_seed_alone_or_with_seven_others_gives_identical_pixels(tiny_adapter, sampler: Sampler) -> None:
     target = params("target", seed=42, steps=5, sampler=sampler, guidance_scale=6.0, negative_prompt="blue")
-    alone = _run(tiny_adapter, target, [])
-    batched = _run(tiny_adapter, target, _others(7), join_after=2)
+    alone = images_among(tiny_adapter, target, [])
+    batched = images_among(tiny_adapter, target, _others(7), join_after=2)
     assert np.array_equal(alone[0], batched[0])
 
 
 def test_unguided_request_alone_or_batched_is_identical(tiny_adapter) -> None:
     # guidance <= 1 adds a single row; alone, that is a batch of 1 (padded to 2 internally).
     target = params("target", seed=7, steps=4, guidance_scale=1.0)
-    alone = _run(tiny_adapter, target, [])
-    batched = _run(tiny_adapter, target, _others(7))
+    alone = images_among(tiny_adapter, target, [])
+    batched = images_among(tiny_adapter, target, _others(7))
     assert np.array_equal(alone[0], batched[0])
 
 
 def test_image_i_of_a_request_equals_a_single_image_request_with_seed_plus_i(tiny_adapter) -> None:
-    multi = _run(tiny_adapter, params("multi", seed=10, num_images=3, steps=3), [])
-    single = _run(tiny_adapter, params("single", seed=12, steps=3), [])
+    multi = images_among(tiny_adapter, params("multi", seed=10, num_images=3, steps=3), [])
+    single = images_among(tiny_adapter, params("single", seed=12, steps=3), [])
     assert np.array_equal(multi[2], single[0])
     assert not np.array_equal(multi[0], multi[1])
 

@@ -79,9 +79,8 @@ class Load:
     waiting_input_bytes: int = 0
     # Running requests left out of their bucket's forwards (preempted) now.
     paused: Mapping[str, int] = field(default_factory=dict)
-    # LoRA adapters of the running requests, and of the waiting ones not also running (for an
-    # endpoint picker routing on adapter residency; see stepserve_lora_requests_info).
-    loras_running: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    # LoRA adapters the waiting requests ask for (for an endpoint picker routing on adapter
+    # residency; see stepserve_lora_requests_info).
     loras_waiting: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
 
@@ -167,14 +166,12 @@ class BaseScheduler:
         fewest_steps_left: dict[str, int] = {}
         input_bytes = 0
         loras_waiting: dict[str, set[str]] = {m: set() for m in self._capacity}
-        loras_running: dict[str, set[str]] = {m: set() for m in self._capacity}
         for req in self.waiting:
             waiting[req.model] += 1
             input_bytes += req.params.input_bytes
             loras_waiting[req.model].update(n for n, _ in req.params.loras)
         paused = dict.fromkeys(self._capacity, 0)
         for req in self.running.values():
-            loras_running[req.model].update(n for n, _ in req.params.loras)
             running[req.model] += 1
             paused[req.model] += req.paused
             used[req.model] += req.params.num_images
@@ -190,10 +187,7 @@ class BaseScheduler:
             free_images=MappingProxyType({m: max(0, c - used[m]) for m, c in self._capacity.items()}),
             waiting_input_bytes=input_bytes,
             paused=MappingProxyType(paused),
-            loras_running=MappingProxyType({m: frozenset(v) for m, v in loras_running.items()}),
-            loras_waiting=MappingProxyType(
-                {m: frozenset(v - loras_running[m]) for m, v in loras_waiting.items()}
-            ),
+            loras_waiting=MappingProxyType({m: frozenset(v) for m, v in loras_waiting.items()}),
         )
 
     def has_unfinished(self) -> bool:

@@ -401,9 +401,7 @@ class EngineCollector(Collector):
             utilization.add_metric([model], (load.waiting[model] + load.running[model]) / size)
             if self._max_loras:
                 ready = ready_by_model.get(model, frozenset())
-                wanted = load.loras_waiting.get(model, frozenset()) | load.loras_running.get(
-                    model, frozenset()
-                )
+                wanted = load.loras_waiting.get(model, frozenset())
                 loras.add_metric(
                     [model, ",".join(sorted(ready)), ",".join(sorted(wanted - ready)), str(self._max_loras)],
                     now,
